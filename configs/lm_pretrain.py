@@ -1,0 +1,88 @@
+"""Pretraining a decoder-only transformer from scratch on a mixture of solution styles.
+
+Variants: `tiny` (learns on 2 CPU cores in minutes; the README's default), `small` and `base`
+(the size ladder for scale experiments), `150m` and `1b` (the study's OLMo shapes, for TPU).
+
+    python -m echo_jax.main --config=configs/lm_pretrain.py:tiny --workdir=runs/pretrain
+"""
+
+import ml_collections
+
+from echo_jax.core.config import check_variant
+
+VARIANTS = ("tiny", "small", "base", "150m", "1b")
+
+# d_model, n_layers, n_heads, mlp_dim, seq_len, batch_size, lr, warmup, num_steps
+_SIZES = {
+    "tiny": (128, 4, 4, 512, 416, 8, 3e-3, 100, 1200),
+    "small": (256, 6, 8, 1024, 512, 16, 2e-3, 200, 4000),
+    "base": (512, 8, 8, 2048, 512, 32, 1e-3, 500, 20000),
+    "150m": (768, 12, 12, 3072, 2048, 512, 1e-3, 5000, 100000),
+    "1b": (2048, 16, 16, 8192, 2048, 512, 1e-3, 5000, 100000),
+}
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    variant = check_variant(variant, VARIANTS, "lm_pretrain")
+    d_model, n_layers, n_heads, mlp_dim, seq_len, batch_size, lr, warmup, steps = _SIZES[variant]
+    study_scale = variant in ("150m", "1b")
+    c = ml_collections.ConfigDict()
+    c.kind = "lm_pretrain"
+    c.variant = variant
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.mixture = "tg_omi1_omi2"  # a preset of echo_jax.lm.data.mixtures.MIXTURES
+    c.data.levels = (1, 2) if variant == "tiny" else (1, 2, 3, 4)  # arithmetic steps
+    c.data.seq_len = seq_len
+    c.data.vocab = "byte"  # "byte" or "spm" (SentencePiece trained on the mixture)
+    c.data.loss_on = "solution"  # "solution" or "all"
+    c.data.eval_examples = 64  # per style, for the validation loss
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 32_000 if study_scale else 264  # the byte vocabulary (259) padded to 8
+    c.model.d_model = d_model
+    c.model.n_layers = n_layers
+    c.model.n_heads = n_heads
+    c.model.mlp_dim = mlp_dim
+    c.model.max_len = seq_len
+    c.model.norm = "layernorm" if study_scale else "rms"
+    c.model.tied_embeddings = variant != "150m"
+    c.model.smear_keys = not study_scale  # a copying shortcut small models need (RESULTS.md)
+    c.model.rope_theta = 10_000.0
+    c.model.init_std = 0.02
+    c.model.dtype = "bfloat16" if study_scale else "float32"
+    c.model.remat = study_scale
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = steps
+    c.train.batch_size = batch_size  # global, in packed rows of seq_len tokens
+    c.train.lr = lr
+    c.train.warmup_steps = warmup
+    c.train.min_lr_ratio = 0.1
+    c.train.weight_decay = 0.1
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.grad_clip = 1.0
+    c.train.log_every = 50
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoints = True
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    if study_scale:
+        c.mesh.data, c.mesh.fsdp = 1, -1
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("kv", None),
+        ("norm", None),
+        ("length", None),
+        ("act_embed", None),
+    )
+    return c

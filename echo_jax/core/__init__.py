@@ -1,0 +1,1 @@
+"""Shared core: config, mesh/sharding, checkpointing, training loop, metrics, plots."""

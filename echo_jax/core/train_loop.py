@@ -1,0 +1,186 @@
+"""The training loop: the one place where train steps are jitted.
+
+A track describes its training as a `TrainTask` (init, pure step, data iterator, evaluation); the
+loop owns sharding, jit with donation, resume-by-default from Orbax checkpoints, logging, the
+NaN guard and preemption (SIGTERM) handling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from echo_jax.core import sharding
+from echo_jax.core.checkpoint import Checkpointer, tree_signature
+from echo_jax.core.config import save_config
+from echo_jax.core.metrics import MetricWriter, Progress
+
+State = Any
+Batch = Mapping[str, np.ndarray]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a logged loss is NaN or Inf; no checkpoint is written after it."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the current step was saved."""
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What a track hands to the loop.
+
+    init_state: rng -> state whose parameters carry `nn.LogicallyPartitioned` annotations.
+    train_step: pure `(state, batch, rng) -> (state, metrics)`; metrics must contain "loss".
+    train_iter: a checkpointable (grain) iterator of host-local numpy batches.
+    evaluate: optional host-driven evaluation `state -> {name: scalar}`.
+    meta: what a resumed checkpoint must agree with (e.g. the model config).
+    """
+
+    init_state: Callable[[jax.Array], State]
+    train_step: Callable[[State, Any, jax.Array], tuple[State, dict]]
+    train_iter: Iterator[Batch]
+    evaluate: Callable[[State], Mapping[str, float]] | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+    tokens_per_step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    num_steps: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int = 0
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+
+    @classmethod
+    def from_config(cls, train_config: Any) -> "LoopConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in train_config.items() if k in names})
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (TPU preemption) into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def initial_state(task: TrainTask, mesh: Mesh, rules, rng: jax.Array) -> tuple[State, Any]:
+    """Builds the sharded initial state; returns it with its abstract (shape+sharding) twin."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        boxed = jax.eval_shape(task.init_state, rng)
+        state_sharding = sharding.logical_to_sharding(boxed, mesh, rules)
+        init = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)), out_shardings=state_sharding)
+        state = init(rng)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed), state_sharding)
+    return state, abstract
+
+
+def jit_train_step(task: TrainTask, mesh: Mesh, rules, abstract_state: Any) -> Callable:
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+
+    def step(state, batch, rng):
+        with nn.logical_axis_rules(list(rules)):
+            return task.train_step(state, batch, rng)
+
+    return jax.jit(step, in_shardings=(state_sharding, None, None),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> None:
+    for step, metrics in pending:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss} at step {step}")
+
+
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
+    keys = pending[-1][1].keys()
+    return {f"train/{k}": float(np.mean([m[k] for _, m in pending])) for k in keys}
+
+
+def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, seed: int,
+          config: Any = None, label: str = "train") -> State:
+    """Trains `task` to `loop.num_steps`, resuming from `workdir/checkpoints` when possible.
+
+    `config` (a ConfigDict) is written to `workdir/config.json` once the checkpoint, if any, is
+    known to be compatible, so a refused resume leaves the workdir untouched.
+    """
+    init_rng, loop_rng = jax.random.split(jax.random.key(seed))
+    state, abstract = initial_state(task, mesh, rules, init_rng)
+    is_chief = jax.process_index() == 0
+    ckpt = Checkpointer(f"{workdir}/checkpoints", keep=loop.keep_checkpoints,
+                        async_save=loop.async_checkpoints)
+    meta = {**task.meta, "seed": seed,
+            "signature": tree_signature(abstract)}
+    start = ckpt.latest_step() or 0
+    if start:
+        ckpt.check_compatible(start, meta)
+        state = ckpt.restore(start, abstract, task.train_iter)
+        logging.info("resumed %s from %s at step %d", label, ckpt.directory, start)
+    if config is not None and is_chief:
+        save_config(config, workdir)
+    writer = MetricWriter(workdir, resume_step=start, enabled=is_chief)
+    progress = Progress(loop.num_steps, start, task.tokens_per_step, label)
+    step_fn = jit_train_step(task, mesh, rules, abstract)
+    step, pending, last_good = start, [], start
+    try:
+        with _SigtermFlag() as sigterm, jax.set_mesh(mesh):
+            while step < loop.num_steps:
+                batch = sharding.shard_batch(next(task.train_iter), mesh)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(loop_rng, step))
+                step += 1
+                pending.append((step, metrics))
+                done = step == loop.num_steps
+                save = done or step % loop.checkpoint_every == 0 or sigterm.raised
+                if save or step % loop.log_every == 0:
+                    pending = jax.device_get(pending)
+                    _check_finite(pending)
+                    if step % loop.log_every == 0 or done:
+                        row = {**_mean_metrics(pending), **progress.rates(step)}
+                        progress.show(step, writer.write(step, row))
+                    pending = []
+                if task.evaluate and (done or (loop.eval_every and step % loop.eval_every == 0)):
+                    progress.show(step, writer.write(step, task.evaluate(state)))
+                if save:
+                    ckpt.save(step, state, task.train_iter, meta)
+                    last_good = step
+                if sigterm.raised:
+                    ckpt.wait()
+                    raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
+    except NonFiniteLossError as e:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"{e}; stopped. Last good checkpoint: step {last_good} in {ckpt.directory}") from None
+    finally:
+        ckpt.close()
+        writer.close()
+    return state
+

@@ -1,0 +1,1 @@
+"""LM track: pretraining on a mixture of solution styles, sampling, grading and RL."""

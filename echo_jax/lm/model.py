@@ -1,0 +1,207 @@
+"""Decoder-only transformer (RoPE, SwiGLU, no biases) with logical axis names and a KV cache.
+
+Shape legend: B batch, L query length, S key length (cache slots), D d_model, H heads,
+K head dim, F mlp hidden, V vocabulary.
+
+The same module serves training (packed rows, `segment_ids` separate the examples) and sampling
+(pass `cache=` from `init_cache`: new keys/values are written at `cache_index` and attention
+reads every cached slot of the same segment at an earlier position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Cache = list[dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_dim: int
+    max_len: int
+    norm: str = "rms"  # "rms" (learned scale) or "layernorm" (non-parametric, as OLMo)
+    tied_embeddings: bool = True
+    smear_keys: bool = False
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    dtype: str = "float32"
+    remat: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.norm not in ("rms", "layernorm"):
+            raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, std: float):
+    init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+    return module.param(name, init, shape, jnp.float32)
+
+
+class Norm(nn.Module):
+    kind: str
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x = x_BxLxD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+        if self.kind == "rms":
+            init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+            x = x * self.param("scale", init, (x.shape[-1],), jnp.float32)
+        return x.astype(x_BxLxD.dtype)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention on pairs (i, i + K/2)."""
+    half = x_BxLxHxK.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions_BxL[..., None, None].astype(jnp.float32) * freq  # B L 1 K/2
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
+        cfg = self.cfg
+        H, K = cfg.n_heads, cfg.head_dim
+        w_qkv = _param(self, "qkv", (cfg.d_model, 3, H, K), ("embed", None, "heads", "kv"),
+                       cfg.init_std)
+        qkv = jnp.einsum("BLD,DTHK->TBLHK", x_BxLxD, w_qkv.astype(x_BxLxD.dtype))
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv[0], qkv[1], qkv[2]
+        new_cache = None
+        if cfg.smear_keys:
+            k_BxLxHxK, last_k = self._smear(k_BxLxHxK, positions_BxL, segment_ids_BxL, cache)
+        q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+        k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, cfg.rope_theta)
+        if cache is None:
+            k_pos, k_seg, keys, values = positions_BxL, segment_ids_BxL, k_BxLxHxK, v_BxLxHxK
+        else:
+            update = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
+                c, new.astype(c.dtype), cache_index, axis=1)
+            new_cache = {"k": update(cache["k"], k_BxLxHxK), "v": update(cache["v"], v_BxLxHxK),
+                         "pos": update(cache["pos"], positions_BxL),
+                         "seg": update(cache["seg"], segment_ids_BxL)}
+            if cfg.smear_keys:
+                new_cache["last_raw_k"] = last_k
+            k_pos, k_seg, keys, values = (new_cache["pos"], new_cache["seg"], new_cache["k"],
+                                          new_cache["v"])
+        mask_Bx1xLxS = ((segment_ids_BxL[:, :, None] == k_seg[:, None, :])
+                        & (segment_ids_BxL[:, :, None] > 0)
+                        & (positions_BxL[:, :, None] >= k_pos[:, None, :]))[:, None]
+        logits = jnp.einsum("BLHK,BSHK->BHLS", q_BxLxHxK, keys) * (K ** -0.5)
+        logits = jnp.where(mask_Bx1xLxS, logits.astype(jnp.float32), -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        out_BxLxHxK = jnp.einsum("BHLS,BSHK->BLHK", probs, values)
+        w_out = _param(self, "out", (H, K, cfg.d_model), ("heads", "kv", "embed"), cfg.init_std)
+        return jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_out.astype(out_BxLxHxK.dtype)), new_cache
+
+    def _smear(self, k_BxLxHxK, positions_BxL, segment_ids_BxL, cache):
+        """Mixes each raw key with the previous token's: a one-layer shortcut for copying."""
+        gate_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
+        s_H = jax.nn.sigmoid(self.param("smear_gate", gate_init, (self.cfg.n_heads,), jnp.float32))
+        first = k_BxLxHxK[:, :1] if cache is None else cache["last_raw_k"][:, None]
+        prev = jnp.concatenate([first, k_BxLxHxK[:, :-1]], axis=1)
+        prev = jnp.where((positions_BxL > 0)[..., None, None], prev, k_BxLxHxK)
+        smeared = k_BxLxHxK + s_H[:, None].astype(k_BxLxHxK.dtype) * (prev - k_BxLxHxK)
+        # The raw key of each row's last real token seeds the next decode step.
+        last = jnp.maximum((segment_ids_BxL > 0).sum(1) - 1, 0)
+        last_k = jnp.take_along_axis(k_BxLxHxK, last[:, None, None, None], axis=1)[:, 0]
+        if cache is not None:
+            any_real = (segment_ids_BxL > 0).any(1)[:, None, None]
+            last_k = jnp.where(any_real, last_k, cache["last_raw_k"])
+        return smeared, last_k
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        w_in = _param(self, "wi", (cfg.d_model, 2, cfg.mlp_dim), ("embed", None, "mlp"),
+                      cfg.init_std)
+        w_out = _param(self, "wo", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg.init_std)
+        h = jnp.einsum("BLD,DTF->TBLF", x_BxLxD, w_in.astype(x_BxLxD.dtype))
+        h = nn.with_logical_constraint(jax.nn.silu(h[0]) * h[1], ("batch", "length", "mlp"))
+        return jnp.einsum("BLF,FD->BLD", h, w_out.astype(h.dtype))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
+        h, new_cache = Attention(self.cfg, name="attn")(
+            Norm(self.cfg.norm, name="attn_norm")(x_BxLxD), positions_BxL, segment_ids_BxL,
+            cache, cache_index)
+        x_BxLxD = x_BxLxD + h
+        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(Norm(self.cfg.norm, name="mlp_norm")(x_BxLxD))
+        return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed")), new_cache
+
+
+class Transformer(nn.Module):
+    """`__call__(tokens, positions, segment_ids, cache=None, cache_index=None)` returns
+    `(logits_BxLxV float32, new_cache)`; `new_cache` is None without a cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Cache | None = None,
+                 cache_index: Any = None):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                           cfg.init_std)
+        x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
+        block = nn.remat(Block) if cfg.remat else Block
+        new_cache = []
+        for i in range(cfg.n_layers):
+            x_BxLxD, layer_cache = block(cfg, name=f"block_{i}")(
+                x_BxLxD, positions_BxL, segment_ids_BxL,
+                None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        x_BxLxD = Norm(cfg.norm, name="final_norm")(x_BxLxD)
+        if cfg.tied_embeddings:
+            logits = jnp.einsum("BLD,VD->BLV", x_BxLxD, embedding.astype(dtype))
+        else:
+            unembed = _param(self, "unembed", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                             cfg.init_std)
+            logits = jnp.einsum("BLD,DV->BLV", x_BxLxD, unembed.astype(dtype))
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32), (None if cache is None else new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """Empty per-layer KV cache; slots with segment 0 are never attended to."""
+    shape = (batch_size, max_len, cfg.n_heads, cfg.head_dim)
+    layer = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+             "pos": jnp.zeros((batch_size, max_len), jnp.int32),
+             "seg": jnp.zeros((batch_size, max_len), jnp.int32)}
+    if cfg.smear_keys:
+        layer["last_raw_k"] = jnp.zeros((batch_size, cfg.n_heads, cfg.head_dim), dtype)
+    return [dict(layer) for _ in range(cfg.n_layers)]
+
+
+def param_count(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,63 @@
+"""Entry point for every run:
+
+    python -m echo_jax.main --config=configs/<family>.py:<variant> --workdir=DIR [--config.a.b=v]
+
+Dispatches on `config.kind`. Mistakes in the config exit with status 2 and one line on stderr;
+a NaN loss exits 1 naming the step; SIGTERM (preemption) checkpoints and exits 143.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from echo_jax.core.config import ConfigError, parse_flags_with_clear_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True, help_string="configs/X.py:variant")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it exists).")
+
+
+def _runner(kind: str):
+    if kind == "lm_pretrain":
+        from echo_jax.lm.jobs import run_pretrain
+        return run_pretrain
+    raise ConfigError(f"unknown config.kind {kind!r}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        print("echo_jax: error: --config and --workdir are required", file=sys.stderr)
+        sys.exit(2)
+    if os.environ.get("ECHO_JAX_DISTRIBUTED") == "1":
+        import jax
+        jax.distributed.initialize()
+    from echo_jax.core.train_loop import NonFiniteLossError, Preempted
+    from echo_jax.core.checkpoint import IncompatibleCheckpointError
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    logging.set_verbosity(logging.INFO)
+    try:
+        runner = _runner(config.kind)
+        runner(config, workdir)
+    except (ConfigError, IncompatibleCheckpointError, FileNotFoundError) as e:
+        print(f"echo_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"echo_jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        print(f"echo_jax: {e}", file=sys.stderr)
+        sys.exit(143)
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags_with_clear_errors)
+
+
+if __name__ == "__main__":
+    run()
