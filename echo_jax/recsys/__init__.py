@@ -1,0 +1,1 @@
+"""Recommender track: source bias of text-based recommenders in the feedback loop."""

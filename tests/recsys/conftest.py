@@ -1,0 +1,23 @@
+"""Fixtures for the recommender tests: the shared data dir, skipped only where it is needed."""
+
+from pathlib import Path
+
+import pytest
+
+from echo_jax.recsys.data import data_root
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    try:
+        return data_root()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(data_dir: Path) -> Path:
+    path = data_dir / "minilm"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path} has no model.safetensors")
+    return path
