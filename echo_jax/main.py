@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio imports TensorFlow; keep its logs quiet
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -85,14 +85,16 @@ class Progress:
     def show(self, step: int, row: Mapping[str, Any]) -> None:
         shown = [f"{k}={v:.4g}" for k, v in row.items()
                  if k != "step" and not k.startswith("perf/") and isinstance(v, float)][:6]
-        steps_per_s = row.get("perf/steps_per_s", 0.0)
-        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
-        speed = f"{steps_per_s:.2f} steps/s"
-        if "perf/tokens_per_s" in row:
-            speed += f", {row['perf/tokens_per_s']:,.0f} tok/s"
-        print(f"[{self.label}] step {step}/{self.total} {100 * step / self.total:5.1f}% | "
-              f"{' '.join(shown)} | {speed} | eta {_duration(eta)}", file=self.stream, flush=True)
-
+        line = f"[{self.label}] step {step}/{self.total} {100 * step / self.total:5.1f}% | "
+        line += " ".join(shown)
+        if "perf/steps_per_s" in row:
+            steps_per_s = row["perf/steps_per_s"]
+            eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+            line += f" | {steps_per_s:.2f} steps/s"
+            if "perf/tokens_per_s" in row:
+                line += f", {row['perf/tokens_per_s']:,.0f} tok/s"
+            line += f" | eta {_duration(eta)}"
+        print(line, file=self.stream, flush=True)
 
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):

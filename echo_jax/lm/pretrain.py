@@ -69,7 +69,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation):
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -1,0 +1,69 @@
+"""Config files: every variant builds; every mistake is one line on stderr with status 2."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from echo_jax.core.config import ConfigError, load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
+
+
+def _variants(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.VARIANTS
+
+
+@pytest.mark.parametrize(
+    "path,variant", [(p, v) for p in CONFIG_FILES for v in _variants(p)],
+    ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x)
+def test_every_variant_builds(path, variant):
+    config = load_config(f"{path}:{variant}")
+    for key in ("seed", "kind"):
+        assert key in config
+    if "train" in config:
+        for key in ("num_steps", "log_every", "checkpoint_every"):
+            assert config.train[key] > 0
+        assert set(config.mesh.keys()) == {"data", "fsdp", "tensor"}
+
+
+def test_overrides_are_typed():
+    config = load_config(f"{REPO}/configs/lm_pretrain.py:tiny",
+                         ["train.num_steps=7", "train.lr=1", "data.levels=(1, 3)"])
+    assert config.train.num_steps == 7 and config.train.lr == 1.0
+    assert config.data.levels == (1, 3)
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(f"{REPO}/configs/lm_pretrain.py:tiny", ["train.num_steps=1.5"])
+
+
+def _main(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "echo_jax.main", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.train.num_stepz=3"],
+     "unknown config key 'train.num_stepz' (did you mean 'train.num_steps'?)"),
+    (["--config.model.d_modle=64"], "did you mean 'model.d_model'?"),
+    (["--config.train.num_steps=abc"], "--config.train.num_steps=abc"),
+])
+def test_cli_config_mistakes_are_one_line(tmp_path, args, expected):
+    out = _main("--config=configs/lm_pretrain.py:tiny", f"--workdir={tmp_path}/w", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_unknown_variant_names_the_valid_ones(tmp_path):
+    out = _main("--config=configs/lm_pretrain.py:huge", f"--workdir={tmp_path}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "echo_jax: error: unknown variant 'huge' for configs/lm_pretrain.py; "
+        "valid: tiny, small, base, 150m, 1b"]

@@ -1,0 +1,105 @@
+"""The transformer: causality, KV cache, study-scale shapes, and sharded == single-device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from echo_jax.core import sharding
+from echo_jax.core.config import load_config
+from echo_jax.core.train_loop import initial_state, jit_train_step
+from echo_jax.lm import pretrain
+from echo_jax.lm.model import ModelConfig, Transformer, init_cache, param_count
+from tests.conftest import REPO
+
+SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, max_len=32,
+                    smear_keys=True)
+
+
+def _params(cfg=SMALL, seq_len=16):
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), dummy, dummy, dummy + 1)["params"])
+
+
+def _packed(batch, length, seed=0, vocab=64):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    cut = length // 2  # two examples per row
+    positions = np.concatenate([np.arange(cut), np.arange(length - cut)])[None].repeat(batch, 0)
+    segments = np.concatenate([np.ones(cut), 2 * np.ones(length - cut)])[None].repeat(batch, 0)
+    return tokens, positions.astype(np.int32), segments.astype(np.int32)
+
+
+def test_causal_and_segment_isolated():
+    params, model = _params(), Transformer(SMALL)
+    tokens, positions, segments = _packed(2, 16)
+    base, _ = model.apply({"params": params}, tokens, positions, segments)
+    changed = tokens.copy()
+    changed[:, 5] = (changed[:, 5] + 1) % 64  # inside the first example
+    out, _ = model.apply({"params": params}, changed, positions, segments)
+    np.testing.assert_array_equal(out[:, :5], base[:, :5])  # earlier tokens unaffected
+    np.testing.assert_array_equal(out[:, 8:], base[:, 8:])  # the other example unaffected
+    assert np.abs(out[:, 5:8] - base[:, 5:8]).max() > 1e-4
+
+
+def test_kv_cache_matches_full_forward():
+    params, model = _params(), Transformer(SMALL)
+    tokens, positions, segments = _packed(2, 12, seed=1)
+    segments[:] = 1
+    positions[:] = np.arange(12)
+    full, _ = model.apply({"params": params}, tokens, positions, segments)
+    cache = init_cache(SMALL, 2, 16)
+    logits, cache = model.apply({"params": params}, tokens[:, :7], positions[:, :7],
+                                segments[:, :7], cache=cache, cache_index=0)
+    steps = [logits]
+    for i in range(7, 12):
+        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1], positions[:, i:i + 1],
+                                    segments[:, i:i + 1], cache=cache, cache_index=i)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,low,high", [("150m", 140e6, 175e6), ("1b", 1.0e9, 1.25e9)])
+def test_study_shapes_by_eval_shape(variant, low, high):
+    config = load_config(f"{REPO}/configs/lm_pretrain.py:{variant}")
+    cfg = pretrain.model_config(config)
+    tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
+    params = nn.meta.unbox(shapes["params"])
+    assert low < param_count(params) < high
+    assert params["block_0"]["attn"]["qkv"].shape == (cfg.d_model, 3, cfg.n_heads, cfg.head_dim)
+    assert ("unembed" in params) == (not cfg.tied_embeddings)
+    assert "final_norm" not in params  # OLMo's non-parametric LayerNorm has no weights
+
+
+def _one_step(mesh_sizes, batch):
+    config = load_config(f"{REPO}/configs/lm_pretrain.py:tiny",
+                         ["model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                          "model.mlp_dim=64", "model.vocab_size=64", "data.seq_len=16"])
+    cfg = pretrain.model_config(config)
+    model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
+    from echo_jax.core.train_loop import TrainTask
+    task = TrainTask(init_state=pretrain.make_init_state(model, tx, 16),
+                     train_step=pretrain.make_train_step(model, tx), train_iter=iter(()))
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:int(np.prod(list(mesh_sizes.values())))])
+    rules = config.sharding.rules
+    state, abstract = initial_state(task, mesh, rules, jax.random.key(0))
+    step = jit_train_step(task, mesh, rules, abstract)
+    with jax.set_mesh(mesh):
+        for _ in range(2):
+            state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
+    return jax.device_get((state.params, metrics)), state
+
+
+def test_sharded_step_equals_single_device():
+    tokens, positions, segments = _packed(8, 16, seed=2)
+    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "positions": positions,
+             "segment_ids": segments, "loss_mask": np.ones_like(tokens, np.float32)}
+    (ref_params, ref_metrics), _ = _one_step({"data": 1, "fsdp": 1, "tensor": 1}, batch)
+    for sizes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        (params, metrics), state = _one_step(sizes, batch)
+        assert len(state.params["block_0"]["mlp"]["wi"].sharding.device_set) == 8
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     params, ref_params)
