@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import ml_collections
 from absl import flags
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,6 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes the resolved config to `workdir/config.json`."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(to_json(config) + "\n")
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(to_json(config) + "\n")

@@ -10,6 +10,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
 
 
@@ -18,12 +19,12 @@ def _scalar(value: Any) -> float | int:
     return value if isinstance(value, int) else float(value)
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All rows of a metrics.jsonl file ([] when it does not exist)."""
-    if not os.path.exists(path):
+    path = epath.Path(path)
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class MetricWriter:
@@ -36,19 +37,18 @@ class MetricWriter:
 
     def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = [r for r in read_jsonl(self.path) if resume_step and r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         if self.enabled:
-            with open(self.path, "a") as f:
+            with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             for key, value in row.items():
                 if key != "step" and math.isfinite(value):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,7 +16,7 @@ from echo_jax.core.metrics import read_jsonl  # noqa: E402
 def plot_curves(workdir: str, prefixes: Sequence[str], filename: str, title: str,
                 logy: bool = False) -> str | None:
     """Plots every metric whose name starts with one of `prefixes` against step."""
-    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rows = read_jsonl(epath.Path(workdir) / "metrics.jsonl")
     keys = sorted({k for r in rows for k in r if any(k.startswith(p) for p in prefixes)})
     if not keys:
         return None
@@ -30,10 +30,15 @@ def plot_curves(workdir: str, prefixes: Sequence[str], filename: str, title: str
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out_dir = os.path.join(workdir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, filename)
+    return save_figure(fig, workdir, filename)
+
+
+def save_figure(fig: plt.Figure, workdir: str, filename: str) -> str:
+    """Writes `fig` to `workdir/plots/filename` (local or gs://) and closes it."""
+    out_dir = epath.Path(workdir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with (out_dir / filename).open("wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return str(out_dir / filename)

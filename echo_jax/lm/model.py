@@ -84,10 +84,13 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         H, K = cfg.n_heads, cfg.head_dim
-        w_qkv = _param(self, "qkv", (cfg.d_model, 3, H, K), ("embed", None, "heads", "kv"),
-                       cfg.init_std)
-        qkv = jnp.einsum("BLD,DTHK->TBLHK", x_BxLxD, w_qkv.astype(x_BxLxD.dtype))
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv[0], qkv[1], qkv[2]
+        # Separate q/k/v matrices: slicing one fused output costs XLA:CPU a pad+add per
+        # slice in the backward pass (measured in benchmarks/RESULTS.md).
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+            jnp.einsum("BLD,DHK->BLHK", x_BxLxD, _param(
+                self, name, (cfg.d_model, H, K), ("embed", "heads", "kv"), cfg.init_std
+            ).astype(x_BxLxD.dtype))
+            for name in ("q", "k", "v"))
         new_cache = None
         if cfg.smear_keys:
             k_BxLxHxK, last_k = self._smear(k_BxLxHxK, positions_BxL, segment_ids_BxL, cache)
@@ -138,11 +141,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.cfg
-        w_in = _param(self, "wi", (cfg.d_model, 2, cfg.mlp_dim), ("embed", None, "mlp"),
-                      cfg.init_std)
+        gate, up = (
+            jnp.einsum("BLD,DF->BLF", x_BxLxD, _param(
+                self, name, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std
+            ).astype(x_BxLxD.dtype))
+            for name in ("w_gate", "w_up"))
         w_out = _param(self, "wo", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg.init_std)
-        h = jnp.einsum("BLD,DTF->TBLF", x_BxLxD, w_in.astype(x_BxLxD.dtype))
-        h = nn.with_logical_constraint(jax.nn.silu(h[0]) * h[1], ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         return jnp.einsum("BLF,FD->BLD", h, w_out.astype(h.dtype))
 
 

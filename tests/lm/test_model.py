@@ -68,7 +68,7 @@ def test_study_shapes_by_eval_shape(variant, low, high):
     shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
     params = nn.meta.unbox(shapes["params"])
     assert low < param_count(params) < high
-    assert params["block_0"]["attn"]["qkv"].shape == (cfg.d_model, 3, cfg.n_heads, cfg.head_dim)
+    assert params["block_0"]["attn"]["q"].shape == (cfg.d_model, cfg.n_heads, cfg.head_dim)
     assert ("unembed" in params) == (not cfg.tied_embeddings)
     assert "final_norm" not in params  # OLMo's non-parametric LayerNorm has no weights
 
@@ -99,7 +99,7 @@ def test_sharded_step_equals_single_device():
     (ref_params, ref_metrics), _ = _one_step({"data": 1, "fsdp": 1, "tensor": 1}, batch)
     for sizes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
         (params, metrics), state = _one_step(sizes, batch)
-        assert len(state.params["block_0"]["mlp"]["wi"].sharding.device_set) == 8
+        assert len(state.params["block_0"]["mlp"]["w_gate"].sharding.device_set) == 8
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                      params, ref_params)
