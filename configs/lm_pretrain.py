@@ -14,7 +14,7 @@ VARIANTS = ("tiny", "small", "base", "150m", "1b")
 
 # d_model, n_layers, n_heads, mlp_dim, seq_len, batch_size, lr, warmup, num_steps
 _SIZES = {
-    "tiny": (128, 4, 4, 512, 416, 8, 3e-3, 100, 1200),
+    "tiny": (128, 4, 4, 512, 256, 16, 3e-3, 100, 1200),
     "small": (256, 6, 8, 1024, 512, 16, 2e-3, 200, 4000),
     "base": (512, 8, 8, 2048, 512, 32, 1e-3, 500, 20000),
     "150m": (768, 12, 12, 3072, 2048, 512, 1e-3, 5000, 100000),
@@ -34,13 +34,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.mixture = "tg_omi1_omi2"  # a preset of echo_jax.lm.data.mixtures.MIXTURES
     c.data.levels = (1, 2) if variant == "tiny" else (1, 2, 3, 4)  # arithmetic steps
-    c.data.seq_len = seq_len
-    c.data.vocab = "byte"  # "byte" or "spm" (SentencePiece trained on the mixture)
+    c.data.seq_len = seq_len  # no example is truncated at these lengths (SentencePiece tokens)
+    # SentencePiece (1024 pieces, digits split) makes examples ~3x shorter than bytes: the tiny
+    # model sees ~3x more problems per second (benchmarks/RESULTS.md). "byte" is the alternative.
+    c.data.vocab = "spm"
+    c.data.examples_per_style = 20_000 if variant == "tiny" else 100_000
     c.data.loss_on = "solution"  # "solution" or "all"
     c.data.eval_examples = 64  # per style, for the validation loss
 
     c.model = ml_collections.ConfigDict()
-    c.model.vocab_size = 32_000 if study_scale else 264  # the byte vocabulary (259) padded to 8
+    c.model.vocab_size = 32_000 if study_scale else 1024  # >= the vocabulary's size
     c.model.d_model = d_model
     c.model.n_layers = n_layers
     c.model.n_heads = n_heads

@@ -26,6 +26,12 @@ def _runner(kind: str):
     if kind == "lm_pretrain":
         from echo_jax.lm.jobs import run_pretrain
         return run_pretrain
+    if kind == "recsys_train":
+        from echo_jax.recsys.jobs import run_train
+        return run_train
+    if kind == "source_bias_phases":
+        from echo_jax.recsys.phases import run_phases
+        return run_phases
     raise ConfigError(f"unknown config.kind {kind!r}")
 
 
@@ -42,7 +48,7 @@ def main(argv: list[str]) -> None:
     from echo_jax.core.checkpoint import IncompatibleCheckpointError
 
     config, workdir = _CONFIG.value, _WORKDIR.value
-    logging.set_verbosity(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # progress lines are printed; Orbax's INFO is noise
     try:
         runner = _runner(config.kind)
         runner(config, workdir)

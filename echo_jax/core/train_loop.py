@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -144,7 +144,7 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
     if start:
         ckpt.check_compatible(start, meta)
         state = ckpt.restore(start, abstract, task.train_iter)
-        logging.info("resumed %s from %s at step %d", label, ckpt.directory, start)
+        print(f"[{label}] resumed from {ckpt.directory} at step {start}", file=sys.stderr)
     if config is not None and is_chief:
         save_config(config, workdir)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_chief)

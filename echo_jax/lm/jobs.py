@@ -30,7 +30,7 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
         mixture=data.mixture, seed=config.seed, seq_len=data.seq_len,
         batch_size=global_batch // jax.process_count(), levels=data.levels,
         loss_on=data.loss_on, vocab_name=data.vocab, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), examples_per_style=data.examples_per_style)
     eval_batches = {
         style: pipeline.make_eval_batches(
             style=style, split="validation", seed=config.seed, num_examples=data.eval_examples,

@@ -46,6 +46,6 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
 
     rerun = subprocess.run(_command(killed), cwd=REPO, env=_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resumed pretrain" in rerun.stderr
+    assert "[pretrain] resumed from" in rerun.stderr
     assert _losses(killed) == _losses(full)  # every step, exactly
     assert sorted(_losses(full)) == list(range(1, 61))

@@ -1,0 +1,106 @@
+"""Loaders for the real evaluation / RL-prompt sets: GSM8K, MATH-500 and AIME (jsonl files).
+
+The files live outside the repository, under `$ECHO_JAX_DATA` (default: `../shared/data` relative to
+the working directory); see that folder's README.md for provenance. Every loader returns a list of
+dicts with at least `question` and `answer` (both str), plus the source's other useful fields.
+"""
+
+import json
+import os
+import pathlib
+
+ENV_VAR = "ECHO_JAX_DATA"
+AIME_SETS = ("aime24", "aime25", "aime_all")
+_DEFAULT = pathlib.Path("..") / "shared" / "data"
+
+
+def data_dir() -> pathlib.Path:
+    """The data folder: $ECHO_JAX_DATA, else ../shared/data from the working directory."""
+    path = pathlib.Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else _DEFAULT
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data directory {path.resolve()} not found; set {ENV_VAR} to the folder holding "
+            "gsm8k/, math500/ and aime/")
+    return path.resolve()
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    """Rows of a jsonl file; a bad line raises ValueError naming the file and its 1-based line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path.resolve()} not found (data folder: ${ENV_VAR})")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _require(row: dict, keys: tuple[str, ...], path: pathlib.Path, lineno: int) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+
+
+def gsm8k_answer(solution: str) -> str:
+    """The final answer of a GSM8K solution: the text after '#### ', commas removed."""
+    if "####" not in solution:
+        raise ValueError(f"no '####' answer marker in GSM8K solution {solution[:60]!r}")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def load_gsm8k(split: str) -> list[dict]:
+    """GSM8K train (7473) or test (1319): question, answer, solution (with <<calc>> notes)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown GSM8K split {split!r}; valid splits: ('train', 'test')")
+    path = data_dir() / "gsm8k" / f"{split}.jsonl"
+    out = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        _require(row, ("question", "answer"), path, i)
+        out.append({"question": row["question"], "answer": gsm8k_answer(row["answer"]),
+                    "solution": row["answer"], "id": f"gsm8k-{split}-{i - 1}"})
+    return out
+
+
+def load_math500() -> list[dict]:
+    """MATH-500: question, answer (a LaTeX string), solution, subject, level, id."""
+    path = data_dir() / "math500" / "test.jsonl"
+    out = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        _require(row, ("problem", "answer"), path, i)
+        out.append({"question": row["problem"], "answer": str(row["answer"]),
+                    "solution": row.get("solution", ""), "subject": row.get("subject", ""),
+                    "level": row.get("level"), "id": row.get("unique_id", f"math500-{i - 1}")})
+    return out
+
+
+def _aime_answer(raw: str) -> str:
+    """AIME answers are integers 0-999 stored with leading zeros ("025"); others are kept as is."""
+    raw = str(raw).strip()
+    return str(int(raw)) if raw.isdigit() else raw
+
+
+def load_aime(name: str) -> list[dict]:
+    """AIME 2024 ("aime24", 30), 2025 ("aime25", 30) or 1983-2025 ("aime_all": 1983-2024 + 2025)."""
+    if name not in AIME_SETS:
+        raise ValueError(f"unknown AIME set {name!r}; valid sets: {AIME_SETS}")
+    files = {"aime24": ["aime24.jsonl"], "aime25": ["aime25.jsonl"],
+             "aime_all": ["aime_1983_2024.jsonl", "aime25.jsonl"]}[name]
+    out = []
+    for filename in files:
+        path = data_dir() / "aime" / filename
+        for i, row in enumerate(read_jsonl(path), start=1):
+            _require(row, ("problem", "answer"), path, i)
+            rid = row.get("id", i - 1)
+            out.append({"question": row["problem"], "answer": _aime_answer(row["answer"]),
+                        "answer_raw": str(row["answer"]),
+                        "id": f"{filename.removesuffix('.jsonl')}-{rid}"})
+    return out
