@@ -11,7 +11,8 @@ from tests.conftest import REPO
 
 TINY = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
         "--config.model.mlp_dim=64", "--config.data.seq_len=128", "--config.train.batch_size=4",
-        "--config.data.eval_examples=4", "--config.train.num_steps=60",
+        "--config.data.eval_examples=4", "--config.data.examples_per_style=2000",
+        "--config.train.num_steps=60",
         "--config.train.log_every=1", "--config.train.eval_every=60",
         "--config.train.checkpoint_every=10", "--config.mesh.data=1"]
 

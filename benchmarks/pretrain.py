@@ -1,0 +1,108 @@
+"""Pretraining throughput: echo_jax's jitted train step vs a PyTorch eager reference.
+
+Same architecture, batch and sequence length, measured in the same run, with MFU relative to the
+matmul peak measured on this machine in this run. Needs the `bench` extra (PyTorch CPU).
+
+    python benchmarks/pretrain.py [--steps 10] [--variants tiny,small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import torch_reference  # noqa: E402
+from benchmarks.flops import matmul_peak_gflops  # noqa: E402
+from echo_jax.core import sharding  # noqa: E402
+from echo_jax.core.config import load_config  # noqa: E402
+from echo_jax.core.train_loop import TrainTask, initial_state, jit_train_step  # noqa: E402
+from echo_jax.lm import pretrain  # noqa: E402
+from echo_jax.lm.model import Transformer  # noqa: E402
+
+
+def jax_step_seconds(config, steps: int, warmup: int = 3) -> float:
+    """Seconds per production train step (the loop's own jit, one device, donated state)."""
+    cfg = pretrain.model_config(config)
+    batch_size, seq_len = config.train.batch_size, config.data.seq_len
+    model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
+    task = TrainTask(init_state=pretrain.make_init_state(model, tx, seq_len),
+                     train_step=pretrain.make_train_step(model, tx), train_iter=iter(()))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    state, abstract = initial_state(task, mesh, config.sharding.rules, jax.random.key(0))
+    step = jit_train_step(task, mesh, config.sharding.rules, abstract)
+    batch = {k: v.numpy() for k, v in torch_reference.random_batch(
+        batch_size, seq_len, cfg.vocab_size).items()}
+    batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
+    with jax.set_mesh(mesh):
+        batch = sharding.shard_batch(batch, mesh)
+        for _ in range(warmup):
+            state, metrics = step(state, batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / steps
+
+
+def torch_config(config) -> dict:
+    m = config.model
+    return dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, mlp_dim=m.mlp_dim,
+                vocab_size=m.vocab_size, norm=m.norm, tied=m.tied_embeddings,
+                smear_keys=m.smear_keys)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", default="tiny,small")
+    args = parser.parse_args()
+    peak = matmul_peak_gflops()
+    rows = []
+    for variant in args.variants.split(","):
+        config = load_config(str(REPO / f"configs/lm_pretrain.py:{variant}"))
+        cfg = pretrain.model_config(config)
+        tokens = config.train.batch_size * config.data.seq_len
+        flops = pretrain.flops_per_token(cfg, config.data.seq_len) * tokens
+        jax_s = jax_step_seconds(config, args.steps)
+        torch_s = torch_reference.time_train_steps(
+            torch_config(config), config.train.batch_size, config.data.seq_len,
+            steps=args.steps, warmup=3)["step_s"]
+        rows.append({
+            "variant": variant, "batch": config.train.batch_size, "seq_len": config.data.seq_len,
+            "params_m": round(sum(np.prod(s) for s in _param_shapes(cfg, config)) / 1e6, 2),
+            "jax_tokens_per_s": tokens / jax_s, "torch_tokens_per_s": tokens / torch_s,
+            "ratio": torch_s / jax_s,
+            "jax_mfu": flops / jax_s / 1e9 / peak, "torch_mfu": flops / torch_s / 1e9 / peak})
+    print(f"matmul peak (f32, measured now): {peak:.1f} GFLOP/s\n")
+    print("| variant | params (M) | batch x seq | echo_jax tok/s | PyTorch eager tok/s | ratio "
+          "| echo_jax MFU | PyTorch MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['params_m']} | {r['batch']} x {r['seq_len']} | "
+              f"{r['jax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | "
+              f"{r['ratio']:.2f}x | {r['jax_mfu']:.0%} | {r['torch_mfu']:.0%} |")
+    out = REPO / "benchmarks" / "results" / "pretrain.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"matmul_peak_gflops": peak, "cpu_count": os.cpu_count(),
+                               "jax": jax.__version__, "rows": rows}, indent=2) + "\n")
+
+
+def _param_shapes(cfg, config):
+    tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), np.int32)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
+    return [x.shape for x in jax.tree.leaves(shapes)]
+
+
+if __name__ == "__main__":
+    main()
