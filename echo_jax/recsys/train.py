@@ -1,0 +1,149 @@
+"""Train state, the pure train step and the host-driven evaluation of the recommender.
+
+The item feature table (frozen text vectors, or token ids for the small tower) is a constant of
+the step: batches carry row indices into it, so a frozen tower's vectors are never recomputed.
+
+Shapes: B batch, H history, C candidates, R text rows, F item features, N catalogue items.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from echo_jax.recsys import losses, metrics
+from echo_jax.recsys.model import Recommender
+from echo_jax.recsys.pipeline import TRAIN_KEYS
+
+LOSSES = ("impression", "in_batch")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    """Adam with decoupled weight decay (the study: Adam, lr 1e-3, wd 1e-5)."""
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+
+def make_init_state(model: Recommender, tx: optax.GradientTransformation,
+                    table_RxF: np.ndarray, history_len: int, num_candidates: int) -> Callable:
+    """`rng -> TrainState` (parameters keep their logical-axis boxes for the loop)."""
+    hist = jnp.zeros((1, history_len, *table_RxF.shape[1:]), table_RxF.dtype)
+    cand = jnp.zeros((1, num_candidates, *table_RxF.shape[1:]), table_RxF.dtype)
+
+    def init_state(rng: jax.Array) -> TrainState:
+        params = model.init(rng, hist, jnp.ones((1, history_len), bool), cand)["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    return init_state
+
+
+def make_train_step(model: Recommender, tx: optax.GradientTransformation, table_RxF: np.ndarray,
+                    loss: str, log_q_N: np.ndarray) -> Callable:
+    """`(state, batch, rng) -> (state, metrics)` for the impression or the in-batch loss."""
+    if loss not in LOSSES:
+        raise ValueError(f"train.loss {loss!r} not in {LOSSES}")
+    table = jnp.asarray(table_RxF)
+    log_q = jnp.asarray(log_q_N)
+
+    def loss_fn(params, batch, rng):
+        variables, rngs = {"params": params}, {"dropout": rng}
+        feats = lambda rows: table[rows]  # noqa: E731
+        if loss == "impression":
+            scores_BxC = model.apply(variables, feats(batch["history"]), batch["history_mask"],
+                                     feats(batch["candidates"]), False, rngs=rngs)
+            ce = losses.impression_cross_entropy(scores_BxC, batch["labels"])
+            hit = jnp.argmax(scores_BxC, -1) == jnp.argmax(batch["labels"], -1)
+            return ce, {"loss": ce, "accuracy": hit.mean()}
+        user_BxD = model.apply(variables, feats(batch["history"]), batch["history_mask"], False,
+                               rngs=rngs, method=Recommender.encode_user)[:, -1]
+        item_BxD = model.apply(variables, feats(batch["positive"]), False, rngs=rngs,
+                               method=Recommender.encode_items)
+        item = batch["positive_item"]
+        ce = losses.in_batch_softmax(user_BxD, item_BxD, item, log_q[item])
+        return ce, {"loss": ce}
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        batch = {k: batch[k] for k in TRAIN_KEYS}
+        grads, step_metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step_metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(state.step + 1, params, opt_state), step_metrics
+
+    return train_step
+
+
+class Scorer:
+    """Jitted inference: item vectors for every text row, user vectors for histories."""
+
+    def __init__(self, model: Recommender, table_RxF: np.ndarray, batch_size: int = 512):
+        self.table = jnp.asarray(table_RxF)
+        self.batch_size = batch_size
+        self._items = jax.jit(lambda p, f: model.apply(
+            {"params": p}, f, method=Recommender.encode_items))
+        self._users = jax.jit(lambda p, h, m: model.apply(
+            {"params": p}, h, m, method=Recommender.encode_user)[:, -1])
+
+    def item_vectors(self, params: Any) -> np.ndarray:
+        """`[R, D]` for every row of the table."""
+        return np.concatenate([np.asarray(self._items(params, self.table[s:s + self.batch_size]))
+                               for s in range(0, len(self.table), self.batch_size)])
+
+    def user_vectors(self, params: Any, history_MxH: np.ndarray,
+                     mask_MxH: np.ndarray) -> np.ndarray:
+        out = []
+        for s in range(0, len(history_MxH), self.batch_size):
+            rows, mask = history_MxH[s:s + self.batch_size], mask_MxH[s:s + self.batch_size]
+            pad = self.batch_size - len(rows)  # one shape, one compile
+            rows = np.pad(rows, ((0, pad), (0, 0)))
+            mask = np.pad(mask, ((0, pad), (0, 0)), constant_values=True)
+            out.append(np.asarray(self._users(params, self.table[rows], mask))[:len(rows) - pad])
+        return np.concatenate(out)
+
+
+def evaluate_arrays(users_MxD: np.ndarray, items_RxD: np.ndarray, arrays: dict[str, np.ndarray],
+                    num_items: int) -> dict[str, float]:
+    """All evaluation metrics from user and item vectors.
+
+    `eval/*`: the impression lists as shown (HGC copies); `eval/full/*`: the positive against
+    every HGC item in the catalogue, history excluded; `bias/*`: the paired lists (every
+    candidate once per source), Human- vs LLM-Target.
+    """
+    def scores(rows):
+        return np.einsum("md,m...d->m...", users_MxD, items_RxD[rows])
+
+    out = {f"eval/{k}": v for k, v in metrics.ranking_metrics(
+        scores(arrays["candidates"]), arrays["labels"]).items()}
+    hist = arrays["history_items"]
+    exclude = np.zeros((len(hist), num_items), bool)
+    rows = np.repeat(np.arange(len(hist)), hist.shape[1])
+    keep = hist.ravel() >= 0
+    exclude[rows[keep], hist.ravel()[keep]] = True
+    full = metrics.full_ranking(users_MxD @ items_RxD[:num_items].T, arrays["positive_item"],
+                                exclude)
+    out.update({f"eval/full/{k}": v for k, v in full.items()})
+    bias = metrics.source_bias(scores(arrays["paired"]), arrays["labels"])
+    out.update({f"bias/{k}": v for k, v in bias.items()})
+    return out
+
+
+def make_evaluate(scorer: Scorer, arrays: dict[str, np.ndarray], num_items: int) -> Callable:
+    """`state -> {metric: value}` on the evaluation impressions."""
+    def evaluate(state: TrainState) -> dict[str, float]:
+        items = scorer.item_vectors(state.params)
+        users = scorer.user_vectors(state.params, arrays["history"], arrays["history_mask"])
+        return evaluate_arrays(users, items, arrays, num_items)
+
+    return evaluate
