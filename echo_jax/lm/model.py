@@ -97,11 +97,15 @@ class Attention(nn.Module):
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
         k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, cfg.rope_theta)
         if cache is None:
-            k_pos, k_seg, keys, values = positions_BxL, segment_ids_BxL, k_BxLxHxK, v_BxLxHxK
+            k_pos, k_seg = positions_BxL, segment_ids_BxL
+            keys, values = k_BxLxHxK.transpose(0, 2, 1, 3), v_BxLxHxK.transpose(0, 2, 1, 3)
         else:
-            update = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
-                c, new.astype(c.dtype), cache_index, axis=1)
-            new_cache = {"k": update(cache["k"], k_BxLxHxK), "v": update(cache["v"], v_BxLxHxK),
+            # Keys/values are cached heads-major (B, H, S, K): the layout both attention
+            # einsums read directly, so a decode step does not relayout the whole cache.
+            update = lambda c, new, axis=1: jax.lax.dynamic_update_slice_in_dim(
+                c, new.astype(c.dtype), cache_index, axis=axis)
+            new_cache = {"k": update(cache["k"], k_BxLxHxK.transpose(0, 2, 1, 3), 2),
+                         "v": update(cache["v"], v_BxLxHxK.transpose(0, 2, 1, 3), 2),
                          "pos": update(cache["pos"], positions_BxL),
                          "seg": update(cache["seg"], segment_ids_BxL)}
             if cfg.smear_keys:
@@ -111,10 +115,10 @@ class Attention(nn.Module):
         mask_Bx1xLxS = ((segment_ids_BxL[:, :, None] == k_seg[:, None, :])
                         & (segment_ids_BxL[:, :, None] > 0)
                         & (positions_BxL[:, :, None] >= k_pos[:, None, :]))[:, None]
-        logits = jnp.einsum("BLHK,BSHK->BHLS", q_BxLxHxK, keys) * (K ** -0.5)
+        logits = jnp.einsum("BLHK,BHSK->BHLS", q_BxLxHxK, keys) * (K ** -0.5)
         logits = jnp.where(mask_Bx1xLxS, logits.astype(jnp.float32), -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        out_BxLxHxK = jnp.einsum("BHLS,BSHK->BLHK", probs, values)
+        out_BxLxHxK = jnp.einsum("BHLS,BHSK->BLHK", probs, values)
         w_out = _param(self, "out", (H, K, cfg.d_model), ("heads", "kv", "embed"), cfg.init_std)
         return jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_out.astype(out_BxLxHxK.dtype)), new_cache
 
@@ -141,14 +145,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.cfg
-        gate, up = (
-            jnp.einsum("BLD,DF->BLF", x_BxLxD, _param(
-                self, name, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std
-            ).astype(x_BxLxD.dtype))
+        B, L, D = x_BxLxD.shape
+        # Rows flattened to 2-D: with 3-D einsums XLA:CPU materialised a column-order copy of
+        # the SwiGLU gradient for every weight-gradient matmul (benchmarks/RESULTS.md).
+        x_NxD = x_BxLxD.reshape(B * L, D)
+        gate_NxF, up_NxF = (
+            x_NxD @ _param(self, name, (D, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std
+                           ).astype(x_NxD.dtype)
             for name in ("w_gate", "w_up"))
-        w_out = _param(self, "wo", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg.init_std)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("BLF,FD->BLD", h, w_out.astype(h.dtype))
+        w_out = _param(self, "wo", (cfg.mlp_dim, D), ("mlp", "embed"), cfg.init_std)
+        h_NxF = jax.nn.silu(gate_NxF) * up_NxF
+        return (h_NxF @ w_out.astype(h_NxF.dtype)).reshape(B, L, D)
 
 
 class Block(nn.Module):
@@ -199,7 +206,7 @@ class Transformer(nn.Module):
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
     """Empty per-layer KV cache; slots with segment 0 are never attended to."""
-    shape = (batch_size, max_len, cfg.n_heads, cfg.head_dim)
+    shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)  # heads-major, see Attention
     layer = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
              "pos": jnp.zeros((batch_size, max_len), jnp.int32),
              "seg": jnp.zeros((batch_size, max_len), jnp.int32)}

@@ -1,0 +1,73 @@
+"""Loading a trained model from a pretraining (or later) workdir, for evaluation and RL.
+
+A workdir holds `config.json` and `checkpoints/<step>/{state,meta,data}` written by
+`echo_jax.core.checkpoint.Checkpointer`; `meta.model` is the `ModelConfig`. Only the parameters
+are read (an Orbax partial restore), so neither the optimizer nor its config is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from echo_jax.core.checkpoint import Checkpointer
+from echo_jax.lm.model import ModelConfig, Transformer
+
+
+def checkpoint_dir(workdir: str) -> pathlib.Path:
+    """`workdir/checkpoints` for a run directory; `workdir` itself when it is that folder."""
+    path = pathlib.Path(workdir).resolve()
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def run_config(workdir: str) -> dict:
+    """The run's resolved config (`config.json` next to its checkpoints/), or {} if absent."""
+    for folder in (pathlib.Path(workdir).resolve(), checkpoint_dir(workdir).parent):
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text())
+    return {}
+
+
+def latest_step(workdir: str) -> int:
+    """The newest checkpointed step of `workdir`; FileNotFoundError naming the folder if none."""
+    directory = checkpoint_dir(workdir)
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] \
+        if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {directory}")
+    return max(steps)
+
+
+def load_params(workdir: str, step: int | None = None,
+                mesh: Mesh | None = None) -> tuple[ModelConfig, Any]:
+    """(model config, params) from the latest checkpoint (or `step`) of `workdir`.
+
+    Params are replicated over `mesh` (on the first device without one). Raises
+    FileNotFoundError naming the folder when it holds no such checkpoint.
+    """
+    step = latest_step(workdir) if step is None else step
+    ckpt = Checkpointer(str(checkpoint_dir(workdir)), async_save=False)
+    try:
+        if step not in ckpt.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}")
+        cfg = ModelConfig(**ckpt.read_meta(step)["model"])
+        tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
+        where = (NamedSharding(mesh, P()) if mesh is not None
+                 else SingleDeviceSharding(jax.devices()[0]))
+        target = {"params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+            nn.meta.unbox(shapes["params"]))}
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    finally:
+        ckpt.close()
+    return cfg, restored["state"]["params"]
