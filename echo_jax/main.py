@@ -26,6 +26,15 @@ def _runner(kind: str):
     if kind == "lm_pretrain":
         from echo_jax.lm.jobs import run_pretrain
         return run_pretrain
+    if kind == "lm_eval":
+        from echo_jax.lm.eval import run_eval
+        return run_eval
+    if kind == "lm_rl":
+        from echo_jax.lm.rl_job import run_rl
+        return run_rl
+    if kind == "echo_chamber":
+        from echo_jax.lm.jobs import run_echo_chamber
+        return run_echo_chamber
     if kind == "recsys_train":
         from echo_jax.recsys.jobs import run_train
         return run_train

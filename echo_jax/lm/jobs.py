@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import sys
+import time
+from typing import Callable
+
 import jax
 import ml_collections
 
@@ -57,3 +63,59 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str):
         plots.plot_curves(workdir, ["train/loss", "val/loss/"], "pretrain_loss.png",
                           "pretraining loss (per style on validation)")
     return state
+
+
+def _stage(name: str, index: int, done: bool, run: Callable[[], object]) -> float:
+    """Runs one stage of `run_echo_chamber` unless it is done; returns its wall time."""
+    header = f"[echo_chamber] stage {index}/4: {name}"
+    if done:
+        print(f"{header}: finished earlier, skipped", file=sys.stderr, flush=True)
+        return 0.0
+    print(f"{header}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    print(f"{header}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """`configs/echo_chamber.py`: pretrain -> eval_before -> rl -> eval_after -> report.md, each
+    stage in its own sub-workdir; returns the report's path."""
+    from echo_jax.core.config import save_config
+    from echo_jax.lm import eval as eval_lib, report, restore, rl_job
+
+    dirs = {name: os.path.join(workdir, name)
+            for name in ("pretrain", "eval_before", "rl", "eval_after")}
+    stages = {name: copy.deepcopy(config[block]) for name, block in
+              (("pretrain", "pretrain"), ("eval_before", "eval"), ("rl", "rl"),
+               ("eval_after", "eval"))}
+    for stage in stages.values():
+        stage.seed = config.seed
+    stages["eval_before"].checkpoint = stages["rl"].init_from = dirs["pretrain"]
+    stages["eval_after"].checkpoint = dirs["rl"]
+    save_config(config, workdir)
+
+    def pretrained() -> bool:
+        try:
+            return restore.latest_step(dirs["pretrain"]) >= stages["pretrain"].train.num_steps
+        except FileNotFoundError:
+            return False
+
+    evaluated = lambda name: os.path.exists(os.path.join(dirs[name], "eval.json"))
+    seconds = {
+        "pretrain": _stage("pretrain", 1, pretrained(),
+                           lambda: run_pretrain(stages["pretrain"], dirs["pretrain"])),
+        "eval_before": _stage("eval before RL", 2, evaluated("eval_before"),
+                              lambda: eval_lib.run_eval(stages["eval_before"],
+                                                        dirs["eval_before"])),
+        "rl": _stage(f"RL ({stages['rl'].algo})", 3,
+                     rl_job.is_finished(dirs["rl"], stages["rl"].train.num_steps),
+                     lambda: rl_job.run_rl(stages["rl"], dirs["rl"])),
+        "eval_after": _stage("eval after RL", 4, evaluated("eval_after"),
+                             lambda: eval_lib.run_eval(stages["eval_after"], dirs["eval_after"])),
+    }
+    path = report.write_report(workdir, config)
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    print(f"[echo_chamber] report: {path} ({timing})", file=sys.stderr, flush=True)
+    return path

@@ -11,12 +11,14 @@ target tokens divided by their count, so empty rows change nothing.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Hashable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
@@ -172,3 +174,95 @@ def run_expert_iteration(cfg: EIConfig, model_cfg: ModelConfig, params: Any,
             metrics["sft_loss"] = float(np.mean(jax.device_get(losses)))
         rows_per_round.append({"round": r, **metrics})
     return params, rows_per_round
+
+
+class EITrainer:
+    """Expert Iteration as steps of the loop GRPO and PPO run in (`loop.RLTrainer`'s interface):
+    each step samples `prompts_per_batch` x `samples_per_prompt` completions, keeps the correct
+    unique ones and fine-tunes on them for `epochs` passes. Unlike `run_expert_iteration` one
+    optimizer runs across steps (its schedule spans the most updates `total_steps` can take), so a
+    step is a small round and the run is checkpointed like the others. Batches are padded to
+    `batch_size` rows of `seq_len`: one compiled shape however many samples are kept;
+    `sampler_rows` as in `loop.RLTrainer`.
+    """
+
+    def __init__(self, cfg: EIConfig, model_cfg: ModelConfig, vocabulary: Any, *,
+                 total_steps: int, dataset: str = "synthetic", grade_timeout_s: float = 2.0,
+                 mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = (),
+                 sampler_rows: int = 0):
+        self.cfg, self.vocabulary, self.sampler_rows = cfg, vocabulary, sampler_rows
+        self.dataset, self.grade_timeout_s = dataset, grade_timeout_s
+        self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p)
+        self.sampler = Sampler(model_cfg, eos_id=vocabulary.eos_id, pad_id=0, mesh=mesh,
+                               rules=tuple(rules))
+        model = Transformer(model_cfg)
+        rows = cfg.prompts_per_batch * cfg.samples_per_prompt
+        self.tx = cfg.optim.make(total_steps * cfg.epochs * -(-rows // cfg.batch_size))
+        self._sft = jax.jit(make_sft_step(model, self.tx, cfg.micro_batch_size), donate_argnums=0)
+
+        def stats(params, ref_params, *sample_arrays):
+            """Entropy of the sampling policy on its completions and, with a reference, k3 KL."""
+            tokens, positions, segments, mask = common.join_prompt_completion(*sample_arrays)
+
+            def score(micro):
+                logp, entropy = common.sequence_logprobs(model, params, *micro, cfg.temperature)
+                if ref_params is None:
+                    return entropy, None
+                ref_logp = common.sequence_logprobs(model, ref_params, *micro,
+                                                    cfg.temperature)[0]
+                return entropy, common.kl_k3(logp, ref_logp)
+
+            entropy, kl = common.map_micro_batches(score, (tokens, positions, segments),
+                                                   cfg.micro_batch_size)
+            out = {"entropy": common.masked_mean(entropy, mask)}
+            if kl is not None:
+                out["kl"] = common.masked_mean(kl, mask)
+            return out
+
+        self._stats = jax.jit(stats)
+
+    def init_state(self, policy_params: Any, rng: jax.Array) -> TrainState:
+        del rng  # nothing random to initialise
+        params = jax.tree.map(jnp.array, policy_params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx.init(params))
+
+    def policy(self, state: TrainState) -> Any:
+        return state.params
+
+    def step(self, state: TrainState, ref_params: Any, problems: Sequence[dict],
+             rng: jax.Array) -> tuple[TrainState, dict[str, float]]:
+        """One round on `prompts_per_batch` problems. Metrics: the rollout's, `kept`, the SFT
+        `loss` and `grad_norm` (when something was kept), the sampling policy's `entropy` and,
+        given `ref_params`, its `kl` to them (EI has no KL term: it is only measured)."""
+        cfg = self.cfg
+        if len(problems) != cfg.prompts_per_batch:
+            raise ValueError(f"need {cfg.prompts_per_batch} problems, got {len(problems)}")
+        sample_rng, sft_rng = jax.random.split(rng)
+        sample = loop.sample_and_grade(
+            self.sampler, state.params, problems, self.vocabulary, self.sampling,
+            cfg.samples_per_prompt, cfg.max_prompt_len, sample_rng, dataset=self.dataset,
+            grade_timeout_s=self.grade_timeout_s, rows_per_call=self.sampler_rows)
+        start = time.perf_counter()
+        info = sample.info
+        row = {**loop.rollout_metrics(info), **self._stats(
+            state.params, ref_params, sample.prompts_BxP, sample.prompt_lengths_B,
+            sample.completions_BxN, sample.completion_lengths_B)}
+        keep = select_expert_samples(info.questions, info.texts, info.correct)
+        examples = [sft_example(self.vocabulary, info.questions[i], info.texts[i], cfg.seq_len)
+                    for i in keep]
+        shuffle = np.random.default_rng(np.asarray(jax.random.key_data(sft_rng)))
+        metrics = []
+        for _ in range(cfg.epochs if examples else 0):
+            for batch in sft_batches(examples, cfg.batch_size, shuffle):
+                state, m = self._sft(state, batch, sft_rng)
+                metrics.append(m)
+        metrics = jax.device_get(metrics)
+        row = {k: float(v) for k, v in jax.device_get(row).items()}
+        row["kept"] = float(len(examples))
+        for key in ("loss", "grad_norm"):
+            if metrics:
+                row[key] = float(np.mean([m[key] for m in metrics]))
+        row.update({"time/rollout": sample.seconds_sampling, "time/reward": sample.seconds_grading,
+                    "time/update": time.perf_counter() - start})
+        return state, row

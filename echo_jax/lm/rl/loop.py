@@ -9,13 +9,14 @@ a permutation), so nothing recompiles between steps.
 `run_rl_steps(trainer, state, ref_params, problems, num_steps, rng)` runs steps and returns one
 metrics row per step: `reward_mean`, `accuracy`, `style_share/<style>`, `style_accuracy/<style>`
 (styles present in the rollout), `response_length`, `loss`, `entropy`, `clip_fraction`,
-`grad_norm`, `kl` (when a reference is used), `value_loss` / `value_mean` (PPO), `flat_groups`
-(GRPO) and `time/rollout`, `time/reward`, `time/update` (seconds).
+`grad_norm`, `kl` (when reference parameters are given), `value_loss` / `value_mean` (PPO),
+`flat_groups` (GRPO) and `time/rollout`, `time/reward`, `time/update` (seconds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from typing import Any, Iterator, Sequence
@@ -24,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from echo_jax.lm import grading
 from echo_jax.lm.model import ModelConfig, Transformer
-from echo_jax.lm.rl import grpo, ppo
-from echo_jax.lm.rl.common import RolloutInfo
+from echo_jax.lm.rl import common, grpo, ppo
+from echo_jax.lm.rl.common import Rollout, RolloutInfo
 from echo_jax.lm.sampler import Sampler, SamplingParams, pad_prompts
 
 ALGORITHMS = ("grpo", "ppo")
@@ -65,15 +67,25 @@ class Sample:
 
 def sample_and_grade(sampler: Sampler, params: Any, problems: Sequence[dict], vocabulary: Any,
                      sampling: SamplingParams, samples_per_prompt: int, max_prompt_len: int,
-                     rng: jax.Array, *, dataset: str, grade_timeout_s: float = 2.0) -> Sample:
+                     rng: jax.Array, *, dataset: str, grade_timeout_s: float = 2.0,
+                     rows_per_call: int = 0) -> Sample:
     """Samples `samples_per_prompt` completions of each problem ({"question", "answer"}; rows
-    are prompt-major) and grades them: reward 1 if the extracted answer is correct, else 0."""
+    are prompt-major) and grades them: reward 1 if the extracted answer is correct, else 0.
+    `rows_per_call` > 0 samples that many rows at a time, so the KV cache does not grow with
+    the rollout (it must divide the rows)."""
     start = time.perf_counter()
     repeat = lambda xs: [x for x in xs for _ in range(samples_per_prompt)]
     questions = repeat([p["question"] for p in problems])
     prompts = encode_prompts([p["question"] for p in problems], vocabulary, max_prompt_len)
     prompts_BxP, prompt_lengths_B = pad_prompts(repeat(prompts), length_multiple=max_prompt_len)
-    out = sampler(params, prompts_BxP, prompt_lengths_B, rng, sampling)
+    rows = len(prompts_BxP)
+    chunk = rows_per_call or rows
+    if rows % chunk:
+        raise ValueError(f"rows_per_call {chunk} does not divide the {rows} rows of a rollout")
+    outs = [sampler(params, prompts_BxP[i:i + chunk], prompt_lengths_B[i:i + chunk],
+                    rng if chunk == rows else jax.random.fold_in(rng, i), sampling)
+            for i in range(0, rows, chunk)]
+    out = jax.tree.map(lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0], *outs)
     tokens_BxN, lengths_B = jax.device_get((out.tokens_BxN, out.lengths_B))
     sampled = time.perf_counter()
     texts = decode_completions(tokens_BxN, lengths_B, vocabulary)
@@ -119,21 +131,27 @@ class RLTrainer:
 
     `total_steps` (RL steps) sets the length of the learning-rate schedules. The state is a
     `pretrain.TrainState` for GRPO and a `ppo.PPOState` for PPO (`init_state` builds either);
-    `ref_params` (the frozen initial policy) must be given exactly when `cfg.kl_coef > 0`.
+    `ref_params` (the frozen initial policy) is required when `cfg.kl_coef > 0`; given with
+    kl_coef = 0 it only measures the KL (one more forward pass), which is then not in the loss.
+    With a `mesh` the sampler splits the rollout over its data axes (`rules` map the model's);
+    `sampler_rows` > 0 samples the rollout that many rows at a time (bounded KV-cache memory).
     """
 
     def __init__(self, algo: str, cfg: grpo.GRPOConfig | ppo.PPOConfig, model_cfg: ModelConfig,
                  vocabulary: Any, *, total_steps: int, dataset: str = "synthetic",
-                 grade_timeout_s: float = 2.0):
+                 grade_timeout_s: float = 2.0, mesh: Mesh | None = None,
+                 rules: Sequence[tuple[str, Any]] = (), sampler_rows: int = 0):
         expected = {"grpo": grpo.GRPOConfig, "ppo": ppo.PPOConfig}.get(algo)
         if expected is None or not isinstance(cfg, expected):
             raise ValueError(f"algo must be one of {ALGORITHMS} with its config, got {algo!r} "
                              f"and {type(cfg).__name__}")
         self.algo, self.cfg, self.model_cfg, self.vocabulary = algo, cfg, model_cfg, vocabulary
         self.dataset, self.grade_timeout_s = dataset, grade_timeout_s
+        self.sampler_rows = sampler_rows
         rc = cfg.rollout
         self.sampling = SamplingParams(rc.max_new_tokens, rc.temperature, top_p=rc.top_p)
-        self.sampler = Sampler(model_cfg, eos_id=vocabulary.eos_id, pad_id=0)
+        self.sampler = Sampler(model_cfg, eos_id=vocabulary.eos_id, pad_id=0, mesh=mesh,
+                               rules=tuple(rules))
         model = Transformer(model_cfg)
         updates = total_steps * rc.updates_per_step
         if algo == "grpo":
@@ -152,6 +170,7 @@ class RLTrainer:
 
         self._prepare = jax.jit(prepare)
         self._update = jax.jit(update_rows, donate_argnums=0)
+        self._reference_kl = jax.jit(functools.partial(reference_kl, model, cfg))
 
     def init_state(self, policy_params: Any, rng: jax.Array) -> Any:
         """The train state from (unboxed) policy parameters; `rng` initialises the value head."""
@@ -179,10 +198,11 @@ class RLTrainer:
         sample = sample_and_grade(
             self.sampler, self.policy(state), problems, self.vocabulary, self.sampling,
             rc.samples_per_prompt, rc.max_prompt_len, sample_rng, dataset=self.dataset,
-            grade_timeout_s=self.grade_timeout_s)
+            grade_timeout_s=self.grade_timeout_s, rows_per_call=self.sampler_rows)
         start = time.perf_counter()
+        in_loss = ref_params if self.cfg.uses_reference else None
         rollout, prepare_metrics = self._prepare(
-            state, ref_params, sample.prompts_BxP, sample.prompt_lengths_B,
+            state, in_loss, sample.prompts_BxP, sample.prompt_lengths_B,
             sample.completions_BxN, sample.completion_lengths_B, sample.info.rewards)
         update_metrics = []
         for epoch in range(rc.epochs):
@@ -192,6 +212,8 @@ class RLTrainer:
                 state, metrics = self._update(state, rollout, rows,
                                               jax.random.fold_in(epoch_rng, i))
                 update_metrics.append(metrics)
+        if ref_params is not None and in_loss is None:
+            prepare_metrics["kl"] = self._reference_kl(ref_params, rollout)
         update_metrics, prepare_metrics = jax.device_get((update_metrics, prepare_metrics))
         row = {**rollout_metrics(sample.info),
                **{k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]},
@@ -199,6 +221,19 @@ class RLTrainer:
                "time/rollout": sample.seconds_sampling, "time/reward": sample.seconds_grading,
                "time/update": time.perf_counter() - start}
         return state, row
+
+
+def reference_kl(model: Transformer, cfg: grpo.GRPOConfig | ppo.PPOConfig, ref_params: Any,
+                 rollout: Rollout) -> jax.Array:
+    """Token mean of `cfg.kl_estimator`(policy at rollout time || reference) over the completions:
+    the KL that is reported when it is not part of the loss (kl_coef = 0)."""
+    rc = cfg.rollout
+    inputs = (rollout.tokens_BxT, rollout.positions_BxT, rollout.segment_ids_BxT)
+    ref_logp = common.map_micro_batches(
+        lambda micro: common.sequence_logprobs(model, ref_params, *micro, rc.temperature)[0],
+        inputs, rc.micro_batch_size)
+    kl = common.get("kl", cfg.kl_estimator)(rollout.old_logp_BxT, ref_logp)
+    return common.masked_mean(kl, rollout.mask_BxT)
 
 
 def cycle_problems(source: Sequence[dict], seed: int) -> Iterator[dict]:

@@ -1,0 +1,85 @@
+"""RL post-training of a pretrained checkpoint: GRPO, PPO or Expert Iteration (STUDIES.md A).
+
+Sizes fit the `tiny` pretrained model on 2 CPU cores (a step is seconds, the run a few minutes);
+the study's values are in the comments and in the `echo_jax.lm.rl` config dataclasses.
+
+    python -m echo_jax.main --config=configs/lm_rl.py:grpo --workdir=runs/rl \
+        --config.init_from=runs/pretrain_tiny [--config.rl.kl_coef=1e-3] \
+        [--config.data.prompts=gsm8k]
+
+A rerun with the same --workdir resumes from the last checkpoint (policy, critic, optimizer,
+reference, RNG and prompt position); a finished run does nothing.
+"""
+
+import ml_collections
+
+from echo_jax.core.config import check_variant
+
+VARIANTS = ("grpo", "ppo", "ei")
+
+
+def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
+    variant = check_variant(variant, VARIANTS, "lm_rl")
+    c = ml_collections.ConfigDict()
+    c.kind = "lm_rl"
+    c.algo = variant
+    c.seed = 0  # sampling, prompt order, critic head
+    c.init_from = ""  # a pretraining workdir (required)
+    c.init_step = 0  # 0 = its latest checkpoint
+
+    c.data = ml_collections.ConfigDict()
+    # "synthetic": the RL split, held out from pretraining; "gsm8k": the train questions (those
+    # longer than rl.max_prompt_len tokens are left out: raise it, within the model's max_len)
+    c.data.prompts = "synthetic"
+    c.data.levels = (1, 2)  # difficulty of the synthetic prompts (the pretraining levels)
+    c.data.num_prompts = 4096  # size of the synthetic prompt pool (the study: GSM8K's 7,473)
+    c.data.vocab = ""  # filled in from init_from's config.json
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.prompts_per_step = 16  # the study: 64
+    c.rl.samples_per_prompt = 8
+    c.rl.temperature = 1.0  # the study: 0.7 (PPO, GRPO), 1.0 (EI)
+    c.rl.top_p = 0.95 if variant == "ei" else 1.0
+    c.rl.max_new_tokens = 176  # the longest level-2 solution has 160 tokens (the study: 1024)
+    c.rl.max_prompt_len = 64  # prompts are padded to this: one compiled shape
+    c.rl.train_batch_size = 128  # rows per optimizer step: one update per rollout
+    c.rl.micro_batch_size = 32  # rows in memory at once while accumulating gradients
+    c.rl.sampler_batch_size = 0  # rows sampled at once; 0 = the whole rollout
+    c.rl.epochs = 1  # passes over each rollout (EI: SFT epochs over the kept samples)
+    c.rl.lr = 3e-4  # the study: 1e-6 (PPO, GRPO), 1e-4 (EI), at 150M-1B parameters
+    c.rl.critic_lr = 1e-3  # PPO only (the study: 7e-6)
+    c.rl.warmup_ratio = 0.0
+    c.rl.min_lr_ratio = 1.0  # a constant rate: short runs stop before a decay would matter
+    c.rl.kl_coef = 0.0  # the study's grid: 0, 1e-3, 1e-2
+    c.rl.kl_estimator = "k1" if variant == "ppo" else "k3"
+    c.rl.log_kl = True  # report KL to the initial policy even when kl_coef = 0 (one more pass)
+    c.rl.advantage = "grpo"  # GRPO: "grpo" or "dr_grpo"
+    c.rl.aggregation = "seq_mean_token_mean"
+    c.rl.eps_low = 0.2
+    c.rl.eps_high = 0.2
+    c.rl.gamma = 1.0  # PPO
+    c.rl.lam = 0.95  # PPO
+    c.rl.value_clip = 0.2  # PPO
+    c.rl.grade_timeout_s = 2.0  # per generated program, in the sandbox
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 12  # RL steps (rollout -> reward -> update)
+    c.train.log_every = 1
+    c.train.checkpoint_every = 2
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 6  # RL steps between evaluations (also before the first and after the last)
+    c.eval.levels = (1, 2, 3)  # the training difficulty, then harder problems (transfer)
+    c.eval.per_level = 32  # held-out test problems per level
+    c.eval.num_samples = 4  # for pass@k (greedy pass@1 always)
+    c.eval.temperature = 0.7
+    c.eval.top_p = 0.95
+    c.eval.max_new_tokens = 200  # level-3 solutions reach 194 tokens
+    c.eval.batch_size = 64
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = (("batch", ("data", "fsdp")),)  # params replicated; rollouts split
+    return c
