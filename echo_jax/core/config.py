@@ -43,7 +43,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(variant)")
-    return module.get_config(variant or None)
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

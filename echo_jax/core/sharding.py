@@ -15,6 +15,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from echo_jax.core.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -25,14 +27,14 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves axis sizes (one may be -1 = "all remaining devices") to a concrete shape."""
     shape = [int(sizes[a]) for a in MESH_AXES]
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices do not divide by {known}")
+            raise ConfigError(f"mesh: {num_devices} devices do not divide by {known}")
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh: axis sizes {dict(zip(MESH_AXES, shape))} need {math.prod(shape)} devices, "
             f"but {num_devices} are available")
     return tuple(shape)

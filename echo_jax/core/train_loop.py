@@ -70,7 +70,7 @@ class LoopConfig:
         return cls(**{k: v for k, v in train_config.items() if k in names})
 
 
-class _SigtermFlag:
+class SigtermFlag:
     """Turns SIGTERM (TPU preemption) into a flag the loop checks after every step."""
 
     def __init__(self):
@@ -152,7 +152,7 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
     step_fn = jit_train_step(task, mesh, rules, abstract)
     step, pending, last_good = start, [], start
     try:
-        with _SigtermFlag() as sigterm, jax.set_mesh(mesh):
+        with SigtermFlag() as sigterm, jax.set_mesh(mesh):
             while step < loop.num_steps:
                 batch = sharding.shard_batch(next(task.train_iter), mesh)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(loop_rng, step))
@@ -160,12 +160,13 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
                 pending.append((step, metrics))
                 done = step == loop.num_steps
                 save = done or step % loop.checkpoint_every == 0 or sigterm.raised
-                if save or step % loop.log_every == 0:
+                log = done or step % loop.log_every == 0
+                if save or log:
                     pending = jax.device_get(pending)
                     _check_finite(pending)
-                    if step % loop.log_every == 0 or done:
-                        row = {**_mean_metrics(pending), **progress.rates(step)}
-                        progress.show(step, writer.write(step, row))
+                if log:
+                    row = {**_mean_metrics(pending), **progress.rates(step)}
+                    progress.show(step, writer.write(step, row))
                     pending = []
                 if task.evaluate and (done or (loop.eval_every and step % loop.eval_every == 0)):
                     progress.show(step, writer.write(step, task.evaluate(state)))

@@ -27,7 +27,7 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
         raise ConfigError(f"model.vocab_size {cfg.vocab_size} < vocabulary size {vocab_size} "
                           f"of data.vocab={config.data.vocab!r}")
     global_batch = config.train.batch_size
-    if global_batch % (sharding.batch_divisor(mesh) * jax.process_count()):
+    if global_batch % sharding.batch_divisor(mesh):
         raise ConfigError(f"train.batch_size {global_batch} is not divisible by the "
                           f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)

@@ -29,6 +29,7 @@ from echo_jax.core import sharding
 from echo_jax.core.checkpoint import Checkpointer, tree_signature
 from echo_jax.core.config import ConfigError, save_config
 from echo_jax.core.metrics import MetricWriter, Progress
+from echo_jax.core.train_loop import NonFiniteLossError, Preempted, SigtermFlag
 from echo_jax.lm import eval as eval_lib
 from echo_jax.lm import grading, report, restore
 from echo_jax.lm.data import generators, real, vocab
@@ -278,22 +279,36 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ref_params, index = state.ref_params, int(state.prompt_index)
     trainer_state = unpack(state)
     row: dict[str, float] = {}
+    last_good = start
     try:
-        if start == 0 and evaluate:
-            progress.show(0, _shown(writer.write(0, evaluate(trainer.policy(trainer_state)))))
-        for step in range(start + 1, num_steps + 1):
-            batch = prompt_batch(prompts, config.seed, index, rows_per_step)
-            trainer_state, row = trainer.step(trainer_state, ref_params, batch,
-                                              jax.random.fold_in(rng, step))
-            index += rows_per_step
-            done = step == num_steps
-            if evaluate and (done or (config.eval.every and step % config.eval.every == 0)):
-                row.update(evaluate(trainer.policy(trainer_state)))
-            if done or step % t.log_every == 0:
-                row = writer.write(step, {**row, **progress.rates(step)})
-                progress.show(step, _shown(row))
-            if done or step % t.checkpoint_every == 0:
-                ckpt.save(step, pack(trainer_state, ref_params, state.rng, index), None, meta)
+        with SigtermFlag() as sigterm:
+            if start == 0 and evaluate:
+                progress.show(0, _shown(writer.write(0, evaluate(trainer.policy(trainer_state)))))
+            for step in range(start + 1, num_steps + 1):
+                batch = prompt_batch(prompts, config.seed, index, rows_per_step)
+                trainer_state, row = trainer.step(trainer_state, ref_params, batch,
+                                                  jax.random.fold_in(rng, step))
+                index += rows_per_step
+                if not math.isfinite(row.get("loss", 0.0)):
+                    raise NonFiniteLossError(
+                        f"loss is {row['loss']} at RL step {step}; stopped. Last good "
+                        f"checkpoint: step {last_good} in {ckpt.directory}")
+                done = step == num_steps
+                evaluated = evaluate and (
+                    done or (config.eval.every and step % config.eval.every == 0))
+                if evaluated:
+                    row.update(evaluate(trainer.policy(trainer_state)))
+                if done or evaluated or step % t.log_every == 0:
+                    row = writer.write(step, {**row, **progress.rates(step)})
+                    progress.show(step, _shown(row))
+                if done or step % t.checkpoint_every == 0 or sigterm.raised:
+                    ckpt.save(step, pack(trainer_state, ref_params, state.rng, index), None,
+                              meta)
+                    last_good = step
+                if sigterm.raised:
+                    ckpt.wait()
+                    raise Preempted(f"SIGTERM at RL step {step}: checkpoint saved in "
+                                    f"{ckpt.directory}")
     finally:
         ckpt.close()
         writer.close()
