@@ -28,6 +28,8 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.data.name = variant
     c.data.catalogue_seed = 0  # the catalogue (controlled) or the negative resampling (beauty637)
     c.data.aigc_source = ""  # "" = sim-llm (controlled) or Mistral-7B-Instruct-v0.2 (beauty637)
+    # the debiaser's rewrite of the AIGC text: "" = sim-llm-rewrite or gpt-3.5-turbo-0613-rewrite
+    c.data.rewrite_source = ""
     c.data.aigc_share = 0.0  # share of history slots shown in their AIGC text (phase 2's rho)
     c.data.clean = False  # beauty637: undo HTML entities and normalise whitespace
     c.data.history_len = 10
@@ -37,6 +39,7 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.data.num_items = 1000
     c.data.num_topics = 8
     c.data.rewrite_strength = 0.5
+    c.data.elaboration = 0.0  # controlled: chance a rewrite adds a sentence on the item's category
 
     c.model = ml_collections.ConfigDict()
     c.model.user_encoder = "sasrec"  # sasrec | bert4rec | gru4rec | lrurec | mean

@@ -1,12 +1,13 @@
-"""Phases 1 and 2 of the source-bias study: one job that trains every sub-run.
+"""The source-bias study: phases 1 and 2 (`controlled`, `beauty637`, `beauty637_clean`) and the
+whole three-phase study with the feedback loop and the debiaser (`loop`, `beauty637_loop`).
 
-Phase 1 trains every user encoder on human-text (HGC) histories and ranks paired lists (every
-candidate in both sources); phase 2 swaps a share rho of history items to AIGC text and retrains
-`phases.rho_encoder` per rho. Sub-runs train through the shared loop under WORKDIR/runs/ and are
-skipped once finished. Variants share `configs/recsys.py`'s settings: `controlled` (a few
-minutes on 2 CPU cores), `beauty637` and `beauty637_clean` (HTML entities undone).
+Phase variants train every sub-run of phases 1 and 2 (a few minutes on 2 CPU cores for
+`controlled`). Loop variants run phases 1 and 2, then phase 3, the feedback loop, without and
+with the black-box debiaser (`debias.alpha`, `debias.beta`; both 0 runs only the undebiased loop)
+over `loop.seeds`, and write `WORKDIR/report.md`. All share `configs/recsys.py`'s settings.
 
     python -m echo_jax.main --config=configs/source_bias.py:controlled --workdir=runs/bias
+    python -m echo_jax.main --config=configs/source_bias.py:loop --workdir=runs/loop
 """
 
 import os
@@ -15,13 +16,13 @@ import ml_collections
 
 from echo_jax.core.config import check_variant, load_config_file
 
-VARIANTS = ("controlled", "beauty637", "beauty637_clean")
+VARIANTS = ("controlled", "beauty637", "beauty637_clean", "loop", "beauty637_loop")
 ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
 
 
 def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     variant = check_variant(variant, VARIANTS, "source_bias")
-    base = "controlled" if variant == "controlled" else "beauty637"
+    base = "controlled" if variant in ("controlled", "loop") else "beauty637"
     c = load_config_file(os.path.join(os.path.dirname(__file__), f"recsys.py:{base}"))
     c.kind = "source_bias_phases"
     c.variant = variant
@@ -36,4 +37,23 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.phases.rho_encoder = "bert4rec"  # phase 2 (the encoder of the study's third-party rerun)
     c.phases.rhos = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     c.phases.seeds = (0,) if base == "controlled" else (0, 1, 2)
+    if variant.endswith("loop"):
+        _add_loop(c, base)
     return c
+
+
+def _add_loop(c: ml_collections.ConfigDict, base: str) -> None:
+    c.kind = "source_bias_study"
+    c.model.user_encoder = "bert4rec"  # the loop's recommender, as in the third-party rerun
+    if base == "controlled":
+        c.data.elaboration = 1.0  # AIGC copies spell out the item's category (catalogue.py)
+    c.loop = ml_collections.ConfigDict()
+    c.loop.with_phases = True  # run phases 1 and 2 first (into WORKDIR/phases)
+    c.loop.iterations = 10  # loop iterations after the HGC-only start (iteration 0)
+    c.loop.seeds = (0, 1, 2)
+    c.loop.train_steps = 100 if base == "controlled" else 150  # per iteration, from scratch
+    c.loop.click_eta = 0.0  # 0: click the better-ranked copy; > 0: position-biased clicks
+    c.debias = ml_collections.ConfigDict()
+    c.debias.alpha = 1.0  # the study's values; 0 and 0 run the undebiased loop only
+    c.debias.beta = 0.01
+    c.debias.rewrite_prob = 0.5  # history items rewritten for the perturbed user

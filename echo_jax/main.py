@@ -41,6 +41,9 @@ def _runner(kind: str):
     if kind == "source_bias_phases":
         from echo_jax.recsys.phases import run_phases
         return run_phases
+    if kind == "source_bias_study":
+        from echo_jax.recsys.study import run_study
+        return run_study
     raise ConfigError(f"unknown config.kind {kind!r}")
 
 

@@ -15,6 +15,7 @@ from echo_jax.core import plots, sharding
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.recsys import catalogue, data, train as rtrain
+from echo_jax.recsys.debias import Debias, rewrite_rows
 from echo_jax.recsys.item_cache import minilm_vectors
 from echo_jax.recsys.model import ModelConfig, Recommender
 from echo_jax.recsys.pipeline import (
@@ -24,22 +25,35 @@ from echo_jax.recsys.text_encoder import WordVocab
 DATASETS = ("controlled", "beauty637")
 
 
-def load_dataset(data_cfg: ml_collections.ConfigDict) -> tuple[data.RecDataset, TextRows]:
-    """The dataset and its text rows: `(hgc, aigc)` sources, every item in both."""
+def load_dataset(data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
+                 ) -> tuple[data.RecDataset, TextRows]:
+    """The dataset and its text rows: `(hgc, aigc)` sources, every item in both, plus the
+    rewrite of the AIGC text (the debiaser's third source) when `with_rewrite`."""
     if data_cfg.name == "controlled":
         ds = catalogue.make_controlled_catalogue(
             seed=data_cfg.catalogue_seed, num_users=data_cfg.num_users,
             num_items=data_cfg.num_items, num_topics=data_cfg.num_topics,
-            history_len=data_cfg.history_len, rewrite_strength=data_cfg.rewrite_strength)
+            history_len=data_cfg.history_len, rewrite_strength=data_cfg.rewrite_strength,
+            elaboration=data_cfg.elaboration)
         aigc = data_cfg.aigc_source or catalogue.SIM_LLM
+        rewrite = data_cfg.rewrite_source or catalogue.SIM_LLM_REWRITE
     elif data_cfg.name == "beauty637":
         ds = data.build_beauty637(seed=data_cfg.catalogue_seed, clean=data_cfg.clean)
         aigc = data_cfg.aigc_source or data.MISTRAL
+        rewrite = data_cfg.rewrite_source or data.REWRITE_SOURCE
     else:
         raise ConfigError(f"data.name {data_cfg.name!r} not in {DATASETS}")
     if aigc not in ds.texts:
         raise ConfigError(f"data.aigc_source {aigc!r} not in {sorted(ds.texts)}")
-    return ds, TextRows(tuple(ds.items), (data.HGC, aigc))
+    if not with_rewrite:
+        return ds, TextRows(tuple(ds.items), (data.HGC, aigc))
+    if rewrite not in ds.texts:
+        raise ConfigError(f"data.rewrite_source {rewrite!r} not in {sorted(ds.texts)}")
+    missing = set(ds.items) - set(ds.texts[rewrite])
+    if missing:
+        raise ConfigError(f"data.rewrite_source {rewrite!r} has no text for {len(missing)} "
+                          f"items (e.g. {sorted(missing)[0]!r})")
+    return ds, TextRows(tuple(ds.items), (data.HGC, aigc, rewrite))
 
 
 def feature_table(config: ml_collections.ConfigDict, ds: data.RecDataset, rows: TextRows,
@@ -98,15 +112,21 @@ def build_task(config: ml_collections.ConfigDict, mesh, prep: Prepared
     num_items = len(prep.rows.items)
     num_candidates = prep.train_arrays["candidates"].shape[1]
     log_q = positive_log_q(prep.train_arrays["positive_item"], num_items)
+    try:
+        debias = Debias.from_config(config.get("debias"))
+        rewrite = rewrite_rows(num_items, len(prep.rows.sources)) if debias.enabled else None
+        step = rtrain.make_train_step(prep.model, tx, prep.table, t.loss, log_q, debias, rewrite)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     task = TrainTask(
         init_state=rtrain.make_init_state(prep.model, tx, prep.table, d.history_len,
                                           num_candidates),
-        train_step=rtrain.make_train_step(prep.model, tx, prep.table, t.loss, log_q),
+        train_step=step,
         train_iter=make_train_iterator(
             prep.train_arrays, t.batch_size // jax.process_count(), config.seed,
             jax.process_index(), jax.process_count()),
         meta={"model": {**dataclasses.asdict(prep.model.cfg), "data": d.to_dict(),
-                        "loss": t.loss}},
+                        "loss": t.loss, "debias": dataclasses.asdict(debias)}},
         tokens_per_step=t.batch_size,  # examples per step
     )
     scorer = rtrain.Scorer(prep.model, prep.table)

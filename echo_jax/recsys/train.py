@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from echo_jax.recsys import losses, metrics
+from echo_jax.recsys import debias as debiasing, losses, metrics
 from echo_jax.recsys.model import Recommender
 from echo_jax.recsys.pipeline import TRAIN_KEYS
 
@@ -49,14 +49,54 @@ def make_init_state(model: Recommender, tx: optax.GradientTransformation,
 
 
 def make_train_step(model: Recommender, tx: optax.GradientTransformation, table_RxF: np.ndarray,
-                    loss: str, log_q_N: np.ndarray) -> Callable:
-    """`(state, batch, rng) -> (state, metrics)` for the impression or the in-batch loss."""
+                    loss: str, log_q_N: np.ndarray,
+                    debias: debiasing.Debias = debiasing.Debias(),
+                    rewrite_R: np.ndarray | None = None) -> Callable:
+    """`(state, batch, rng) -> (state, metrics)` for the impression or the in-batch loss.
+
+    With `debias.enabled` the impression loss gets the black-box debiasing penalty; `rewrite_R`
+    maps each text row to its rewrite's row. Disabled, the step is exactly the plain one.
+    """
     if loss not in LOSSES:
         raise ValueError(f"train.loss {loss!r} not in {LOSSES}")
+    if debias.enabled and (loss != "impression" or rewrite_R is None):
+        raise ValueError("the debiaser needs train.loss='impression' and the rewrite rows")
     table = jnp.asarray(table_RxF)
     log_q = jnp.asarray(log_q_N)
 
+    def debiased_loss(params, batch, rng):
+        variables = {"params": params}
+        drop_rng, swap_rng = jax.random.split(rng)
+        rngs = {"dropout": drop_rng}
+        rewrite = jnp.asarray(rewrite_R)
+        feats = lambda rows: table[rows]  # noqa: E731
+
+        def user(history):
+            return model.apply(variables, feats(history), batch["history_mask"], False, rngs=rngs,
+                               method=Recommender.encode_user)[:, -1]
+
+        def items(rows_BxC):
+            b, c = rows_BxC.shape
+            flat = model.apply(variables, feats(rows_BxC.reshape(b * c)), False, rngs=rngs,
+                               method=Recommender.encode_items)
+            return flat.reshape(b, c, -1)
+
+        score = lambda u, v: jnp.einsum("bd,bcd->bc", u, v)  # noqa: E731
+        user_BxD = user(batch["history"])
+        perturbed_BxD = user(debiasing.perturb_history(swap_rng, batch["history"], rewrite,
+                                                      debias.rewrite_prob))
+        cand_BxCxD = items(batch["candidates"])
+        scores_BxC = score(user_BxD, cand_BxCxD)
+        extra, parts = debiasing.penalty(
+            scores_BxC, score(user_BxD, items(rewrite[batch["candidates"]])),
+            score(perturbed_BxD, cand_BxCxD), user_BxD, perturbed_BxD, debias)
+        ce = losses.impression_cross_entropy(scores_BxC, batch["labels"])
+        hit = jnp.argmax(scores_BxC, -1) == jnp.argmax(batch["labels"], -1)
+        return ce + extra, {"loss": ce + extra, "ce": ce, "accuracy": hit.mean(), **parts}
+
     def loss_fn(params, batch, rng):
+        if debias.enabled:
+            return debiased_loss(params, batch, rng)
         variables, rngs = {"params": params}, {"dropout": rng}
         feats = lambda rows: table[rows]  # noqa: E731
         if loss == "impression":

@@ -1,0 +1,244 @@
+"""Phase 3 of the source-bias study: the user / data / recommender feedback loop.
+
+Iteration 0 is the HGC-dominant start: the recommender trains on the first training half
+(`train1`) as logged, every text human-written. Each later iteration t works on half t % 2:
+
+1. the users' history items show their AIGC text with probability a_{t-1}, the previous
+   iteration's AIGC click share (a_0 = 0);
+2. the recommender of iteration t-1 ranks each impression's list holding both copies of every
+   candidate, and the simulated user clicks the top-ranked copy of the relevant item (with
+   `click_eta > 0` a copy drawn with probability proportional to rank^-eta, the study's
+   position-biased option); a_t is the share of AIGC clicks;
+3. these clicks, with their source, are iteration t's training data: the clicked copy as the
+   positive against negatives drawn from the other copies of the list. The recommender is
+   re-initialised and retrained on them;
+4. the dev split, its histories swapped at a_t, measures source bias and accuracy.
+
+Every interaction keeps its provenance: iteration t's training arrays, with the source of every
+history item and candidate, are saved in `seed<s>/iter<t>/interactions.npz` right after
+iteration t-1 finishes, so a resumed loop never needs an earlier model again. Each iteration
+trains through the shared loop (Orbax checkpoints, resumable mid-training) and is done once its
+`record.json` exists; `seed<s>/metrics.jsonl` holds one object per finished iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from echo_jax.core import sharding
+from echo_jax.core.train_loop import LoopConfig, train
+from echo_jax.recsys import jobs
+from echo_jax.recsys.pipeline import encode_impressions
+from echo_jax.recsys.train import Scorer, evaluate_arrays
+
+HALVES = ("train1", "train2")
+INTERACTION_KEYS = ("history", "history_mask", "history_items", "candidates", "labels",
+                    "positive", "positive_item", "paired")
+
+
+def swap_histories(arrays: dict[str, np.ndarray], share: float, num_items: int,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Copy of `arrays` whose real history items show their AIGC text with probability `share`.
+
+    `arrays["history"]` must hold HGC rows (row = item index); AIGC rows are `item + N`.
+    """
+    swap = (rng.random(arrays["history"].shape) < share) & arrays["history_mask"]
+    return {**arrays, "history": arrays["history"] + swap.astype(np.int32) * num_items}
+
+
+def click_ranks(scores_MxCx2: np.ndarray, labels_MxC: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """`[M, 2]` 0-based rank of the positive's HGC and AIGC copy among all 2C copies (ties in a
+    random order)."""
+    m = len(scores_MxCx2)
+    flat = scores_MxCx2.reshape(m, -1)
+    order = np.lexsort((rng.random(flat.shape), -flat), axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(flat.shape[1])[None].repeat(m, 0), axis=-1)
+    positive = np.argmax(labels_MxC, axis=-1)
+    return rank.reshape(scores_MxCx2.shape)[np.arange(m), positive]
+
+
+def simulate_clicks(scores_MxCx2: np.ndarray, labels_MxC: np.ndarray, eta: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """`[M]` source clicked (0 HGC, 1 AIGC): the better-ranked copy of the relevant item, or with
+    `eta > 0` one of its two copies with probability proportional to (rank + 1)^-eta."""
+    ranks = click_ranks(scores_MxCx2, labels_MxC, rng)
+    if eta <= 0:
+        return (ranks[:, 1] < ranks[:, 0]).astype(np.int32)
+    weight = (ranks + 1.0) ** -eta
+    return (rng.random(len(ranks)) < weight[:, 1] / weight.sum(-1)).astype(np.int32)
+
+
+def clicked_impressions(arrays: dict[str, np.ndarray], clicked_M: np.ndarray,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Training impressions from clicks: the clicked copy of the positive against C - 1
+    negatives drawn from the other 2C - 1 copies of the list (the other copy of the positive
+    included), in a random order."""
+    m, c = arrays["labels"].shape
+    copies = arrays["paired"].reshape(m, 2 * c)
+    clicked_slot = 2 * np.argmax(arrays["labels"], axis=-1) + clicked_M
+    out = {**arrays, "candidates": np.zeros((m, c), np.int32),
+           "labels": np.zeros((m, c), np.float32)}
+    for r in range(m):
+        others = np.delete(np.arange(2 * c), clicked_slot[r])
+        slots = np.concatenate([[clicked_slot[r]], rng.choice(others, c - 1, replace=False)])
+        order = rng.permutation(c)
+        out["candidates"][r] = copies[r, slots[order]]
+        out["labels"][r] = order == 0
+    out["positive"] = copies[np.arange(m), clicked_slot].astype(np.int32)
+    return out
+
+
+def source_of(rows: np.ndarray, num_items: int) -> np.ndarray:
+    return (rows // num_items).astype(np.int8)
+
+
+class LoopData:
+    """What every iteration of one loop shares: text rows, features, the halves and dev arrays."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cache_dir: str):
+        d = config.data
+        ds, self.rows = jobs.load_dataset(d, with_rewrite=True)
+        self.table, vocab_size = jobs.feature_table(config, ds, self.rows, cache_dir)
+        self.model = jobs.Recommender(jobs.model_config(config, vocab_size))
+        self.num_items = len(self.rows.items)
+        self.halves = [encode_impressions(ds.splits[h], self.rows, d.history_len) for h in HALVES]
+        self.dev = encode_impressions(ds.splits[d.eval_split], self.rows, d.history_len)
+        self.texts = self.rows.texts(ds)
+
+    def prepared(self, train_arrays: dict, eval_arrays: dict) -> jobs.Prepared:
+        return jobs.Prepared(self.rows, self.texts, self.table, self.model, train_arrays,
+                             eval_arrays)
+
+
+def _rng(seed: int, iteration: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, iteration, purpose])
+
+
+def _save_interactions(path: str, arrays: dict, num_items: int, sources: tuple) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{k: arrays[k] for k in INTERACTION_KEYS},
+             history_source=np.where(arrays["history_mask"],
+                                     source_of(arrays["history"], num_items), -1),
+             candidate_source=source_of(arrays["candidates"], num_items),
+             positive_source=source_of(arrays["positive"], num_items),
+             source_names=np.asarray(sources))
+    os.replace(tmp, path)
+
+
+def _load_interactions(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in INTERACTION_KEYS}
+
+
+def _next_interactions(data: LoopData, state, iteration: int, share: float, seed: int,
+                       eta: float) -> dict[str, np.ndarray]:
+    """Iteration `iteration`'s training data, clicked under the recommender `state`."""
+    half = swap_histories(data.halves[iteration % 2], share, data.num_items,
+                          _rng(seed, iteration, 0))
+    scorer = Scorer(data.model, data.table)
+    users = scorer.user_vectors(state.params, half["history"], half["history_mask"])
+    items = scorer.item_vectors(state.params)
+    scores = np.einsum("md,mcsd->mcs", users, items[half["paired"]])
+    clicked = simulate_clicks(scores, half["labels"], eta, _rng(seed, iteration, 1))
+    return clicked_impressions(half, clicked, _rng(seed, iteration, 2))
+
+
+def iteration_record(iteration: int, arrays: dict, result: dict, num_items: int) -> dict:
+    """The per-iteration metrics: click share in the data, source bias and accuracy on dev."""
+    record = {
+        "iteration": iteration,
+        "half": HALVES[iteration % 2],
+        "aigc_click_share": float(source_of(arrays["positive"], num_items).mean()),
+        "history_aigc_share": float(source_of(arrays["history"], num_items)[
+            arrays["history_mask"]].mean()),
+        "llm_ratio": result["bias/llm_ratio"],
+        "ndcg@5": result["eval/ndcg@5"],
+        "full/recall@10": result["eval/full/recall@10"],
+    }
+    for metric in ("ndcg", "map"):
+        for k in (1, 3, 5):
+            name = f"{metric}@{k}"
+            record[f"rela_delta_{name}"] = result[f"bias/rela_delta/{name}"]
+            record[f"{name}/human_target"] = result[f"bias/human/{name}"]
+            record[f"{name}/llm_target"] = result[f"bias/llm/{name}"]
+    return record
+
+
+def _write_metrics(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workdir: str,
+             label: str = "loop") -> list[dict]:
+    """The whole loop for one seed in `workdir`; finished iterations are read, not rerun."""
+    loop = config.loop
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.seed = seed
+    sub.train.num_steps = loop.train_steps
+    is_chief = jax.process_index() == 0
+    records: list[dict] = []
+    for t in range(loop.iterations + 1):
+        iter_dir = os.path.join(workdir, f"iter{t:02d}")
+        record_path = os.path.join(iter_dir, "record.json")
+        if os.path.exists(record_path):
+            with open(record_path) as f:
+                records.append(json.load(f))
+            continue
+        data_path = os.path.join(iter_dir, "interactions.npz")
+        if t == 0:
+            arrays = data.halves[0]
+            if is_chief:
+                _save_interactions(data_path, arrays, data.num_items, data.rows.sources)
+        else:
+            arrays = _load_interactions(data_path)
+        share = records[-1]["aigc_click_share"] if records else 0.0
+        dev = swap_histories(data.dev, float(source_of(arrays["positive"], data.num_items).mean()),
+                             data.num_items, _rng(seed, t, 3))
+        task, evaluate = jobs.build_task(sub, mesh, data.prepared(arrays, dev))
+        state = train(task, LoopConfig.from_config(sub.train), mesh, sub.sharding.rules,
+                      iter_dir, seed * 1000 + t, config=sub, label=f"{label} iter {t}")
+        record = iteration_record(t, arrays, evaluate(state), data.num_items)
+        if t < loop.iterations:
+            following = _next_interactions(data, state, t + 1, record["aigc_click_share"], seed,
+                                           loop.click_eta)
+            if is_chief:
+                _save_interactions(os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),
+                                   following, data.num_items, data.rows.sources)
+        records.append(record)
+        if is_chief:
+            with open(record_path + ".tmp", "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+            os.replace(record_path + ".tmp", record_path)
+            _write_metrics(os.path.join(workdir, "metrics.jsonl"), records)
+        print(f"[{label}] iteration {t}: AIGC click share {record['aigc_click_share']:.3f}, "
+              f"llm_ratio {record['llm_ratio']:.3f}, RelaΔ NDCG@5 "
+              f"{record['rela_delta_ndcg@5']:.1f} %, NDCG@5 {record['ndcg@5']:.3f} "
+              f"(history AIGC share {share:.3f})", file=sys.stderr)
+    return records
+
+
+def run_arm(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
+            label: str = "loop") -> dict[int, list[dict]]:
+    """Every seed of one loop (the debiaser as `config.debias` says): seed -> records."""
+    data = LoopData(config, cache_dir)
+    return {s: run_seed(config, data, s, os.path.join(workdir, f"seed{s}"), f"{label} seed {s}")
+            for s in config.loop.seeds}
+
+
+def arm_name(debias: ml_collections.ConfigDict) -> str:
+    return f"debiased-a{debias.alpha:g}-b{debias.beta:g}" if debias.alpha or debias.beta \
+        else "undebiased"
+
