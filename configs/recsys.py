@@ -39,7 +39,6 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.data.num_items = 1000
     c.data.num_topics = 8
     c.data.rewrite_strength = 0.5
-    c.data.elaboration = 0.0  # controlled: chance a rewrite adds a sentence on the item's category
 
     c.model = ml_collections.ConfigDict()
     c.model.user_encoder = "sasrec"  # sasrec | bert4rec | gru4rec | lrurec | mean

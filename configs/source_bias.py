@@ -4,7 +4,9 @@ whole three-phase study with the feedback loop and the debiaser (`loop`, `beauty
 Phase variants train every sub-run of phases 1 and 2 (a few minutes on 2 CPU cores for
 `controlled`). Loop variants run phases 1 and 2, then phase 3, the feedback loop, without and
 with the black-box debiaser (`debias.alpha`, `debias.beta`; both 0 runs only the undebiased loop)
-over `loop.seeds`, and write `WORKDIR/report.md`. All share `configs/recsys.py`'s settings.
+over `loop.seeds`, and write `WORKDIR/report.md`: `loop` (controlled catalogue, full size),
+`loop_small` (a few minutes; the notebook's), `loop_smoke` (seconds; tests) and
+`beauty637_loop` (needs `ECHO_JAX_DATA`). All share `configs/recsys.py`'s settings.
 
     python -m echo_jax.main --config=configs/source_bias.py:controlled --workdir=runs/bias
     python -m echo_jax.main --config=configs/source_bias.py:loop --workdir=runs/loop
@@ -16,13 +18,14 @@ import ml_collections
 
 from echo_jax.core.config import check_variant, load_config_file
 
-VARIANTS = ("controlled", "beauty637", "beauty637_clean", "loop", "beauty637_loop")
+VARIANTS = ("controlled", "beauty637", "beauty637_clean", "loop", "loop_small", "loop_smoke",
+            "beauty637_loop")
 ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
 
 
 def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     variant = check_variant(variant, VARIANTS, "source_bias")
-    base = "controlled" if variant in ("controlled", "loop") else "beauty637"
+    base = "beauty637" if variant.startswith("beauty637") else "controlled"
     c = load_config_file(os.path.join(os.path.dirname(__file__), f"recsys.py:{base}"))
     c.kind = "source_bias_phases"
     c.variant = variant
@@ -37,16 +40,30 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.phases.rho_encoder = "bert4rec"  # phase 2 (the encoder of the study's third-party rerun)
     c.phases.rhos = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     c.phases.seeds = (0,) if base == "controlled" else (0, 1, 2)
-    if variant.endswith("loop"):
+    if "loop" in variant:
         _add_loop(c, base)
+    if variant == "loop_small":  # a few minutes: the notebook's default and the science test's
+        _shrink(c, users=800, items=400, steps=40, phase_steps=60, iterations=5, seeds=(0, 1))
+        c.phases.encoders = ("sasrec", "mean")
+        c.phases.rhos = (0.0, 0.5, 1.0)
+    if variant == "loop_smoke":  # every stage in seconds, for tests
+        _shrink(c, users=300, items=150, steps=8, phase_steps=4, iterations=2, seeds=(0,))
+        c.model.dim, c.train.batch_size = 16, 32
+        c.phases.encoders, c.phases.rho_encoder, c.phases.rhos = ("mean",), "mean", (0.0, 1.0)
     return c
+
+
+def _shrink(c: ml_collections.ConfigDict, users: int, items: int, steps: int, phase_steps: int,
+            iterations: int, seeds: tuple[int, ...]) -> None:
+    c.data.num_users, c.data.num_items = users, items
+    c.loop.train_steps, c.loop.iterations, c.loop.seeds = steps, iterations, seeds
+    c.train.num_steps = phase_steps
+    c.train.checkpoint_every = c.train.log_every = max(phase_steps // 2, 1)
 
 
 def _add_loop(c: ml_collections.ConfigDict, base: str) -> None:
     c.kind = "source_bias_study"
     c.model.user_encoder = "bert4rec"  # the loop's recommender, as in the third-party rerun
-    if base == "controlled":
-        c.data.elaboration = 1.0  # AIGC copies spell out the item's category (catalogue.py)
     c.loop = ml_collections.ConfigDict()
     c.loop.with_phases = True  # run phases 1 and 2 first (into WORKDIR/phases)
     c.loop.iterations = 10  # loop iterations after the HGC-only start (iteration 0)

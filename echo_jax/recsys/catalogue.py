@@ -6,11 +6,6 @@ rewriting (no language model is involved): it normalises shorthand and punctuati
 plain verbs to polished synonyms, adds generic promotional adjectives, connectives, openers and
 closers, and reorders sentences. Applying it to already-rewritten text gives the second rewrite
 ("R(C)") that the debiaser needs. Users have Dirichlet topic tastes, and clicks are drawn from them.
-
-Optionally (`elaboration` > 0) each rewrite pass also adds, with that probability, a sentence
-elaborating on the item's category in the category's own words, as LLM rewrites tend to spell
-out what a product is for. It makes the AIGC copy more on-topic than the human text, the
-simulated counterpart of the semantic advantage that pretrained encoders give LLM text.
 """
 
 from __future__ import annotations
@@ -88,9 +83,6 @@ _ADJECTIVES = ("luxurious", "innovative", "exquisite", "premium", "remarkable", 
 _CONNECTIVES = ("Additionally, ", "Moreover, ", "Furthermore, ", "What's more, ", "Notably, ")
 _OPENERS = ("Discover the {adj} ", "Introducing the {adj} ", "Experience the {adj} ",
             "Indulge in the {adj} ")
-_ELABORATIONS = ("Ideal for anyone looking for a {product} that {benefit}.",
-                 "Thanks to its {feature}, this {product} {benefit}.",
-                 "Like the best {product} options, it {benefit} and {benefit2}.")
 _CLOSERS = ("Elevate your daily routine with this exceptional product.",
             "A must-have addition to any beauty regimen.",
             "Indulge in a truly luxurious experience.",
@@ -154,30 +146,11 @@ class ControlledCatalogue(RecDataset):
     user_taste: np.ndarray  # [num_users, num_topics], rows sum to 1
     rewrite_strength: float
     seed: int
-    elaboration: float = 0.0
 
     def rewrite(self, texts: dict[str, str], pass_index: int = 1) -> dict[str, str]:
         """One simulated rewriter pass (pass 1 made ``sim-llm``, pass 2 ``sim-llm-rewrite``)."""
-        out, index = {}, {item: k for k, item in enumerate(self.items)}
-        for i, t in texts.items():
-            text = simulate_llm_rewrite(t, self.rewrite_strength, self.seed + pass_index)
-            rng = np.random.default_rng([self.seed, pass_index, zlib.crc32(i.encode())])
-            if rng.random() < self.elaboration:
-                topic = self.topics[self.item_topic[index[i]]]
-                text = _elaborate(text, topic, rng)
-            out[i] = text
-        return out
-
-
-def _elaborate(text: str, topic: str, rng: np.random.Generator) -> str:
-    """Inserts a sentence about the item's category after the first sentence."""
-    products, benefits, features = TOPICS[topic]
-    b1, b2 = rng.choice(len(benefits), size=2, replace=False)
-    sentence = _ELABORATIONS[rng.integers(len(_ELABORATIONS))].format(
-        product=products[rng.integers(len(products))], benefit=benefits[b1],
-        benefit2=benefits[b2], feature=features[rng.integers(len(features))])
-    sents = _sentences(text)
-    return " ".join(sents[:1] + [sentence] + sents[1:])
+        return {i: simulate_llm_rewrite(t, self.rewrite_strength, self.seed + pass_index)
+                for i, t in texts.items()}
 
 
 def _brand(rng: np.random.Generator) -> str:
@@ -211,7 +184,6 @@ def make_controlled_catalogue(
     num_topics: int = 8,
     history_len: int = 10,
     rewrite_strength: float = 0.5,
-    elaboration: float = 0.0,
     taste_concentration: float = 0.3,
     popularity_sigma: float = 0.5,
     num_negatives: int = 4,
@@ -250,11 +222,11 @@ def make_controlled_catalogue(
     cat = ControlledCatalogue(
         splits=splits, items=items, texts={HGC: hgc}, counts={}, topics=topics,
         item_topic=item_topic, user_ids=user_ids, user_taste=taste,
-        rewrite_strength=rewrite_strength, seed=seed, elaboration=elaboration)
+        rewrite_strength=rewrite_strength, seed=seed)
     cat.texts[SIM_LLM] = cat.rewrite(hgc, pass_index=1)
     cat.texts[SIM_LLM_REWRITE] = cat.rewrite(cat.texts[SIM_LLM], pass_index=2)
     cat.counts = {"seed": seed, "users": num_users, "items": num_items, "topics": num_topics,
-                  "rewrite_strength": rewrite_strength, "elaboration": elaboration,
+                  "rewrite_strength": rewrite_strength,
                   **{f"{k}_rows": len(v) for k, v in splits.items()},
                   "aigc_differs_from_hgc": sum(hgc[i] != cat.texts[SIM_LLM][i] for i in items)}
     return cat

@@ -33,8 +33,7 @@ def load_dataset(data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
         ds = catalogue.make_controlled_catalogue(
             seed=data_cfg.catalogue_seed, num_users=data_cfg.num_users,
             num_items=data_cfg.num_items, num_topics=data_cfg.num_topics,
-            history_len=data_cfg.history_len, rewrite_strength=data_cfg.rewrite_strength,
-            elaboration=data_cfg.elaboration)
+            history_len=data_cfg.history_len, rewrite_strength=data_cfg.rewrite_strength)
         aigc = data_cfg.aigc_source or catalogue.SIM_LLM
         rewrite = data_cfg.rewrite_source or catalogue.SIM_LLM_REWRITE
     elif data_cfg.name == "beauty637":

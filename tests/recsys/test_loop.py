@@ -2,13 +2,18 @@
 debiasing penalty, and a tiny loop that records provenance and resumes per iteration."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import nbformat
 import pytest
 from flax import linen as nn
+from nbclient import NotebookClient
 
 from echo_jax.core.config import load_config
 from echo_jax.core.metrics import read_jsonl
@@ -155,3 +160,26 @@ def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
         for k in a:
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
     assert json.loads((cut / "seed0" / "iter02" / "record.json").read_text())["iteration"] == 2
+
+
+def test_notebook_runs_the_whole_study_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
+    workdir = tmp_path / "study"
+    for key, value in (("ECHO_JAX_NB_SMOKE", "1"), ("ECHO_JAX_NB_WORKDIR", str(workdir)),
+                       ("XLA_FLAGS", ""), ("JAX_PLATFORMS", "cpu")):
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(REPO / "notebooks" / "source_bias.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    report = (workdir / "report.md").read_text()
+    assert "### Phase 3: the feedback loop" in report and "## Phases 1 and 2" in report
+    for name in ("plots/loop.png", "phases/plots/phase2.png", "results.json",
+                 "loop/undebiased/seed0/metrics.jsonl",
+                 "loop/debiased-a1-b0.01/seed0/iter02/interactions.npz"):
+        assert (workdir / name).exists(), name
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "echo_jax.main", "--config=configs/source_bias.py:loop_smoke",
+         f"--workdir={workdir}"], cwd=REPO, env=os.environ, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert " step " not in rerun.stderr, rerun.stderr[-3000:]  # no training step ran again
+    assert (workdir / "report.md").read_text() == report
