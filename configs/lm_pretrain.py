@@ -56,6 +56,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
+    c.model.attention_block = 0  # query block of causal attention in training; 0 = dense
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps

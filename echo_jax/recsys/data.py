@@ -223,6 +223,18 @@ def _resample_split(
     return kept, c
 
 
+def _without_clicks_of(rows: list[Impression], held_out: list[Impression]
+                       ) -> tuple[list[Impression], int]:
+    """`rows` minus the impressions whose (user, clicked item) is a held-out click.
+
+    The released `behaviors1.tsv` holds every dev click (all 1750 (user, positive) pairs of
+    `dev/behaviors.tsv`), so a loop trained on it would be evaluated on its own training clicks.
+    """
+    clicks = {(imp.user, pos) for imp in held_out for pos in imp.positives}
+    kept = [imp for imp in rows if not any((imp.user, p) in clicks for p in imp.positives)]
+    return kept, len(rows) - len(kept)
+
+
 def build_beauty637(
     root: str | os.PathLike | None = None,
     seed: int = 0,
@@ -235,7 +247,8 @@ def build_beauty637(
     ``root`` is the ``rec_source_bias`` directory (default: under :func:`data_root`). Impressions
     whose positive lacks either text are dropped, history items without both texts are removed
     (rows left with no history are dropped) and the negatives are resampled from the pool,
-    excluding the positive and the history. The candidate order is shuffled. Deterministic per
+    excluding the positive and the history. The loop halves `train1`/`train2` lose the rows that
+    repeat a dev click. The candidate order is shuffled. Deterministic per
     ``seed``; each split draws from its own generator.
     """
     root = Path(root) if root is not None else data_root() / "rec_source_bias"
@@ -259,6 +272,10 @@ def build_beauty637(
         rng = np.random.default_rng([seed, k])
         splits[split], counts["splits"][split] = _resample_split(
             read_behaviors(root / "Amazon_Beauty" / rel), pool, rng, num_negatives)
+    for half in ("train1", "train2"):
+        c = counts["splits"][half]
+        splits[half], c["dropped_dev_clicks"] = _without_clicks_of(splits[half], splits["dev"])
+        c["rows_kept"] -= c["dropped_dev_clicks"]
     counts["users"] = len({imp.user for rows in splits.values() for imp in rows})
     used = {i for rows in splits.values() for imp in rows for i in (*imp.history, *imp.positives)}
     counts["pool_items_clicked"] = len(used)

@@ -1,4 +1,7 @@
-"""The transformer: causality, KV cache, study-scale shapes, and sharded == single-device."""
+"""The transformer: causality, KV cache, blocked == dense attention, study-scale shapes, and
+sharded == single-device."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +61,54 @@ def test_kv_cache_matches_full_forward():
                                     segments[:, i:i + 1], cache=cache, cache_index=i)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+
+
+def _ragged_packed(batch, length, seed, vocab=64):
+    """Rows of 1-4 examples of random lengths, each row ending in 0-5 padding tokens; the last
+    row is all padding (as the pipeline's last batch)."""
+    rng = np.random.default_rng(seed)
+    positions, segments = np.zeros((2, batch, length), np.int32)
+    for row in range(batch - 1):
+        real = length - rng.integers(0, 6)
+        cuts = np.sort(rng.choice(np.arange(1, real), rng.integers(0, 4), replace=False))
+        for seg, (start, end) in enumerate(zip([0, *cuts], [*cuts, real]), 1):
+            positions[row, start:end], segments[row, start:end] = np.arange(end - start), seg
+    return rng.integers(0, vocab, (batch, length)).astype(np.int32), positions, segments
+
+
+@pytest.mark.parametrize("block", [4, 8, 16])
+def test_blocked_attention_equals_dense(block):
+    dense_cfg = dataclasses.replace(SMALL, max_len=64)
+    blocked_cfg = dataclasses.replace(dense_cfg, attention_block=block)
+    params = _params(dense_cfg, seq_len=32)
+    tokens, positions, segments = _ragged_packed(5, 32, seed=block)
+    real = segments > 0
+
+    def loss(params, cfg):
+        logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
+        return (jnp.where(real[..., None], logits, 0.0) ** 2).sum(), logits
+
+    (dense_loss, dense), dense_grads = jax.value_and_grad(loss, has_aux=True)(params, dense_cfg)
+    (loss_, blocked), grads = jax.value_and_grad(loss, has_aux=True)(params, blocked_cfg)
+    # Padding queries see no key either way; only real tokens' outputs are defined.
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], atol=1e-5)
+    np.testing.assert_allclose(loss_, dense_loss, rtol=1e-5)
+    # Summation order differs, so tolerances are float32 roundoff relative to each tensor's scale.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
+                 grads, dense_grads)
+
+
+def test_blocked_attention_falls_back_to_dense():
+    """A length the block does not divide, or a KV cache, takes the dense path."""
+    blocked_cfg = dataclasses.replace(SMALL, attention_block=8)
+    params = _params()
+    tokens, positions, segments = _packed(2, 12, seed=3)
+    dense, _ = Transformer(SMALL).apply({"params": params}, tokens, positions, segments)
+    out, _ = Transformer(blocked_cfg).apply({"params": params}, tokens, positions, segments)
+    np.testing.assert_array_equal(out, dense)
+    cached, _ = Transformer(blocked_cfg).apply({"params": params}, tokens, positions, segments,
+                                               cache=init_cache(blocked_cfg, 2, 16), cache_index=0)
+    np.testing.assert_allclose(cached, dense, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant,low,high", [("150m", 140e6, 175e6), ("1b", 1.0e9, 1.25e9)])

@@ -99,13 +99,21 @@ def test_beauty637_items_have_both_texts_and_clean_negatives(beauty):
         c = beauty.counts["splits"][split]
         assert len(rows) == c["rows_kept"] > 0
         assert c["rows_read"] == (c["rows_kept"] + c["dropped_positive_without_text"]
-                                  + c["dropped_empty_history"])
+                                  + c["dropped_empty_history"] + c.get("dropped_dev_clicks", 0))
         for imp in rows:
             (pos,) = imp.positives
             items = [i for i, _ in imp.candidates]
             assert len(items) == 5 == len(set(items))
             assert imp.history and set(imp.history) <= both and set(items) <= both
             assert not set(items) & set(imp.history)
+
+
+def test_beauty637_loop_halves_hold_no_dev_click(beauty):
+    dev = {(imp.user, imp.positives[0]) for imp in beauty.splits["dev"]}
+    for half in ("train1", "train2"):
+        assert not dev & {(imp.user, imp.positives[0]) for imp in beauty.splits[half]}
+    # the released behaviors1.tsv repeats every dev click: all 467 kept dev rows were dropped
+    assert beauty.counts["splits"]["train1"]["dropped_dev_clicks"] == len(dev) == 467
 
 
 @pytest.fixture(scope="module")
