@@ -56,7 +56,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
-    c.model.attention_block = 0  # query block of causal attention in training; 0 = dense
+    # Training attention in 4 query blocks that skip the masked upper triangle (model.py's
+    # `blocked_attention`): +12 % (tiny), +22 % (small) train-step tokens/s on CPU in an A/B;
+    # 0 (dense) for the TPU study shapes.
+    c.model.attention_block = 0 if study_scale else seq_len // 4
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps

@@ -13,14 +13,13 @@ import os
 import subprocess
 import sys
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from echo_jax.core.config import load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.lm import grading, rl_job
 from tests.conftest import REPO
+from tests.notebooks import execute_notebook
 
 EVAL = ["data.levels=(1,)", "eval.levels=(1,)", "eval.per_level=32", "eval.num_samples=4",
         "eval.every=0", "rl.max_new_tokens=128", "eval.max_new_tokens=128"]
@@ -77,12 +76,7 @@ def test_rl_collapses_onto_one_style_and_raises_accuracy(algo, pretrained_capabl
 
 def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monkeypatch):
     workdir = tmp_path / "echo"
-    for key, value in (("ECHO_JAX_NB_SMOKE", "1"), ("ECHO_JAX_NB_WORKDIR", str(workdir)),
-                       ("XLA_FLAGS", ""), ("JAX_PLATFORMS", "cpu")):
-        monkeypatch.setenv(key, value)
-    notebook = nbformat.read(REPO / "notebooks" / "echo_chamber.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    execute_notebook("echo_chamber.ipynb", workdir, monkeypatch)
     report = (workdir / "report.md").read_text()
     assert "## Before and after RL" in report and "rl/plots/style_share.png" in report
     for name in ("rl/plots/style_share.png", "rl/plots/style_accuracy.png",

@@ -10,16 +10,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import nbformat
 import pytest
 from flax import linen as nn
-from nbclient import NotebookClient
 
 from echo_jax.core.config import load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.recsys import debias, loop
 from echo_jax.recsys.model import ModelConfig, Recommender
 from echo_jax.recsys.train import TrainState, make_optimizer, make_train_step
+from tests.notebooks import execute_notebook
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY_LOOP = ["data.num_users=300", "data.num_items=150", "train.batch_size=32", "model.dim=16",
@@ -164,12 +163,7 @@ def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
 
 def test_notebook_runs_the_whole_study_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     workdir = tmp_path / "study"
-    for key, value in (("ECHO_JAX_NB_SMOKE", "1"), ("ECHO_JAX_NB_WORKDIR", str(workdir)),
-                       ("XLA_FLAGS", ""), ("JAX_PLATFORMS", "cpu")):
-        monkeypatch.setenv(key, value)
-    notebook = nbformat.read(REPO / "notebooks" / "source_bias.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    execute_notebook("source_bias.ipynb", workdir, monkeypatch)
     report = (workdir / "report.md").read_text()
     assert "### Phase 3: the feedback loop" in report and "## Phases 1 and 2" in report
     for name in ("plots/loop.png", "phases/plots/phase2.png", "results.json",
