@@ -71,12 +71,12 @@ def mean_entropy(x_BxD: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
 
 
-def penalty(scores_BxC: jax.Array, rewritten_items_BxC: jax.Array,
-            perturbed_user_BxC: jax.Array, user_BxD: jax.Array, perturbed_user_BxD: jax.Array,
-            debias: Debias) -> tuple[jax.Array, dict[str, jax.Array]]:
+def penalty(scores_BxC: jax.Array, scores_rewritten_items_BxC: jax.Array,
+            scores_perturbed_user_BxC: jax.Array, user_BxD: jax.Array,
+            perturbed_user_BxD: jax.Array, debias: Debias) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The regulariser added to the cross-entropy, and its parts as metrics."""
-    items_l1 = jnp.mean(jnp.abs(scores_BxC - rewritten_items_BxC))
-    users_l1 = jnp.mean(jnp.abs(scores_BxC - perturbed_user_BxC))
+    items_l1 = jnp.mean(jnp.abs(scores_BxC - scores_rewritten_items_BxC))
+    users_l1 = jnp.mean(jnp.abs(scores_BxC - scores_perturbed_user_BxC))
     entropy = mean_entropy(user_BxD) + mean_entropy(perturbed_user_BxD)
     total = debias.alpha * items_l1 + debias.beta * (users_l1 + entropy)
     return total, {"debias/items_l1": items_l1, "debias/users_l1": users_l1,

@@ -47,7 +47,8 @@ def load_dataset(data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
     if not with_rewrite:
         return ds, TextRows(tuple(ds.items), (data.HGC, aigc))
     if rewrite not in ds.texts:
-        raise ConfigError(f"data.rewrite_source {rewrite!r} not in {sorted(ds.texts)}")
+        raise ConfigError(f"data.rewrite_source {rewrite!r} not in {sorted(ds.texts)} (the "
+                          f"feedback loop loads it for both arms, the undebiased one included)")
     missing = set(ds.items) - set(ds.texts[rewrite])
     if missing:
         raise ConfigError(f"data.rewrite_source {rewrite!r} has no text for {len(missing)} "

@@ -10,15 +10,18 @@ Iteration 0 is the HGC-dominant start: the recommender trains on the first train
    `click_eta > 0` a copy drawn with probability proportional to rank^-eta, the study's
    position-biased option); a_t is the share of AIGC clicks;
 3. these clicks, with their source, are iteration t's training data: the clicked copy as the
-   positive against negatives drawn from the other copies of the list. The recommender is
-   re-initialised and retrained on them;
+   positive against negatives drawn from the other copies of the list, and the histories of
+   step 1. The recommender is re-initialised and retrained on them. (The study's code trains on
+   human-text histories and uses the swapped ones only to compute the clicking users; here the
+   AIGC share of histories enters the training data too, as the loop's premise says);
 4. the dev split, its histories swapped at a_t, measures source bias and accuracy.
 
 Every interaction keeps its provenance: iteration t's training arrays, with the source of every
-history item and candidate, are saved in `seed<s>/iter<t>/interactions.npz` right after
-iteration t-1 finishes, so a resumed loop never needs an earlier model again. Each iteration
-trains through the shared loop (Orbax checkpoints, resumable mid-training) and is done once its
-`record.json` exists; `seed<s>/metrics.jsonl` holds one object per finished iteration.
+history item and candidate and the list the user was shown, are saved in
+`seed<s>/iter<t>/interactions.npz` right after iteration t-1 finishes, so a resumed loop never
+needs an earlier model again. Each iteration trains through the shared loop (Orbax checkpoints,
+resumable mid-training) and is done once its `record.json` exists; `seed<s>/metrics.jsonl` holds
+one object per finished iteration, `seed<s>/loop_settings.json` the settings a rerun must match.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ import ml_collections
 import numpy as np
 
 from echo_jax.core import sharding
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, train
 from echo_jax.recsys import jobs
 from echo_jax.recsys.pipeline import encode_impressions
-from echo_jax.recsys.train import Scorer, evaluate_arrays
+from echo_jax.recsys.train import Scorer, TrainState
 
 HALVES = ("train1", "train2")
+UNDEBIASED = "undebiased"
+# training arrays, plus the list the user was shown (both copies of each candidate) and its labels
 INTERACTION_KEYS = ("history", "history_mask", "history_items", "candidates", "labels",
-                    "positive", "positive_item", "paired")
+                    "positive", "positive_item", "paired", "shown_labels")
 
 
 def swap_histories(arrays: dict[str, np.ndarray], share: float, num_items: int,
@@ -97,6 +103,7 @@ def clicked_impressions(arrays: dict[str, np.ndarray], clicked_M: np.ndarray,
 
 
 def source_of(rows: np.ndarray, num_items: int) -> np.ndarray:
+    """The source index (0 HGC, 1 AIGC, 2 rewrite) of text rows."""
     return (rows // num_items).astype(np.int8)
 
 
@@ -110,6 +117,8 @@ class LoopData:
         self.model = jobs.Recommender(jobs.model_config(config, vocab_size))
         self.num_items = len(self.rows.items)
         self.halves = [encode_impressions(ds.splits[h], self.rows, d.history_len) for h in HALVES]
+        for half in self.halves:
+            half["shown_labels"] = half["labels"]
         self.dev = encode_impressions(ds.splits[d.eval_split], self.rows, d.history_len)
         self.texts = self.rows.texts(ds)
 
@@ -139,7 +148,7 @@ def _load_interactions(path: str) -> dict[str, np.ndarray]:
         return {k: f[k] for k in INTERACTION_KEYS}
 
 
-def _next_interactions(data: LoopData, state, iteration: int, share: float, seed: int,
+def _next_interactions(data: LoopData, state: TrainState, iteration: int, share: float, seed: int,
                        eta: float) -> dict[str, np.ndarray]:
     """Iteration `iteration`'s training data, clicked under the recommender `state`."""
     half = swap_histories(data.halves[iteration % 2], share, data.num_items,
@@ -180,65 +189,112 @@ def _write_metrics(path: str, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def check_settings(loop: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` for loop settings that cannot run."""
+    if loop.iterations < 1 or loop.train_steps < 1:
+        raise ConfigError(f"loop.iterations ({loop.iterations}) and loop.train_steps "
+                          f"({loop.train_steps}) must be >= 1")
+    if not loop.seeds:
+        raise ConfigError("loop.seeds is empty")
+    if loop.click_eta < 0:
+        raise ConfigError(f"loop.click_eta must be >= 0 (0: no position bias), got "
+                          f"{loop.click_eta}")
+
+
+def _settings(config: ml_collections.ConfigDict) -> dict:
+    """What a loop's finished iterations depend on (not how many there are, nor the seeds)."""
+    loop = {k: v for k, v in config.loop.to_dict().items()
+            if k in ("train_steps", "click_eta")}
+    return json.loads(json.dumps({"loop": loop, "debias": config.debias.to_dict(),
+                                  "data": config.data.to_dict(), "model": config.model.to_dict(),
+                                  "train": config.train.to_dict()}))
+
+
+def _check_workdir(workdir: str, settings: dict) -> None:
+    """A workdir belongs to one set of loop settings: a rerun with other settings would mix
+    iterations of two experiments, so it is refused."""
+    path = os.path.join(workdir, "loop_settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(f"{group}.{key}" for group in settings for key in settings[group]
+                         if saved.get(group, {}).get(key) != settings[group][key])
+        if changed:
+            raise ConfigError(f"{workdir} holds a loop run with other settings ({', '.join(changed)}"
+                              f"); use a new --workdir")
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+
+
+def _write_record(iter_dir: str, record: dict) -> None:
+    path = os.path.join(iter_dir, "record.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
 def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workdir: str,
              label: str = "loop") -> list[dict]:
-    """The whole loop for one seed in `workdir`; finished iterations are read, not rerun."""
+    """The whole loop for one seed in `workdir`; finished iterations are read, not rerun.
+
+    Iteration t's data are computed at the end of iteration t - 1 (the last iteration computes
+    those of the next one too, so a rerun with more iterations continues) and carried in memory;
+    they are read back from `interactions.npz` only when a run resumes.
+    """
     loop = config.loop
+    check_settings(loop)
+    _check_workdir(workdir, _settings(config))
     mesh = sharding.make_mesh(config.mesh.to_dict())
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.seed = seed
     sub.train.num_steps = loop.train_steps
     is_chief = jax.process_index() == 0
     records: list[dict] = []
+    arrays = data.halves[0]
     for t in range(loop.iterations + 1):
         iter_dir = os.path.join(workdir, f"iter{t:02d}")
         record_path = os.path.join(iter_dir, "record.json")
         if os.path.exists(record_path):
             with open(record_path) as f:
                 records.append(json.load(f))
+            arrays = None
             continue
-        data_path = os.path.join(iter_dir, "interactions.npz")
-        if t == 0:
-            arrays = data.halves[0]
-            if is_chief:
-                _save_interactions(data_path, arrays, data.num_items, data.rows.sources)
-        else:
-            arrays = _load_interactions(data_path)
-        share = records[-1]["aigc_click_share"] if records else 0.0
-        dev = swap_histories(data.dev, float(source_of(arrays["positive"], data.num_items).mean()),
-                             data.num_items, _rng(seed, t, 3))
+        if arrays is None:  # resumed: this iteration's data were saved by the previous one
+            arrays = _load_interactions(os.path.join(iter_dir, "interactions.npz"))
+        elif t == 0 and is_chief:
+            _save_interactions(os.path.join(iter_dir, "interactions.npz"), arrays,
+                               data.num_items, data.rows.sources)
+        click_share = float(source_of(arrays["positive"], data.num_items).mean())
+        dev = swap_histories(data.dev, click_share, data.num_items, _rng(seed, t, 3))
         task, evaluate = jobs.build_task(sub, mesh, data.prepared(arrays, dev))
         state = train(task, LoopConfig.from_config(sub.train), mesh, sub.sharding.rules,
                       iter_dir, seed * 1000 + t, config=sub, label=f"{label} iter {t}")
         record = iteration_record(t, arrays, evaluate(state), data.num_items)
-        if t < loop.iterations:
-            following = _next_interactions(data, state, t + 1, record["aigc_click_share"], seed,
-                                           loop.click_eta)
-            if is_chief:
-                _save_interactions(os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),
-                                   following, data.num_items, data.rows.sources)
+        arrays = _next_interactions(data, state, t + 1, click_share, seed, loop.click_eta)
+        if is_chief:
+            _save_interactions(os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),
+                               arrays, data.num_items, data.rows.sources)
+            _write_record(iter_dir, record)
         records.append(record)
         if is_chief:
-            with open(record_path + ".tmp", "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True)
-            os.replace(record_path + ".tmp", record_path)
             _write_metrics(os.path.join(workdir, "metrics.jsonl"), records)
         print(f"[{label}] iteration {t}: AIGC click share {record['aigc_click_share']:.3f}, "
               f"llm_ratio {record['llm_ratio']:.3f}, RelaΔ NDCG@5 "
-              f"{record['rela_delta_ndcg@5']:.1f} %, NDCG@5 {record['ndcg@5']:.3f} "
-              f"(history AIGC share {share:.3f})", file=sys.stderr)
+              f"{record['rela_delta_ndcg@5']:.1f} %, NDCG@5 (dev) {record['ndcg@5']:.3f}, "
+              f"history AIGC share {record['history_aigc_share']:.3f}", file=sys.stderr)
     return records
 
 
-def run_arm(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
+def run_arm(config: ml_collections.ConfigDict, workdir: str, data: LoopData,
             label: str = "loop") -> dict[int, list[dict]]:
     """Every seed of one loop (the debiaser as `config.debias` says): seed -> records."""
-    data = LoopData(config, cache_dir)
     return {s: run_seed(config, data, s, os.path.join(workdir, f"seed{s}"), f"{label} seed {s}")
             for s in config.loop.seeds}
 
 
 def arm_name(debias: ml_collections.ConfigDict) -> str:
+    """The arm's directory and label: `undebiased`, or the debiaser's alpha and beta."""
     return f"debiased-a{debias.alpha:g}-b{debias.beta:g}" if debias.alpha or debias.beta \
-        else "undebiased"
-
+        else UNDEBIASED

@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from echo_jax.core.plots import save_figure  # noqa: E402
 from echo_jax.recsys import phases  # noqa: E402
-from echo_jax.recsys.loop import arm_name, run_arm  # noqa: E402
+from echo_jax.recsys.loop import (  # noqa: E402
+    UNDEBIASED, LoopData, arm_name, check_settings, run_arm)
 
-UNDEBIASED = "undebiased"
 LOOP_COLUMNS = ("aigc_click_share", "llm_ratio", "rela_delta_ndcg@5", "ndcg@5/human_target",
                 "ndcg@5/llm_target", "ndcg@5")
 
@@ -59,13 +59,16 @@ def summarise_loop(results: dict[str, dict[int, list[dict]]]) -> dict:
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Phases 1 and 2 (if `loop.with_phases`), both loops, then the report and figures."""
+    check_settings(config.loop)
     cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
     phase_summary = None
     if config.loop.with_phases:
         sub = phase_config(config)
         sub.model.cache_dir = cache_dir
         phase_summary = phases.run_phases(sub, os.path.join(workdir, "phases"))
-    results = {arm: run_arm(cfg, os.path.join(workdir, "loop", arm), cache_dir, label=arm)
+    data = LoopData(config, cache_dir)  # the arms differ only in the debiaser
+    results = {arm: run_arm(cfg, os.path.join(workdir, "loop", arm), data, label=arm)
                for arm, cfg in arm_configs(config).items()}
     summary = {"seeds": list(config.loop.seeds), "loop": summarise_loop(results),
                "phases": phase_summary}
@@ -81,7 +84,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def plot_loop(loop: dict, workdir: str) -> str:
     """Click share, RelaΔ NDCG@5 and NDCG@5 per iteration, per arm, with min-max bands."""
     panels = (("aigc_click_share", "AIGC click share"), ("rela_delta_ndcg@5",
-              "RelaΔ NDCG@5 % (< 0: AIGC preferred)"), ("ndcg@5", "NDCG@5 (shown list)"))
+              "RelaΔ NDCG@5 % (< 0: AIGC preferred)"), ("ndcg@5", "NDCG@5 (dev, HGC lists)"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, title) in zip(axes, panels):
         for arm, metrics in loop.items():
@@ -106,7 +109,11 @@ def _fmt(value: list[float], digits: int = 3) -> str:
 
 
 def loop_markdown(loop: dict, seeds: list[int]) -> str:
-    lines = [f"### Phase 3: the feedback loop (mean over seeds {seeds}, [min, max])", ""]
+    """Per arm, the per-iteration table; then first against last click share and NDCG@5."""
+    lines = [f"### Phase 3: the feedback loop (mean over seeds {seeds}, [min, max])", "",
+             "`ndcg@5/*_target`: the paired dev lists (both copies of every candidate) with the "
+             "human or the AIGC copy as the relevant one; `ndcg@5`: the dev lists of human "
+             "copies, as shown.", ""]
     for arm, m in loop.items():
         lines += [f"**{arm}**", "", "| iteration | " + " | ".join(LOOP_COLUMNS) + " |",
                   "|---" * (len(LOOP_COLUMNS) + 1) + "|"]
@@ -126,6 +133,7 @@ def loop_markdown(loop: dict, seeds: list[int]) -> str:
 
 
 def report(config: ml_collections.ConfigDict, summary: dict) -> str:
+    """`report.md`: the setup in one paragraph, the loop figure and tables, phases 1 and 2."""
     d, loop = config.data, config.loop
     parts = [f"# Source bias in the recommender feedback loop ({config.variant})", "",
              f"Data `{d.name}`, item tower `{config.model.item_tower}`, loop recommender "

@@ -48,6 +48,14 @@ def make_init_state(model: Recommender, tx: optax.GradientTransformation,
     return init_state
 
 
+def impression_loss(scores_BxC: jax.Array, labels_BxC: jax.Array
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The study's cross-entropy over each impression's candidates, and the top-1 accuracy."""
+    ce = losses.impression_cross_entropy(scores_BxC, labels_BxC)
+    hit = jnp.argmax(scores_BxC, -1) == jnp.argmax(labels_BxC, -1)
+    return ce, {"loss": ce, "accuracy": hit.mean()}
+
+
 def make_train_step(model: Recommender, tx: optax.GradientTransformation, table_RxF: np.ndarray,
                     loss: str, log_q_N: np.ndarray,
                     debias: debiasing.Debias = debiasing.Debias(),
@@ -90,9 +98,8 @@ def make_train_step(model: Recommender, tx: optax.GradientTransformation, table_
         extra, parts = debiasing.penalty(
             scores_BxC, score(user_BxD, items(rewrite[batch["candidates"]])),
             score(perturbed_BxD, cand_BxCxD), user_BxD, perturbed_BxD, debias)
-        ce = losses.impression_cross_entropy(scores_BxC, batch["labels"])
-        hit = jnp.argmax(scores_BxC, -1) == jnp.argmax(batch["labels"], -1)
-        return ce + extra, {"loss": ce + extra, "ce": ce, "accuracy": hit.mean(), **parts}
+        ce, ce_metrics = impression_loss(scores_BxC, batch["labels"])
+        return ce + extra, {**ce_metrics, "loss": ce + extra, "ce": ce, **parts}
 
     def loss_fn(params, batch, rng):
         if debias.enabled:
@@ -102,9 +109,7 @@ def make_train_step(model: Recommender, tx: optax.GradientTransformation, table_
         if loss == "impression":
             scores_BxC = model.apply(variables, feats(batch["history"]), batch["history_mask"],
                                      feats(batch["candidates"]), False, rngs=rngs)
-            ce = losses.impression_cross_entropy(scores_BxC, batch["labels"])
-            hit = jnp.argmax(scores_BxC, -1) == jnp.argmax(batch["labels"], -1)
-            return ce, {"loss": ce, "accuracy": hit.mean()}
+            return impression_loss(scores_BxC, batch["labels"])
         user_BxD = model.apply(variables, feats(batch["history"]), batch["history_mask"], False,
                                rngs=rngs, method=Recommender.encode_user)[:, -1]
         item_BxD = model.apply(variables, feats(batch["positive"]), False, rngs=rngs,

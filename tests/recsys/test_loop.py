@@ -1,7 +1,6 @@
 """The feedback loop's parts: history swaps, the click model, click-built impressions, the
 debiasing penalty, and a tiny loop that records provenance and resumes per iteration."""
 
-import json
 import os
 import pathlib
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from echo_jax.core.config import load_config
+from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.recsys import debias, loop
 from echo_jax.recsys.model import ModelConfig, Recommender
@@ -119,6 +118,16 @@ def test_debiased_step_adds_the_study_penalty_to_the_same_cross_entropy():
     np.testing.assert_allclose(m_deb["loss"], m_plain["loss"] + items_l1 + 0.01 * entropy,
                                rtol=1e-4)
 
+    # rewrite_prob 1: the perturbed user reads every history item in its rewrite
+    every = debias.Debias(alpha=1.0, beta=0.01, rewrite_prob=1.0)
+    _, m_every = make_train_step(model, tx, table, "impression", log_q, every, rewrite)(
+        state, batch, rng)
+    perturbed = mean_vec(rewrite[a["history"]], a["history_mask"]) @ w + b
+    users_l1 = np.abs(score(a["candidates"])
+                      - np.einsum("bd,bcd->bc", perturbed, table[a["candidates"]] @ w + b)).mean()
+    np.testing.assert_allclose(m_every["debias/users_l1"], users_l1, rtol=1e-4)
+    assert users_l1 > 1e-3
+
 
 def test_debias_config_errors_are_clear():
     with pytest.raises(ValueError, match="alpha"):
@@ -131,9 +140,15 @@ def _tiny(*overrides):
     return load_config(f"{REPO}/configs/source_bias.py:loop", [*TINY_LOOP, *overrides])
 
 
+def _run(tmp_path, name, *overrides):
+    config = _tiny(*overrides)
+    data = loop.LoopData(config, str(tmp_path / "cache"))
+    return loop.run_arm(config, str(tmp_path / name), data)[0]
+
+
 def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
+    records = _run(tmp_path, "whole", "loop.iterations=2")
     whole = tmp_path / "whole"
-    records = loop.run_arm(_tiny("loop.iterations=2"), str(whole), str(tmp_path / "cache"))[0]
     rows = read_jsonl(whole / "seed0" / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows == records
     for key in ("aigc_click_share", "llm_ratio", "rela_delta_ndcg@5", "ndcg@5/human_target",
@@ -147,18 +162,39 @@ def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
             hist = f["history_source"][f["history_mask"]]
             assert hist.mean() == pytest.approx(row["history_aigc_share"])
             assert set(np.unique(f["history_source"][~f["history_mask"]])) <= {-1}
+            # the clicked copy belongs to the relevant item of the list the user was shown
+            shown_pos = f["paired"][np.arange(len(f["positive"])), f["shown_labels"].argmax(-1)]
+            assert (shown_pos == f["positive"][:, None]).any(-1).all()
     assert rows[2]["history_aigc_share"] > 0  # swapped at iteration 1's click share
     assert 0 < rows[1]["aigc_click_share"] < 1
 
+    # killed after iteration 1's last checkpoint, before its record: resumes to the same numbers
     cut = tmp_path / "cut"
-    loop.run_arm(_tiny("loop.iterations=1"), str(cut), str(tmp_path / "cache"))
-    (cut / "seed0" / "iter01" / "record.json").unlink()  # as if killed after its last checkpoint
-    resumed = loop.run_arm(_tiny("loop.iterations=2"), str(cut), str(tmp_path / "cache"))[0]
-    for a, b in zip(resumed, records):
+    _run(tmp_path, "cut", "loop.iterations=2")
+    (cut / "seed0" / "iter01" / "record.json").unlink()
+    (cut / "seed0" / "iter02" / "record.json").unlink()
+    _assert_same(_run(tmp_path, "cut", "loop.iterations=2"), records)
+    # a finished shorter loop extends to more iterations
+    _run(tmp_path, "short", "loop.iterations=1")
+    _assert_same(_run(tmp_path, "short", "loop.iterations=2"), records)
+    # other settings in the same workdir are refused
+    with pytest.raises(ConfigError, match="loop.click_eta"):
+        _run(tmp_path, "short", "loop.iterations=2", "loop.click_eta=1.0")
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
-    assert json.loads((cut / "seed0" / "iter02" / "record.json").read_text())["iteration"] == 2
+
+
+def test_bad_loop_settings_are_config_errors():
+    for override, match in (("loop.iterations=0", "loop.iterations"), ("loop.seeds=()", "seeds"),
+                            ("loop.click_eta=-1.0", "click_eta")):
+        with pytest.raises(ConfigError, match=match):
+            loop.check_settings(_tiny(override).loop)
 
 
 def test_notebook_runs_the_whole_study_and_a_rerun_trains_nothing(tmp_path, monkeypatch):

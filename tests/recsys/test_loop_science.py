@@ -17,8 +17,9 @@ from echo_jax.core.config import load_config
 from echo_jax.recsys.study import UNDEBIASED, run_study
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# measured (seeds 0, 1): undebiased |share - 0.5| grows by 0.21 and 0.23 from iteration 1 to 5;
-# debiased, every iteration's share lies within 0.15 of 0.5; NDCG@5 costs under 0.01
+# measured (seeds 0, 1): undebiased |share - 0.5| grows by 0.21 and 0.23 from iteration 1 to 5
+# (share drift 0.21, 0.23); debiased, every iteration's share lies within 0.15 of 0.5 and drifts
+# by 0.05 and 0.03; NDCG@5 costs under 0.01
 MIN_ESCALATION = 0.10
 DEBIASED_BAND = 0.20
 NDCG_MARGIN = 0.03
@@ -49,22 +50,25 @@ def _debiased_arm(study):
 
 def test_without_debiasing_the_loop_escalates_the_source_preference(study):
     share = _per_seed(study, UNDEBIASED, "aigc_click_share")
+    ratio = _per_seed(study, UNDEBIASED, "llm_ratio")
     assert share.shape == (2, 6) and (share[:, 0] == 0).all()
     growth = np.abs(share[:, -1] - 0.5) - np.abs(share[:, 1] - 0.5)
     print("undebiased click shares", share.round(3).tolist())
     assert (growth > MIN_ESCALATION).all(), share.round(3).tolist()
-    # the ranker's own preference moves with the clicks it causes
-    ratio = _per_seed(study, UNDEBIASED, "llm_ratio")
+    # it runs towards the copy the first click-trained recommender prefers (an inverted click
+    # model would run the other way), and the ranker's own preference grows with the clicks
+    assert (np.sign(share[:, -1] - 0.5) == np.sign(ratio[:, 1] - 0.5)).all(), ratio.round(3)
     assert (np.abs(ratio[:, -1] - 0.5) > np.abs(ratio[:, 0] - 0.5)).all(), ratio.round(3)
 
 
-def test_with_debiasing_the_click_share_stays_near_half(study):
+def test_with_debiasing_the_click_share_stays_near_half_and_drifts_less(study):
     arm = _debiased_arm(study)
     share = _per_seed(study, arm, "aigc_click_share")[:, 1:]
     plain = _per_seed(study, UNDEBIASED, "aigc_click_share")[:, 1:]
     print("debiased click shares", share.round(3).tolist())
     assert np.abs(share - 0.5).max() < DEBIASED_BAND, share.round(3).tolist()
-    assert (np.abs(share[:, -1] - 0.5) < np.abs(plain[:, -1] - 0.5)).all()
+    drift = np.abs(share[:, -1] - share[:, 0])
+    assert (drift < np.abs(plain[:, -1] - plain[:, 0]) / 2).all(), (drift, plain.round(3))
 
 
 def test_debiasing_costs_little_accuracy(study):
