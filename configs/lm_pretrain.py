@@ -57,8 +57,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
     # Training attention in 4 query blocks that skip the masked upper triangle (model.py's
-    # `blocked_attention`): +12 % (tiny), +22 % (small) train-step tokens/s on CPU in an A/B;
-    # 0 (dense) for the TPU study shapes.
+    # `blocked_attention`): +19 % (tiny), +18 % (small) train-step tokens/s in an idle CPU A/B
+    # (benchmarks/RESULTS.md); 0 (dense) for the TPU study shapes.
     c.model.attention_block = 0 if study_scale else seq_len // 4
 
     c.train = ml_collections.ConfigDict()
