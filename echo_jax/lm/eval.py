@@ -119,12 +119,18 @@ def load_examples(config: ml_collections.ConfigDict) -> list[dict]:
 
 
 def _read_records(path: str) -> list[dict]:
-    """Complete lines of samples.jsonl; a line cut off by a kill is dropped from the file."""
+    """Complete lines of samples.jsonl; a line cut off by a kill is dropped from the file.
+
+    A last line without its newline counts as cut off even when it parses, so the next append
+    cannot run two records together on one line.
+    """
     if not os.path.exists(path):
         return []
     records, good = [], 0
     with open(path) as f:
         for line in f:
+            if not line.endswith("\n"):
+                break
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:

@@ -106,3 +106,15 @@ def test_missing_data_file_is_one_line_error(tmp_path):
     assert len(errors) == 1 and str(tmp_path / "gsm8k" / "test.jsonl") in errors[0]
     assert "ECHO_JAX_DATA" in errors[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_samples_file_drops_a_cut_off_last_line(tmp_path):
+    from echo_jax.lm.eval import _read_records
+
+    path = tmp_path / "samples.jsonl"
+    complete = '{"id": 1}\n{"id": 2}\n'
+    for tail in ('{"id": 3', '{"id": 3}'):  # cut inside the record, or just before its newline
+        path.write_text(complete + tail)
+        assert _read_records(str(path)) == [{"id": 1}, {"id": 2}]
+        assert path.read_text() == complete
+    assert _read_records(str(tmp_path / "absent.jsonl")) == []
