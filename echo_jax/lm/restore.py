@@ -53,6 +53,8 @@ def load_params(workdir: str, step: int | None = None,
     FileNotFoundError naming the folder when it holds no such checkpoint.
     """
     step = latest_step(workdir) if step is None else step
+    if not checkpoint_dir(workdir).is_dir():  # the manager would create a mistyped folder
+        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
     ckpt = Checkpointer(str(checkpoint_dir(workdir)), async_save=False)
     try:
         if step not in ckpt.manager.all_steps():

@@ -96,6 +96,9 @@ def test_load_params_reads_the_workdir_or_its_checkpoints(pretrained):
     assert restore.latest_step(str(pretrained / "checkpoints")) == 2
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         restore.load_params(str(pretrained / "missing"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore.load_params(str(pretrained / "mistyped"), step=2)
+    assert not (pretrained / "mistyped").exists()  # nothing created on a mistyped path
 
 
 def test_missing_data_file_is_one_line_error(tmp_path):
