@@ -8,6 +8,7 @@ a NaN loss exits 1 naming the step; SIGTERM (preemption) checkpoints and exits 1
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -22,29 +23,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True, help_strin
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it exists).")
 
 
+# config.kind -> (module, function); imported lazily so one track's imports stay out of the other
+_RUNNERS = {
+    "lm_pretrain": ("echo_jax.lm.jobs", "run_pretrain"),
+    "lm_eval": ("echo_jax.lm.eval", "run_eval"),
+    "lm_rl": ("echo_jax.lm.rl_job", "run_rl"),
+    "echo_chamber": ("echo_jax.lm.jobs", "run_echo_chamber"),
+    "recsys_train": ("echo_jax.recsys.jobs", "run_train"),
+    "source_bias_phases": ("echo_jax.recsys.phases", "run_phases"),
+    "source_bias_study": ("echo_jax.recsys.study", "run_study"),
+}
+
+
 def _runner(kind: str):
-    if kind == "lm_pretrain":
-        from echo_jax.lm.jobs import run_pretrain
-        return run_pretrain
-    if kind == "lm_eval":
-        from echo_jax.lm.eval import run_eval
-        return run_eval
-    if kind == "lm_rl":
-        from echo_jax.lm.rl_job import run_rl
-        return run_rl
-    if kind == "echo_chamber":
-        from echo_jax.lm.jobs import run_echo_chamber
-        return run_echo_chamber
-    if kind == "recsys_train":
-        from echo_jax.recsys.jobs import run_train
-        return run_train
-    if kind == "source_bias_phases":
-        from echo_jax.recsys.phases import run_phases
-        return run_phases
-    if kind == "source_bias_study":
-        from echo_jax.recsys.study import run_study
-        return run_study
-    raise ConfigError(f"unknown config.kind {kind!r}")
+    if kind not in _RUNNERS:
+        raise ConfigError(f"unknown config.kind {kind!r}")
+    module, function = _RUNNERS[kind]
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: list[str]) -> None:
