@@ -15,11 +15,13 @@ import pathlib
 import sys
 import time
 
-import jax
-import numpy as np
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# First: its malloc settings (echo_jax/core/host.py) must precede any thread that allocates.
+import echo_jax  # noqa: E402,F401,I001
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks import torch_reference  # noqa: E402
 from benchmarks.flops import matmul_peak_gflops  # noqa: E402

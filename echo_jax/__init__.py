@@ -5,3 +5,7 @@ style) and `echo_jax.recsys` (source bias escalates in the recommender feedback 
 """
 
 __version__ = "0.1.0"
+
+from echo_jax.core.host import tune_malloc as _tune_malloc
+
+MALLOC_TUNED = _tune_malloc()  # XLA:CPU page-faults every step without it (core/host.py)

@@ -1,0 +1,45 @@
+"""The malloc settings of `echo_jax.core.host` stop XLA:CPU from page-faulting its temporary
+buffer in again on every call (counted with getrusage, in a fresh process each)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import resource
+    import echo_jax
+    import jax
+    import jax.numpy as jnp
+
+    # sin(x) is a 64 MB temporary that the matmul reads, so XLA must allocate it per call.
+    f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum())
+    x, w = jnp.ones((4096, 4096)), jnp.ones((4096, 8))
+    for _ in range(10):  # the heap reaches its steady size
+        f(x, w).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        f(x, w).block_until_ready()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+    print(echo_jax.MALLOC_TUNED, faults)
+""")
+
+
+def _faults_per_call(tune: str) -> tuple[bool, float]:
+    env = {**os.environ, "ECHO_JAX_TUNE_MALLOC": tune, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one device, as a user's process has
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[-2] == "True", float(out[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_tuned_malloc_keeps_xla_temporaries_mapped():
+    tuned, tuned_faults = _faults_per_call("1")
+    untuned, untuned_faults = _faults_per_call("0")
+    assert tuned and not untuned
+    # Untuned, each call faults the 64 MB temporary in again (16,384 pages of 4 KiB).
+    assert untuned_faults > 8_000
+    assert tuned_faults < 100
