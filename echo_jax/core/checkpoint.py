@@ -27,6 +27,9 @@ def tree_signature(tree: Any) -> dict[str, str]:
     return {jax.tree_util.keystr(p): f"{np.dtype(x.dtype).name}{list(x.shape)}" for p, x in leaves}
 
 
+_META_NAMES = {"model": "model config", "signature": "state layout"}
+
+
 def _first_difference(saved: dict, current: dict) -> str:
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
@@ -59,13 +62,18 @@ class Checkpointer:
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def check_compatible(self, step: int, meta: dict) -> None:
+        """Refuses a resume whose `meta` differs from what `step` was saved with: the model
+        config, the state layout, and what else the job puts there (the seed, RL's algorithm)."""
         saved = self.read_meta(step)
-        for key, what in (("model", "model config"), ("signature", "state layout")):
-            if key in meta and saved.get(key) != meta[key]:
+        for key in sorted(meta):
+            old, new = saved.get(key), meta[key]
+            if old != new:
+                detail = (_first_difference(old or {}, new) if isinstance(new, dict)
+                          else f"checkpoint has {old!r}, config gives {new!r}")
                 raise IncompatibleCheckpointError(
-                    f"{self.directory} step {step} was written with a different {what} "
-                    f"({_first_difference(saved.get(key) or {}, meta[key])}); "
-                    "use a fresh --workdir or restore the original config")
+                    f"{self.directory} step {step} was written with a different "
+                    f"{_META_NAMES.get(key, key)} ({detail}); use a fresh --workdir or restore "
+                    "the original config")
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
         """Restores the state (with the shardings of `abstract_state`) and the iterator in place."""

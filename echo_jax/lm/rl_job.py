@@ -245,7 +245,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {}
     mesh = _mesh(config)
     model_cfg, params = restore.load_params(config.init_from, config.init_step or None, mesh)
-    config.data.vocab = restore.run_config(config.init_from).get("data", {}).get("vocab", "byte")
+    config.data.vocab = restore.vocab_name(config.init_from)
     vocabulary = vocab.get_vocabulary(config.data.vocab)
     prompts = load_prompts(config, vocabulary)
     trainer = make_trainer(config, model_cfg, vocabulary, mesh)
@@ -260,7 +260,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=getattr(x, "sharding", None)),
                             state)
-    meta = {"model": dataclasses.asdict(model_cfg), "algo": config.algo,
+    meta = {"model": dataclasses.asdict(model_cfg), "algo": config.algo, "seed": config.seed,
             "signature": tree_signature(abstract)}
     t = config.train
     ckpt = Checkpointer(f"{workdir}/checkpoints", keep=t.keep_checkpoints,

@@ -56,6 +56,13 @@ def test_incompatible_resume_is_refused_and_changes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
 
 
+def test_resume_with_another_seed_is_refused(tmp_path):
+    train(toy_task(), _loop(num_steps=5), _mesh(), RULES, str(tmp_path), seed=0)
+    with pytest.raises(IncompatibleCheckpointError, match="different seed.*has 0, config gives 1"):
+        train(toy_task(), _loop(num_steps=10), _mesh(), RULES, str(tmp_path), seed=1)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     calls = []
 

@@ -94,6 +94,22 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, untrained):
     assert again.returncode == 0 and "already finished" in again.stderr
 
 
+def test_resume_with_another_algorithm_or_seed_is_refused(tmp_path, untrained):
+    workdir = tmp_path / "rl"
+    args = [a for a in RL if not a.startswith("--config.train.num_steps")]
+    run = lambda algo, steps, *extra: subprocess.run(
+        _main(f"configs/lm_rl.py:{algo}", workdir, f"--config.init_from={untrained}", *args,
+              f"--config.train.num_steps={steps}", *extra),
+        cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert run("grpo", 2).returncode == 0
+    for algo, extra, message in (("ei", (), "different algo"),
+                                 ("grpo", ("--config.seed=1",), "different seed")):
+        refused = run(algo, 4, *extra)
+        assert refused.returncode != 0
+        assert message in refused.stderr.splitlines()[-1]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
 def test_prompt_batches_follow_the_cycled_stream():
     source = generators.ProblemSource("rl", seed=3, levels=(1,), size=5)
     stream = list(itertools.islice(loop.cycle_problems(source, 3), 17))
