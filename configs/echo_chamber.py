@@ -8,7 +8,7 @@ cut off and a finished stage is skipped on rerun. Each stage's block is its own 
 overridden as usual: `--config.rl.algo=ppo --config.rl.rl.kl_coef=1e-3
 --config.pretrain.train.num_steps=600`. `seed` is every stage's seed.
 
-Variants: `tiny` (about 15 minutes on 2 CPU cores), `smoke` (every stage in seconds: for tests
+Variants: `tiny` (about 6 minutes on 2 idle CPU cores), `smoke` (every stage in seconds: for tests
 and the notebook under ECHO_JAX_NB_SMOKE=1; the model learns nothing).
 """
 

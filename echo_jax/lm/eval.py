@@ -142,6 +142,37 @@ def _read_records(path: str) -> list[dict]:
     return records
 
 
+def eval_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What an eval's results depend on (`eval_meta.json`): a rerun with other values is refused."""
+    meta = {"dataset": config.dataset, "checkpoint": str(restore.checkpoint_dir(config.checkpoint)),
+            "step": config.checkpoint_step or restore.latest_step(config.checkpoint),
+            "vocab": restore.vocab_name(config.checkpoint), "seed": config.seed,
+            "sampling": config.sampling.to_dict(), "chunk_prompts": config.chunk_prompts,
+            "synthetic": config.synthetic.to_dict() if config.dataset == "synthetic" else None}
+    return json.loads(json.dumps(meta))  # tuples as lists, as they come back from the file
+
+
+def is_current(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether `workdir` holds a finished eval that `config` would produce now.
+
+    An eval (finished or not) of other settings or of an older checkpoint step, as after RL was
+    extended, is moved aside to `<workdir>.old<N>`, so a rerun starts afresh and loses nothing.
+    """
+    path = os.path.join(workdir, "eval_meta.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        if json.load(f) == eval_meta(config):
+            return os.path.exists(os.path.join(workdir, "eval.json"))
+    n = 1
+    while os.path.exists(f"{workdir}.old{n}"):
+        n += 1
+    os.replace(workdir, f"{workdir}.old{n}")
+    print(f"[eval] {workdir} held an eval of other settings or another checkpoint step; moved "
+          f"to {workdir}.old{n}", file=sys.stderr)
+    return False
+
+
 def _check_meta(workdir: str, meta: dict) -> None:
     path = os.path.join(workdir, "eval_meta.json")
     if os.path.exists(path):
@@ -179,14 +210,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.batch_size % sharding.batch_divisor(mesh):
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the "
                           f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
-    step = config.checkpoint_step or restore.latest_step(config.checkpoint)
-    vocab_name = restore.run_config(config.checkpoint).get("data", {}).get("vocab", "byte")
-    sp = config.sampling
-    meta = {"dataset": config.dataset, "checkpoint": str(restore.checkpoint_dir(config.checkpoint)),
-            "step": step, "vocab": vocab_name, "seed": config.seed,
-            "sampling": sp.to_dict(), "chunk_prompts": config.chunk_prompts,
-            "synthetic": config.synthetic.to_dict() if config.dataset == "synthetic" else None}
-    meta = json.loads(json.dumps(meta))  # tuples as lists, as they come back from the file
+    meta = eval_meta(config)
+    step, vocab_name, sp = meta["step"], meta["vocab"], config.sampling
     os.makedirs(workdir, exist_ok=True)
     _check_meta(workdir, meta)
     save_config(config, workdir)

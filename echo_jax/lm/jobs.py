@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import os
 import sys
 import time
@@ -12,7 +14,7 @@ import jax
 import ml_collections
 
 from echo_jax.core import plots, sharding
-from echo_jax.core.config import ConfigError
+from echo_jax.core.config import ConfigError, flat_keys, to_json
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.lm import pretrain
 from echo_jax.lm.data import mixtures, pipeline, vocab
@@ -79,6 +81,26 @@ def _stage(name: str, index: int, done: bool, run: Callable[[], object]) -> floa
     return seconds
 
 
+def _check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A rerun may extend RL or change the evaluation (those stages run again). Another seed,
+    pretraining or RL algorithm would mix two experiments in one workdir: refused."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(to_json(config))
+    lookup = lambda tree, key: functools.reduce(
+        lambda node, part: node.get(part) if isinstance(node, dict) else None, key.split("."), tree)
+    changed = [key for key in flat_keys(config)
+               if (key in ("seed", "rl.algo") or key.startswith("pretrain."))
+               and lookup(saved, key) != lookup(current, key)]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{workdir} holds a run with another {key} ({lookup(saved, key)!r}, "
+                          f"now {lookup(current, key)!r}); use a fresh --workdir")
+
+
 def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
     """`configs/echo_chamber.py`: pretrain -> eval_before -> rl -> eval_after -> report.md, each
     stage in its own sub-workdir; returns the report's path."""
@@ -94,6 +116,7 @@ def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
         stage.seed = config.seed
     stages["eval_before"].checkpoint = stages["rl"].init_from = dirs["pretrain"]
     stages["eval_after"].checkpoint = dirs["rl"]
+    _check_rerun(config, workdir)
     save_config(config, workdir)
 
     def pretrained() -> bool:
@@ -102,7 +125,7 @@ def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
         except FileNotFoundError:
             return False
 
-    evaluated = lambda name: os.path.exists(os.path.join(dirs[name], "eval.json"))
+    evaluated = lambda name: eval_lib.is_current(stages[name], dirs[name])
     seconds = {
         "pretrain": _stage("pretrain", 1, pretrained(),
                            lambda: run_pretrain(stages["pretrain"], dirs["pretrain"])),

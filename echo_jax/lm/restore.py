@@ -27,12 +27,19 @@ def checkpoint_dir(workdir: str) -> pathlib.Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def run_config(workdir: str) -> dict:
-    """The run's resolved config (`config.json` next to its checkpoints/), or {} if absent."""
+def vocab_name(workdir: str) -> str:
+    """The `data.vocab` the model in `workdir` was trained with, from the run's `config.json`
+    (next to its checkpoints/). Without it the token ids cannot be read, so FileNotFoundError."""
     for folder in (pathlib.Path(workdir).resolve(), checkpoint_dir(workdir).parent):
-        if (folder / "config.json").is_file():
-            return json.loads((folder / "config.json").read_text())
-    return {}
+        path = folder / "config.json"
+        if path.is_file():
+            vocab = json.loads(path.read_text()).get("data", {}).get("vocab")
+            if vocab is None:
+                raise FileNotFoundError(f"{path} has no data.vocab: the vocabulary of the "
+                                        "checkpoint is unknown")
+            return vocab
+    raise FileNotFoundError(f"no config.json in {pathlib.Path(workdir).resolve()} or next to "
+                            f"{checkpoint_dir(workdir)}: the checkpoint's vocabulary is unknown")
 
 
 def latest_step(workdir: str) -> int:

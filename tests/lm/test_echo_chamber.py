@@ -9,6 +9,7 @@ temperature 0.7). The thresholds leave a margin below the numbers measured with 
 (benchmarks/RESULTS.md, "LM: RL post-training").
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,20 @@ def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monk
          f"--workdir={workdir}"], cwd=REPO, env=os.environ, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stderr.count("finished earlier, skipped") == 4, rerun.stderr[-3000:]
+
+    # One more RL step: RL resumes, and the eval of the old last step is kept aside, not reused.
+    extended = subprocess.run(
+        [sys.executable, "-m", "echo_jax.main", "--config=configs/echo_chamber.py:smoke",
+         f"--workdir={workdir}", "--config.rl.train.num_steps=3"], cwd=REPO, env=os.environ,
+        capture_output=True, text=True)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert extended.stderr.count("finished earlier, skipped") == 2, extended.stderr[-3000:]
+    step = lambda name: json.loads((workdir / name / "eval.json").read_text())["step"]
+    assert (step("eval_after.old1"), step("eval_after")) == (2, 3)
+
+    other_seed = subprocess.run(
+        [sys.executable, "-m", "echo_jax.main", "--config=configs/echo_chamber.py:smoke",
+         f"--workdir={workdir}", "--config.seed=1"], cwd=REPO, env=os.environ,
+        capture_output=True, text=True)
+    assert other_seed.returncode != 0
+    assert "another seed (0, now 1)" in other_seed.stderr.splitlines()[-1]

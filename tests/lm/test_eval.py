@@ -101,6 +101,37 @@ def test_load_params_reads_the_workdir_or_its_checkpoints(pretrained):
     assert not (pretrained / "mistyped").exists()  # nothing created on a mistyped path
 
 
+def test_checkpoint_without_its_config_names_the_missing_vocabulary(pretrained, tmp_path):
+    assert restore.vocab_name(str(pretrained)) == "spm"
+    assert restore.vocab_name(str(pretrained / "checkpoints")) == "spm"
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    os.symlink(pretrained / "checkpoints", copied / "checkpoints")  # config.json left behind
+    with pytest.raises(FileNotFoundError, match="no config.json.*vocabulary is unknown"):
+        restore.vocab_name(str(copied))
+    (copied / "config.json").write_text(json.dumps({"data": {}}))
+    with pytest.raises(FileNotFoundError, match="has no data.vocab"):
+        restore.vocab_name(str(copied))
+
+
+def test_an_eval_of_an_older_step_is_moved_aside_so_the_stage_runs_again(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"vocab": "spm"}}))
+    config = load_config(f"{REPO}/configs/lm_eval.py:synthetic", [f"checkpoint={run}"])
+    workdir = tmp_path / "eval"
+    assert not eval_lib.is_current(config, str(workdir))
+    workdir.mkdir()
+    (workdir / "eval_meta.json").write_text(json.dumps(eval_lib.eval_meta(config)))
+    assert not eval_lib.is_current(config, str(workdir))  # started, not finished: resume it
+    (workdir / "eval.json").write_text("{}")
+    assert eval_lib.is_current(config, str(workdir))
+    (run / "checkpoints" / "4").mkdir()  # RL extended to more steps
+    assert not eval_lib.is_current(config, str(workdir))
+    assert not workdir.exists()
+    assert json.loads((tmp_path / "eval.old1" / "eval_meta.json").read_text())["step"] == 2
+
+
 def test_missing_data_file_is_one_line_error(tmp_path):
     run = _main("--config=configs/lm_eval.py:gsm8k", f"--workdir={tmp_path}/w",
                 f"--config.checkpoint={tmp_path}", env={"ECHO_JAX_DATA": str(tmp_path)})
