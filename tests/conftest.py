@@ -17,3 +17,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+    """$ECHO_JAX_DATA (or ../shared/data); a test that needs it is skipped where it is absent."""
+    from echo_jax.lm.data import real
+
+    try:
+        return real.data_dir()
+    except FileNotFoundError:
+        pytest.skip("shared data not found; set ECHO_JAX_DATA")

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import pathlib
 import re
 
 import pytest
@@ -171,14 +170,6 @@ def test_mixture_presets():
         mixtures.get_mixture("tg_3xomi1")
     assert "tg_3xomi1" in str(err.value) and "tg_omi1_omi2" in str(err.value)
     assert "\n" not in str(err.value)
-
-
-@pytest.fixture
-def shared_data() -> pathlib.Path:
-    try:
-        return real.data_dir()
-    except FileNotFoundError:
-        pytest.skip("shared data not found; set ECHO_JAX_DATA")
 
 
 def test_real_loaders_parse_the_shared_data(shared_data):

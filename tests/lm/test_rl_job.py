@@ -14,7 +14,7 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.lm import grading, rl_job
-from echo_jax.lm.data import generators, real, vocab
+from echo_jax.lm.data import generators, vocab
 from echo_jax.lm.rl import loop
 from tests.conftest import REPO
 
@@ -116,8 +116,8 @@ def test_prompt_batches_follow_the_cycled_stream():
     assert rl_job.prompt_batch(source, 3, 4, 13) == stream[4:]
 
 
-def test_gsm8k_prompts_fit_the_prompt_budget():
-    if not (real.data_dir() / "gsm8k" / "train.jsonl").exists():
+def test_gsm8k_prompts_fit_the_prompt_budget(shared_data):
+    if not (shared_data / "gsm8k" / "train.jsonl").exists():
         pytest.skip("GSM8K is not in $ECHO_JAX_DATA")
     config = load_config(f"{REPO}/configs/lm_rl.py:grpo",
                          ["data.prompts=gsm8k", "rl.max_prompt_len=128"])
