@@ -106,8 +106,7 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax
                       block: int) -> jax.Array:
     """`dense_attention` of a sequence over itself that skips the upper triangle: query block i
     reads only keys [0, (i + 1) * block), so the [B, H, L, L] logits, mask and softmax shrink to
-    about (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time
-    there).
+    (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time there).
 
     Exact for real tokens: a key after the query in the row is either in another packed example
     or (positions increase within one) at a later position, so `attention_mask` is False for it.
@@ -119,9 +118,8 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax
     # slicing the (B, L, H, K) queries per block).
     q_BxHxLxK = q_BxLxHxK.transpose(0, 2, 1, 3)
     outs = []
-    for start in range(0, L, block):  # the last block is shorter when block does not divide L
-        end = min(start + block, L)
-        rows = slice(start, end)
+    for end in range(block, L + 1, block):
+        rows = slice(end - block, end)
         mask_Bx1xQxS = attention_mask(positions_BxL[:, rows], segment_ids_BxL[:, rows],
                                       positions_BxL[:, :end], segment_ids_BxL[:, :end])
         logits = jnp.einsum("BHQK,BHSK->BHQS", q_BxHxLxK[:, :, rows],
@@ -168,7 +166,7 @@ class Attention(nn.Module):
             k_pos, k_seg, keys, values = (new_cache["pos"], new_cache["seg"], new_cache["k"],
                                           new_cache["v"])
         L, block = x_BxLxD.shape[1], cfg.attention_block
-        if cache is None and 0 < block < L:
+        if cache is None and 0 < block < L and L % block == 0:
             out_BxLxHxK = blocked_attention(q_BxLxHxK, keys, values, positions_BxL,
                                             segment_ids_BxL, block)
         else:
