@@ -57,7 +57,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
     # Training attention in 4 query blocks that skip the masked upper triangle (model.py's
-    # `blocked_attention`): +15-23 % (tiny), +50 % (small) train-step tokens/s on an idle CPU
+    # `blocked_attention`): +15-23 % train-step tokens/s on tiny on an idle CPU
     # (benchmarks/RESULTS.md); 0 (dense) for the TPU study shapes.
     c.model.attention_block = 0 if study_scale else seq_len // 4
 

@@ -68,7 +68,8 @@ class Checkpointer:
         for key in sorted(meta):
             old, new = saved.get(key), meta[key]
             if old != new:
-                detail = (_first_difference(old or {}, new) if isinstance(new, dict)
+                detail = (_first_difference(old or {}, new)
+                          if isinstance(new, dict) and isinstance(old, (dict, type(None)))
                           else f"checkpoint has {old!r}, config gives {new!r}")
                 raise IncompatibleCheckpointError(
                     f"{self.directory} step {step} was written with a different "

@@ -143,7 +143,8 @@ def _read_records(path: str) -> list[dict]:
 
 
 def eval_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What an eval's results depend on (`eval_meta.json`): a rerun with other values is refused."""
+    """What an eval's results depend on (`eval_meta.json`): `run_eval` refuses to resume a
+    workdir written with other values."""
     meta = {"dataset": config.dataset, "checkpoint": str(restore.checkpoint_dir(config.checkpoint)),
             "step": config.checkpoint_step or restore.latest_step(config.checkpoint),
             "vocab": restore.vocab_name(config.checkpoint), "seed": config.seed,
@@ -152,11 +153,12 @@ def eval_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(json.dumps(meta))  # tuples as lists, as they come back from the file
 
 
-def is_current(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    """Whether `workdir` holds a finished eval that `config` would produce now.
+def reuse_or_move_aside(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """True if `workdir` holds a finished eval that `config` would produce now.
 
-    An eval (finished or not) of other settings or of an older checkpoint step, as after RL was
-    extended, is moved aside to `<workdir>.old<N>`, so a rerun starts afresh and loses nothing.
+    Otherwise an eval there (finished or not) of other settings or of an older checkpoint step,
+    as after RL was extended, is renamed to `<workdir>.old<N>`, so the next `run_eval` starts
+    afresh and nothing is lost. Single-host, like the echo_chamber pipeline that calls it.
     """
     path = os.path.join(workdir, "eval_meta.json")
     if not os.path.exists(path):

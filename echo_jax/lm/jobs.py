@@ -81,9 +81,15 @@ def _stage(name: str, index: int, done: bool, run: Callable[[], object]) -> floa
     return seconds
 
 
+# Keys a rerun may change: how often a stage logs and saves, the mesh, and RL's step count
+# (RL resumes and the evaluation after it runs again).
+_RERUN_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "async_checkpoints")
+
+
 def _check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
     """A rerun may extend RL or change the evaluation (those stages run again). Another seed,
-    pretraining or RL algorithm would mix two experiments in one workdir: refused."""
+    pretraining or RL setting would mix two experiments in one workdir: refused."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
@@ -92,9 +98,11 @@ def _check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
     current = json.loads(to_json(config))
     lookup = lambda tree, key: functools.reduce(
         lambda node, part: node.get(part) if isinstance(node, dict) else None, key.split("."), tree)
+    fixed = lambda key: ((key == "seed" or key.startswith(("pretrain.", "rl.")))
+                         and key != "rl.train.num_steps" and ".mesh." not in key
+                         and key.rsplit(".", 1)[-1] not in _RERUN_MAY_CHANGE)
     changed = [key for key in flat_keys(config)
-               if (key in ("seed", "rl.algo") or key.startswith("pretrain."))
-               and lookup(saved, key) != lookup(current, key)]
+               if fixed(key) and lookup(saved, key) != lookup(current, key)]
     if changed:
         key = changed[0]
         raise ConfigError(f"{workdir} holds a run with another {key} ({lookup(saved, key)!r}, "
@@ -125,7 +133,7 @@ def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
         except FileNotFoundError:
             return False
 
-    evaluated = lambda name: eval_lib.is_current(stages[name], dirs[name])
+    evaluated = lambda name: eval_lib.reuse_or_move_aside(stages[name], dirs[name])
     seconds = {
         "pretrain": _stage("pretrain", 1, pretrained(),
                            lambda: run_pretrain(stages["pretrain"], dirs["pretrain"])),

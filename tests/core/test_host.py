@@ -27,11 +27,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _faults_per_call(tune: str) -> tuple[bool, float]:
+def _run(script: str, tune: str = "1") -> subprocess.CompletedProcess:
     env = {**os.environ, "ECHO_JAX_TUNE_MALLOC": tune, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device, as a user's process has
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, check=True)
+
+
+def _faults_per_call(tune: str) -> tuple[bool, float]:
+    out = _run(SCRIPT, tune).stdout.split()
     return out[-2] == "True", float(out[-1])
 
 
@@ -43,3 +47,12 @@ def test_tuned_malloc_keeps_xla_temporaries_mapped():
     # Untuned, each call faults the 64 MB temporary in again (16,384 pages of 4 KiB).
     assert untuned_faults > 8_000
     assert tuned_faults < 100
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_importing_echo_jax_after_jax_started_warns_and_changes_nothing():
+    late = _run(SCRIPT.replace("import echo_jax\n", "").replace(
+        "import jax.numpy as jnp\n", "import jax.numpy as jnp\njax.devices()\nimport echo_jax\n"))
+    tuned, faults = late.stdout.split()[-2] == "True", float(late.stdout.split()[-1])
+    assert not tuned and "imported after jax started its backends" in late.stderr
+    assert faults > 8_000  # too late indeed: the temporary is faulted in on every call

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from echo_jax.core.config import load_config
+from echo_jax.core.config import ConfigError, load_config, save_config
 from echo_jax.core.metrics import read_jsonl
-from echo_jax.lm import grading, rl_job
+from echo_jax.lm import grading, jobs, rl_job
 from tests.conftest import REPO
 from tests.notebooks import execute_notebook
 
@@ -106,3 +106,17 @@ def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monk
         capture_output=True, text=True)
     assert other_seed.returncode != 0
     assert "another seed (0, now 1)" in other_seed.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("override,refused", [
+    ("rl.rl.kl_coef=0.001", "rl.rl.kl_coef"), ("pretrain.model.d_model=64", "pretrain.model"),
+    ("rl.train.num_steps=99", None), ("pretrain.train.log_every=7", None),
+    ("rl.mesh.data=1", None)])
+def test_a_rerun_may_extend_rl_but_not_change_the_experiment(tmp_path, override, refused):
+    save_config(load_config(f"{REPO}/configs/echo_chamber.py:smoke"), str(tmp_path))
+    rerun = load_config(f"{REPO}/configs/echo_chamber.py:smoke", [override])
+    if refused is None:
+        jobs._check_rerun(rerun, str(tmp_path))
+    else:
+        with pytest.raises(ConfigError, match=f"another {refused}"):
+            jobs._check_rerun(rerun, str(tmp_path))

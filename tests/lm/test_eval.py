@@ -120,14 +120,14 @@ def test_an_eval_of_an_older_step_is_moved_aside_so_the_stage_runs_again(tmp_pat
     (run / "config.json").write_text(json.dumps({"data": {"vocab": "spm"}}))
     config = load_config(f"{REPO}/configs/lm_eval.py:synthetic", [f"checkpoint={run}"])
     workdir = tmp_path / "eval"
-    assert not eval_lib.is_current(config, str(workdir))
+    assert not eval_lib.reuse_or_move_aside(config, str(workdir))
     workdir.mkdir()
     (workdir / "eval_meta.json").write_text(json.dumps(eval_lib.eval_meta(config)))
-    assert not eval_lib.is_current(config, str(workdir))  # started, not finished: resume it
+    assert not eval_lib.reuse_or_move_aside(config, str(workdir))  # started, not finished: resume it
     (workdir / "eval.json").write_text("{}")
-    assert eval_lib.is_current(config, str(workdir))
+    assert eval_lib.reuse_or_move_aside(config, str(workdir))
     (run / "checkpoints" / "4").mkdir()  # RL extended to more steps
-    assert not eval_lib.is_current(config, str(workdir))
+    assert not eval_lib.reuse_or_move_aside(config, str(workdir))
     assert not workdir.exists()
     assert json.loads((tmp_path / "eval.old1" / "eval_meta.json").read_text())["step"] == 2
 
