@@ -3,7 +3,7 @@
 XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a train step) with
 `posix_memalign` from one of its worker threads. glibc serves a request that large from that
 thread's arena with a fresh `mmap` and unmaps it on free, so every step page-faults the whole
-buffer in again: on the 2-core CI machine the tiny pretraining step took 115k minor faults and
+buffer in again: on our 2-core dev machine the tiny pretraining step took 115k minor faults and
 spent ~40 % of its CPU time in the kernel (benchmarks/RESULTS.md). One arena that never
 returns memory to the OS and never mmaps keeps the buffer mapped from step to step.
 
