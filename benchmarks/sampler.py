@@ -115,14 +115,6 @@ def make_tunix(max_prompt: int, max_new_tokens: int) -> Callable | None:
     return generate
 
 
-def matmul_peak() -> float:
-    """GFLOP/s: the best of NumPy / PyTorch (benchmarks/flops.py) and XLA's own f32 matmul."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 2048)), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    best = min(best_times({"xla": lambda: matmul(a)}, 5).values())
-    return max(matmul_peak_gflops(), 2 * 2048**3 / best / 1e9)
-
-
 def decode_flops(batch: int, new_tokens: int, prompt_mean: float) -> float:
     """Matmul FLOPs of the decode steps: 2 x matmul params per token plus QK and PV over the
     real context (prompt + tokens so far)."""
@@ -187,9 +179,9 @@ def main() -> None:
     dummy = jnp.zeros((1, 8), jnp.int32)
     params = nn.meta.unbox(Transformer(CFG).init(jax.random.key(0), dummy, dummy, dummy + 1))
     params = params["params"]
-    peak = matmul_peak()
+    peak = matmul_peak_gflops()
     rows = [bench_size(params, b, n, args.repeats, args.naive_steps) for b, n in sizes]
-    peak = max(peak, matmul_peak())  # measured twice: other load on a shared host only lowers it
+    peak = max(peak, matmul_peak_gflops())  # measured twice: other load on a shared host only lowers it
     has_tunix = all("tunix" in r["tokens_per_s"] for r in rows)
     header = "| batch | new | ours tok/s | plain tok/s | naive tok/s | ours/plain | ours/naive |"
     header += " decode MFU |" + (" tunix tok/s | ours/tunix |" if has_tunix else "")
