@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+
 SCRIPT = textwrap.dedent("""
     import resource
     import echo_jax
@@ -34,12 +36,16 @@ def _run(script: str, tune: str = "1") -> subprocess.CompletedProcess:
                           text=True, check=True)
 
 
-def _faults_per_call(tune: str) -> tuple[bool, float]:
-    out = _run(SCRIPT, tune).stdout.split()
+def _parse(run: subprocess.CompletedProcess) -> tuple[bool, float]:
+    """(echo_jax.MALLOC_TUNED, minor page faults per call in the steady state)."""
+    out = run.stdout.split()
     return out[-2] == "True", float(out[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def _faults_per_call(tune: str) -> tuple[bool, float]:
+    return _parse(_run(SCRIPT, tune))
+
+
 def test_tuned_malloc_keeps_xla_temporaries_mapped():
     tuned, tuned_faults = _faults_per_call("1")
     untuned, untuned_faults = _faults_per_call("0")
@@ -51,10 +57,10 @@ def test_tuned_malloc_keeps_xla_temporaries_mapped():
     assert tuned_faults < untuned_faults / 5
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_importing_echo_jax_after_jax_started_warns_and_changes_nothing():
-    late = _run(SCRIPT.replace("import echo_jax\n", "").replace(
-        "import jax.numpy as jnp\n", "import jax.numpy as jnp\njax.devices()\nimport echo_jax\n"))
-    tuned, faults = late.stdout.split()[-2] == "True", float(late.stdout.split()[-1])
-    assert not tuned and "imported after jax started its backends" in late.stderr
+    late = SCRIPT.replace("import echo_jax\n", "").replace(
+        "import jax.numpy as jnp\n", "import jax.numpy as jnp\njax.devices()\nimport echo_jax\n")
+    run = _run(late)
+    tuned, faults = _parse(run)
+    assert not tuned and "imported after jax started its backends" in run.stderr
     assert faults > 8_000  # too late indeed: the temporary is faulted in on every call
