@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from echo_jax.lm.attention import blocked_attention, dense_attention
+
 Cache = list[dict[str, jax.Array]]
 
 
@@ -80,54 +82,6 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
-
-
-def attention_mask(q_pos_BxL: jax.Array, q_seg_BxL: jax.Array, k_pos_BxS: jax.Array,
-                   k_seg_BxS: jax.Array) -> jax.Array:
-    """Same (non-padding) segment and an earlier or equal position; positions restart per
-    packed example, so this is causal within each example."""
-    return ((q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]) & (q_seg_BxL[:, :, None] > 0)
-            & (q_pos_BxL[:, :, None] >= k_pos_BxS[:, None, :]))[:, None]
-
-
-def dense_attention(q_BxLxHxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
-                    positions_BxL: jax.Array, segment_ids_BxL: jax.Array, k_pos_BxS: jax.Array,
-                    k_seg_BxS: jax.Array) -> jax.Array:
-    """Softmax attention of every query over every key slot, masked by `attention_mask`."""
-    mask_Bx1xLxS = attention_mask(positions_BxL, segment_ids_BxL, k_pos_BxS, k_seg_BxS)
-    logits = jnp.einsum("BLHK,BHSK->BHLS", q_BxLxHxK, k_BxHxSxK) * (q_BxLxHxK.shape[-1] ** -0.5)
-    logits = jnp.where(mask_Bx1xLxS, logits.astype(jnp.float32), -1e30)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxHxSxK.dtype)
-    return jnp.einsum("BHLS,BHSK->BLHK", probs, v_BxHxSxK)
-
-
-def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array,
-                      positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
-                      block: int) -> jax.Array:
-    """`dense_attention` of a sequence over itself that skips the upper triangle: query block i
-    reads only keys [0, (i + 1) * block), so the [B, H, L, L] logits, mask and softmax shrink to
-    (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time there).
-
-    Exact for real tokens: a key after the query in the row is either in another packed example
-    or (positions increase within one) at a later position, so `attention_mask` is False for it.
-    Padding queries (segment 0) see no key in either path; their output (a mean of the values
-    read) differs, and nothing reads it.
-    """
-    L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
-    # Heads-major once, so each block's einsums read contiguous slices (~10 % faster than
-    # slicing the (B, L, H, K) queries per block).
-    q_BxHxLxK = q_BxLxHxK.transpose(0, 2, 1, 3)
-    outs = []
-    for end in range(block, L + 1, block):
-        rows = slice(end - block, end)
-        mask_Bx1xQxS = attention_mask(positions_BxL[:, rows], segment_ids_BxL[:, rows],
-                                      positions_BxL[:, :end], segment_ids_BxL[:, :end])
-        logits = jnp.einsum("BHQK,BHSK->BHQS", q_BxHxLxK[:, :, rows],
-                            k_BxHxLxK[:, :, :end]) * (K ** -0.5)
-        logits = jnp.where(mask_Bx1xQxS, logits.astype(jnp.float32), -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_BxHxLxK.dtype)
-        outs.append(jnp.einsum("BHQS,BHSK->BHQK", probs, v_BxHxLxK[:, :, :end]))
-    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):

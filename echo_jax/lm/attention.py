@@ -1,0 +1,123 @@
+"""Softmax attention over packed rows: the mask, the dense path, and the blocked training path.
+
+Shape legend: B batch, H heads, L query length, S key length, K head dim, Q rows of one block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(q_pos_BxL: jax.Array, q_seg_BxL: jax.Array, k_pos_BxS: jax.Array,
+                   k_seg_BxS: jax.Array) -> jax.Array:
+    """Same (non-padding) segment and an earlier or equal position; positions restart per
+    packed example, so this is causal within each example."""
+    return ((q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]) & (q_seg_BxL[:, :, None] > 0)
+            & (q_pos_BxL[:, :, None] >= k_pos_BxS[:, None, :]))[:, None]
+
+
+def dense_attention(q_BxLxHxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
+                    positions_BxL: jax.Array, segment_ids_BxL: jax.Array, k_pos_BxS: jax.Array,
+                    k_seg_BxS: jax.Array) -> jax.Array:
+    """Softmax attention of every query over every key slot, masked by `attention_mask`."""
+    mask_Bx1xLxS = attention_mask(positions_BxL, segment_ids_BxL, k_pos_BxS, k_seg_BxS)
+    logits = jnp.einsum("BLHK,BHSK->BHLS", q_BxLxHxK, k_BxHxSxK) * (q_BxLxHxK.shape[-1] ** -0.5)
+    logits = jnp.where(mask_Bx1xLxS, logits.astype(jnp.float32), -1e30)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxHxSxK.dtype)
+    return jnp.einsum("BHLS,BHSK->BLHK", probs, v_BxHxSxK)
+
+
+def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array,
+                      positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+                      block: int) -> jax.Array:
+    """`dense_attention` of a sequence over itself that skips the upper triangle: query block i
+    reads only keys [0, (i + 1) * block), so the [B, H, L, L] logits, mask and softmax shrink to
+    (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time there).
+
+    Exact for real tokens: a key after the query in the row is either in another packed example
+    or (positions increase within one) at a later position, so `attention_mask` is False for it.
+    Padding queries (segment 0) see no key in either path; their output (a mean of the values
+    read) differs, and nothing reads it.
+
+    The gradient is hand-written (`_blocked_bwd`), see there.
+    """
+    # Heads-major once, so each block's einsums read contiguous slices (~10 % faster than
+    # slicing the (B, L, H, K) queries per block).
+    out_BxHxLxK = _blocked(q_BxLxHxK.transpose(0, 2, 1, 3), k_BxHxLxK, v_BxHxLxK, positions_BxL,
+                           segment_ids_BxL, block)
+    return out_BxHxLxK.transpose(0, 2, 1, 3)
+
+
+def _query_blocks(length: int, block: int) -> list[tuple[int, int]]:
+    return [(end - block, end) for end in range(block, length + 1, block)]
+
+
+def _block_mask(positions_BxL, segment_ids_BxL, start: int, end: int) -> jax.Array:
+    """Mask of query rows [start, end) over keys [0, end)."""
+    return attention_mask(positions_BxL[:, start:end], segment_ids_BxL[:, start:end],
+                          positions_BxL[:, :end], segment_ids_BxL[:, :end])
+
+
+def _blocked_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL, block):
+    """The output and each block's probabilities (the backward pass reuses them)."""
+    scale = q_BxHxLxK.shape[-1] ** -0.5
+    outs, probs = [], []
+    for start, end in _query_blocks(q_BxHxLxK.shape[2], block):
+        logits_BxHxQxS = jnp.einsum("BHQK,BHSK->BHQS", q_BxHxLxK[:, :, start:end],
+                                    k_BxHxLxK[:, :, :end]) * scale
+        mask = _block_mask(positions_BxL, segment_ids_BxL, start, end)
+        logits_BxHxQxS = jnp.where(mask, logits_BxHxQxS.astype(jnp.float32), -1e30)
+        probs_BxHxQxS = jax.nn.softmax(logits_BxHxQxS, axis=-1).astype(v_BxHxLxK.dtype)
+        probs.append(probs_BxHxQxS)
+        outs.append(jnp.einsum("BHQS,BHSK->BHQK", probs_BxHxQxS, v_BxHxLxK[:, :, :end]))
+    return jnp.concatenate(outs, axis=2), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocked(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL, block):
+    return _blocked_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL,
+                            block)[0]
+
+
+def _blocked_fwd(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL, block):
+    out, probs = _blocked_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL,
+                                  segment_ids_BxL, block)
+    return out, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out, probs, positions_BxL, segment_ids_BxL)
+
+
+def _blocked_bwd(block, residuals, dout_BxHxLxK):
+    """The softmax-attention gradient with two choices that autodiff does not make, worth
+    ~10-17 % of a tiny/small train step on XLA:CPU (benchmarks/RESULTS.md):
+    - the softmax row term is sum(dO * O) over K (flash attention's), not sum(P * dP) over S;
+    - the key and value gradients are accumulated transposed, [K, S] per head
+      ("BHQK,BHQS->BHKS"), and transposed once at the end: autodiff's [S, K] = P^T dO contracts
+      the row axis of its left operand, which XLA:CPU runs through a slow generic kernel
+      (~30 GFLOP/s inside a tiny step, against ~100-200 for these forms).
+    """
+    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxHxLxK, probs, positions_BxL, segment_ids_BxL = residuals
+    B, H, L, K = q_BxHxLxK.shape
+    scale = K ** -0.5
+    row_term_BxHxLx1 = (dout_BxHxLxK * out_BxHxLxK).sum(-1, keepdims=True)
+    dq_blocks = []
+    dk_BxHxKxL = jnp.zeros((B, H, K, L), q_BxHxLxK.dtype)
+    dv_BxHxKxL = jnp.zeros((B, H, K, L), q_BxHxLxK.dtype)
+    for (start, end), probs_BxHxQxS in zip(_query_blocks(L, block), probs):
+        dout_BxHxQxK = dout_BxHxLxK[:, :, start:end]
+        dprobs_BxHxQxS = jnp.einsum("BHQK,BHSK->BHQS", dout_BxHxQxK, v_BxHxLxK[:, :, :end])
+        mask = _block_mask(positions_BxL, segment_ids_BxL, start, end)
+        dlogits_BxHxQxS = jnp.where(
+            mask, probs_BxHxQxS * (dprobs_BxHxQxS - row_term_BxHxLx1[:, :, start:end]), 0.0
+        ) * scale
+        dq_blocks.append(jnp.einsum("BHQS,BHSK->BHQK", dlogits_BxHxQxS, k_BxHxLxK[:, :, :end]))
+        dk_BxHxKxL = dk_BxHxKxL.at[..., :end].add(
+            jnp.einsum("BHQK,BHQS->BHKS", q_BxHxLxK[:, :, start:end], dlogits_BxHxQxS))
+        dv_BxHxKxL = dv_BxHxKxL.at[..., :end].add(
+            jnp.einsum("BHQK,BHQS->BHKS", dout_BxHxQxK, probs_BxHxQxS))
+    return (jnp.concatenate(dq_blocks, axis=2), dk_BxHxKxL.swapaxes(-1, -2),
+            dv_BxHxKxL.swapaxes(-1, -2), None, None)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
