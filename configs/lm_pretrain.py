@@ -56,10 +56,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
-    # Training attention in 4 query blocks that skip the masked upper triangle (model.py's
-    # `blocked_attention`): +15-23 % train-step tokens/s on tiny on an idle CPU
-    # (benchmarks/RESULTS.md); 0 (dense) for the TPU study shapes.
-    c.model.attention_block = 0 if study_scale else seq_len // 4
+    # Training attention in query blocks of 128 that skip the masked upper triangle
+    # (lm/attention.py's `blocked_attention`, with its hand-written backward pass): of the block
+    # sizes measured, 128 is the fastest for tiny (2 blocks) and small (4 blocks) on the 2-core
+    # CPU (benchmarks/RESULTS.md); 0 (dense) for the TPU study shapes.
+    c.model.attention_block = 0 if study_scale else 128
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps
