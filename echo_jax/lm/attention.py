@@ -35,7 +35,8 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax
                       block: int) -> jax.Array:
     """`dense_attention` of a sequence over itself that skips the upper triangle: query block i
     reads only keys [0, (i + 1) * block), so the [B, H, L, L] logits, mask and softmax shrink to
-    (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time there).
+    (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time there). The
+    last block is shorter where `block` does not divide L (RL's prompt + completion rows).
 
     Exact for real tokens: a key after the query in the row is either in another packed example
     or (positions increase within one) at a later position, so `attention_mask` is False for it.
@@ -52,7 +53,8 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax
 
 
 def _query_blocks(length: int, block: int) -> list[tuple[int, int]]:
-    return [(end - block, end) for end in range(block, length + 1, block)]
+    """[start, end) of each query block; the last is shorter where `block` does not divide."""
+    return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
 def _block_mask(positions_BxL, segment_ids_BxL, start: int, end: int) -> jax.Array:

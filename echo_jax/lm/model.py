@@ -120,7 +120,7 @@ class Attention(nn.Module):
             k_pos, k_seg, keys, values = (new_cache["pos"], new_cache["seg"], new_cache["k"],
                                           new_cache["v"])
         L, block = x_BxLxD.shape[1], cfg.attention_block
-        if cache is None and 0 < block < L and L % block == 0:
+        if cache is None and 0 < block < L:
             out_BxLxHxK = blocked_attention(q_BxLxHxK, keys, values, positions_BxL,
                                             segment_ids_BxL, block)
         else:
