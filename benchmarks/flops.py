@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 
-def matmul_rates_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+def matmul_rates_gflops(n: int = 2048, repeats: int = 20) -> dict[str, float]:
     """Best sustained f32 GFLOP/s of an n x n matmul per implementation: NumPy, PyTorch (if
     installed) and XLA (jax.jit). Best of `repeats` timings, as a peak should be: slower runs
     measure other load on the host. On the 2-core dev machine XLA's kernels reach about twice
@@ -41,6 +41,6 @@ def matmul_rates_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return rates
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(n: int = 2048, repeats: int = 20) -> float:
     """The best rate of `matmul_rates_gflops`: the peak MFU is measured against."""
     return max(matmul_rates_gflops(n, repeats).values())

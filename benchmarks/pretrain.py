@@ -32,8 +32,10 @@ from echo_jax.lm import pretrain  # noqa: E402
 from echo_jax.lm.model import Transformer  # noqa: E402
 
 
-def jax_step_seconds(config, steps: int, warmup: int = 3) -> float:
-    """Seconds per production train step (the loop's own jit, one device, donated state)."""
+def production_step(config):
+    """The training loop's own jitted train step (one device, donated state), its initial state
+    and a random packed batch: `(step, state, batch, mesh)`; call the step under
+    `jax.set_mesh(mesh)`."""
     cfg = pretrain.model_config(config)
     batch_size, seq_len = config.train.batch_size, config.data.seq_len
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
@@ -47,6 +49,13 @@ def jax_step_seconds(config, steps: int, warmup: int = 3) -> float:
     batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
     with jax.set_mesh(mesh):
         batch = sharding.shard_batch(batch, mesh)
+    return step, state, batch, mesh
+
+
+def jax_step_seconds(config, steps: int, warmup: int = 3) -> float:
+    """Seconds per production train step (`production_step`)."""
+    step, state, batch, mesh = production_step(config)
+    with jax.set_mesh(mesh):
         for _ in range(warmup):
             state, metrics = step(state, batch, jax.random.key(0))
         jax.block_until_ready(metrics)
