@@ -70,10 +70,11 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
         info[name] = (op_name.group(1) if op_name else "", called.group(1) if called else None)
         if opcode == "dot":
             lhs = re.match(r"%([\w.\-]+)", rest).group(1)
-            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
             k = 1
-            for d in contracting.split(","):
-                k *= shapes[computation, lhs][int(d)]
+            for d in contracting.group(1).split(",") if contracting else ():
+                if d:
+                    k *= shapes[computation, lhs][int(d)]
             out = 1
             for d in shape:
                 out *= d
@@ -98,6 +99,9 @@ def op_durations_ms(trace_dir: str) -> collections.Counter:
                 name = plane.event_metadata[event.metadata_id].name
                 if "::" not in name and not name.startswith("end:"):  # runtime bookkeeping
                     durations[name] += event.duration_ps / 1e9
+    if not durations:
+        raise RuntimeError(f"no XLA:CPU op events (threads named tf_XLAEigen*) in {trace_dir}: "
+                           "this jax version's profiler names its threads differently")
     return durations
 
 

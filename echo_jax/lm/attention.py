@@ -34,16 +34,18 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax
                       positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                       block: int) -> jax.Array:
     """`dense_attention` of a sequence over itself that skips the upper triangle: query block i
-    reads only keys [0, (i + 1) * block), so the [B, H, L, L] logits, mask and softmax shrink to
-    (n + 1) / 2n of their size for n blocks (XLA:CPU spends most of attention's time there). The
-    last block is shorter where `block` does not divide L (RL's prompt + completion rows).
+    reads only keys [0, min((i + 1) * block, L)), so the [B, H, L, L] logits, mask and softmax
+    shrink to (n + 1) / 2n of their size for n blocks that divide L (XLA:CPU spends most of
+    attention's time there). The last block is shorter where `block` does not divide L (RL's
+    prompt + completion rows).
 
     Exact for real tokens: a key after the query in the row is either in another packed example
     or (positions increase within one) at a later position, so `attention_mask` is False for it.
     Padding queries (segment 0) see no key in either path; their output (a mean of the values
     read) differs, and nothing reads it.
 
-    The gradient is hand-written (`_blocked_bwd`), see there.
+    The gradient is hand-written (`_blocked_bwd`), see there; being a `jax.custom_vjp`, this path
+    has reverse-mode derivatives only (no `jax.jvp` / `jacfwd`).
     """
     # Heads-major once, so each block's einsums read contiguous slices (~10 % faster than
     # slicing the (B, L, H, K) queries per block).
@@ -91,28 +93,32 @@ def _blocked_fwd(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL
 
 
 def _blocked_bwd(block, residuals, dout_BxHxLxK):
-    """The softmax-attention gradient with two choices that autodiff does not make, worth
-    ~10-17 % of a tiny/small train step on XLA:CPU (benchmarks/RESULTS.md):
+    """The softmax-attention gradient with two choices that autodiff does not make, worth 3-17 %
+    of a tiny train step and 11 % of a small one on XLA:CPU (A/B pairs in
+    benchmarks/RESULTS.md):
     - the softmax row term is sum(dO * O) over K (flash attention's), not sum(P * dP) over S;
     - the key and value gradients are accumulated transposed, [K, S] per head
       ("BHQK,BHQS->BHKS"), and transposed once at the end: autodiff's [S, K] = P^T dO contracts
       the row axis of its left operand, which XLA:CPU runs through a slow generic kernel
       (~30 GFLOP/s inside a tiny step, against ~100-200 for these forms).
+    The softmax part runs in float32 whatever the activations' dtype, as the forward's does.
     """
     q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxHxLxK, probs, positions_BxL, segment_ids_BxL = residuals
     B, H, L, K = q_BxHxLxK.shape
     scale = K ** -0.5
-    row_term_BxHxLx1 = (dout_BxHxLxK * out_BxHxLxK).sum(-1, keepdims=True)
+    f32 = jnp.float32
+    row_term_BxHxLx1 = (dout_BxHxLxK.astype(f32) * out_BxHxLxK.astype(f32)).sum(-1, keepdims=True)
     dq_blocks = []
-    dk_BxHxKxL = jnp.zeros((B, H, K, L), q_BxHxLxK.dtype)
-    dv_BxHxKxL = jnp.zeros((B, H, K, L), q_BxHxLxK.dtype)
+    dk_BxHxKxL = jnp.zeros((B, H, K, L), k_BxHxLxK.dtype)
+    dv_BxHxKxL = jnp.zeros((B, H, K, L), v_BxHxLxK.dtype)
     for (start, end), probs_BxHxQxS in zip(_query_blocks(L, block), probs):
         dout_BxHxQxK = dout_BxHxLxK[:, :, start:end]
-        dprobs_BxHxQxS = jnp.einsum("BHQK,BHSK->BHQS", dout_BxHxQxK, v_BxHxLxK[:, :, :end])
+        dprobs_BxHxQxS = jnp.einsum("BHQK,BHSK->BHQS", dout_BxHxQxK, v_BxHxLxK[:, :, :end],
+                                    preferred_element_type=f32)
         mask = _block_mask(positions_BxL, segment_ids_BxL, start, end)
-        dlogits_BxHxQxS = jnp.where(
-            mask, probs_BxHxQxS * (dprobs_BxHxQxS - row_term_BxHxLx1[:, :, start:end]), 0.0
-        ) * scale
+        dlogits_BxHxQxS = (jnp.where(
+            mask, probs_BxHxQxS.astype(f32) * (dprobs_BxHxQxS - row_term_BxHxLx1[:, :, start:end]),
+            0.0) * scale).astype(q_BxHxLxK.dtype)
         dq_blocks.append(jnp.einsum("BHQS,BHSK->BHQK", dlogits_BxHxQxS, k_BxHxLxK[:, :, :end]))
         dk_BxHxKxL = dk_BxHxKxL.at[..., :end].add(
             jnp.einsum("BHQK,BHQS->BHKS", q_BxHxLxK[:, :, start:end], dlogits_BxHxQxS))

@@ -76,10 +76,11 @@ def _ragged_packed(batch, length, seed, vocab=64):
     return rng.integers(0, vocab, (batch, length)).astype(np.int32), positions, segments
 
 
-@pytest.mark.parametrize("block", [4, 8, 12, 16])  # 12: a shorter last block of 8
-def test_blocked_attention_equals_dense(block):
+@pytest.mark.parametrize("block,remat", [(4, False), (8, False), (12, False), (16, False),
+                                         (8, True)])  # 12: a shorter last block of 8
+def test_blocked_attention_equals_dense(block, remat):
     dense_cfg = dataclasses.replace(SMALL, max_len=64)
-    blocked_cfg = dataclasses.replace(dense_cfg, attention_block=block)
+    blocked_cfg = dataclasses.replace(dense_cfg, attention_block=block, remat=remat)
     params = _params(dense_cfg, seq_len=32)
     tokens, positions, segments = _ragged_packed(5, 32, seed=block)
     real = segments > 0
@@ -147,7 +148,8 @@ def test_study_shapes_by_eval_shape(variant, low, high):
 def _one_step(mesh_sizes, batch):
     config = load_config(f"{REPO}/configs/lm_pretrain.py:tiny",
                          ["model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-                          "model.mlp_dim=64", "model.vocab_size=64", "data.seq_len=16"])
+                          "model.mlp_dim=64", "model.vocab_size=64", "data.seq_len=16",
+                          "model.attention_block=8"])  # the blocked path and its custom gradient
     cfg = pretrain.model_config(config)
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
     from echo_jax.core.train_loop import TrainTask
