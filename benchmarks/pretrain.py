@@ -52,18 +52,24 @@ def production_step(config):
     return step, state, batch, mesh
 
 
+def time_steps(step, state, batch, steps: int, warmup: int = 3):
+    """`(seconds per step, state)` over `steps` calls after `warmup` ones (call it under the
+    step's mesh; the state passed in is donated, use the one returned)."""
+    for _ in range(warmup):
+        state, _ = step(state, batch, jax.random.key(0))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / steps, state
+
+
 def jax_step_seconds(config, steps: int, warmup: int = 3) -> float:
     """Seconds per production train step (`production_step`)."""
     step, state, batch, mesh = production_step(config)
     with jax.set_mesh(mesh):
-        for _ in range(warmup):
-            state, metrics = step(state, batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps
+        return time_steps(step, state, batch, steps, warmup)[0]
 
 
 def torch_config(config) -> dict:

@@ -23,11 +23,11 @@ import argparse
 import collections
 import glob
 import json
+import math
 import pathlib
 import re
 import sys
 import tempfile
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import echo_jax  # noqa: E402,F401,I001
 import jax  # noqa: E402
 
-from benchmarks.pretrain import production_step  # noqa: E402
+from benchmarks.pretrain import production_step, time_steps  # noqa: E402
 from echo_jax.core.config import load_config  # noqa: E402
 from echo_jax.lm import pretrain  # noqa: E402
 
@@ -49,10 +49,11 @@ PARTS = (("_smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\((.*)")
 
 
-def parse_hlo(text: str) -> tuple[dict, dict]:
-    """`(info, dot_flops)`: per instruction of the entry computation its op_name metadata and
-    called computation; per computation the FLOPs of its dots."""
-    shapes, info, flops = {}, {}, collections.Counter()
+def parse_hlo(text: str) -> dict[str, tuple[str, float]]:
+    """Per instruction of the optimised HLO: its op_name metadata and the FLOPs of its dots (its
+    own for a dot, those of the computation it calls for a fusion)."""
+    shapes, metadata, own_flops, called_by = {}, {}, {}, {}
+    computation_flops = collections.Counter()
     computation = None
     for line in text.splitlines():
         header = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
@@ -66,21 +67,20 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
         shape = [int(d) for d in dims.split(",") if d]
         shapes[computation, name] = shape
         op_name = re.search(r'op_name="([^"]+)"', rest)
+        metadata[name] = op_name.group(1) if op_name else ""
         called = re.search(r"calls=%([\w.\-]+)", rest)
-        info[name] = (op_name.group(1) if op_name else "", called.group(1) if called else None)
+        if called:
+            called_by[name] = called.group(1)
         if opcode == "dot":
             lhs = re.match(r"%([\w.\-]+)", rest).group(1)
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-            k = 1
-            for d in contracting.group(1).split(",") if contracting else ():
-                if d:
-                    k *= shapes[computation, lhs][int(d)]
-            out = 1
-            for d in shape:
-                out *= d
-            flops[computation] += 2 * out * k
-            flops["op:" + name] += 2 * out * k
-    return info, flops
+            flops = 2.0 * math.prod(shape) * math.prod(
+                shapes[computation, lhs][int(d)]
+                for d in (contracting.group(1).split(",") if contracting else ()) if d)
+            own_flops[name] = flops
+            computation_flops[computation] += flops
+    return {name: (op_name, own_flops.get(name) or computation_flops.get(called_by.get(name), 0.0))
+            for name, op_name in metadata.items()}
 
 
 def op_durations_ms(trace_dir: str) -> collections.Counter:
@@ -125,27 +125,19 @@ def main() -> None:
     step, state, batch, mesh = production_step(config)
     tokens = config.train.batch_size * config.data.seq_len
     with jax.set_mesh(mesh):
+        # The very executable that is traced, so its HLO names the ops in the trace.
         compiled = step.lower(state, batch, jax.random.key(0)).compile()
-        for _ in range(3):
-            state, metrics = compiled(state, batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = compiled(state, batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-        step_ms = (time.perf_counter() - start) / args.steps * 1e3
+        step_s, state = time_steps(compiled, state, batch, args.steps)
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir):
-                for _ in range(args.steps):
-                    state, metrics = compiled(state, batch, jax.random.key(0))
-                jax.block_until_ready(metrics)
+                time_steps(compiled, state, batch, args.steps, warmup=0)
             durations = op_durations_ms(trace_dir)
-    info, flops = parse_hlo(compiled.as_text())
+    hlo = parse_hlo(compiled.as_text())
+    step_ms = step_s * 1e3
     rows = collections.defaultdict(lambda: {"matmul_ms": 0.0, "matmul_gflop": 0.0,
                                             "other_ms": 0.0})
     for op, total_ms in durations.items():
-        op_name, called = info.get(op, ("", None))
-        op_flops = flops.get(called, 0) if called else flops.get("op:" + op, 0)
+        op_name, op_flops = hlo.get(op, ("", 0.0))
         row = rows[part_of(op_name)]
         if op_flops:
             row["matmul_ms"] += total_ms / args.steps
