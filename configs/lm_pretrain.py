@@ -61,6 +61,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # sizes measured, 128 is the fastest for tiny (2 blocks) and small (4 blocks) on the 2-core
     # CPU (benchmarks/RESULTS.md); 0 (dense) for the TPU study shapes.
     c.model.attention_block = 0 if study_scale else 128
+    # "auto": on a single CPU device, training attention runs through the fused C++ kernel
+    # (lm/cpu_attention.py, built with the host's compiler on first use; 2.7x faster than the
+    # blocked XLA path for tiny); elsewhere through XLA as above. "xla" / "cpu" force one.
+    c.model.attention_kernel = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps

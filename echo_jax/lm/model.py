@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from echo_jax.lm import cpu_attention
 from echo_jax.lm.attention import blocked_attention, dense_attention
 
 Cache = list[dict[str, jax.Array]]
@@ -40,6 +41,10 @@ class ModelConfig:
     # Query block size of causal attention in training (no cache); 0 = one dense [L, L] block.
     # Blocks skip the fully-masked upper triangle (see `blocked_attention`).
     attention_block: int = 0
+    # Training attention (no cache) through the fused C++ kernel of lm/cpu_attention.py:
+    # "auto" where the step runs on one CPU device and the kernel builds, "cpu" always (an
+    # error where it cannot), "xla" never.
+    attention_kernel: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -52,6 +57,9 @@ class ModelConfig:
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
+        if self.attention_kernel not in ("auto", "cpu", "xla"):
+            raise ValueError("attention_kernel must be 'auto', 'cpu' or 'xla', got "
+                             f"{self.attention_kernel!r}")
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, std: float):
@@ -120,7 +128,10 @@ class Attention(nn.Module):
             k_pos, k_seg, keys, values = (new_cache["pos"], new_cache["seg"], new_cache["k"],
                                           new_cache["v"])
         L, block = x_BxLxD.shape[1], cfg.attention_block
-        if cache is None and 0 < block < L:
+        if cache is None and _use_cpu_kernel(cfg.attention_kernel, q_BxLxHxK):
+            out_BxLxHxK = cpu_attention.attention(q_BxLxHxK, keys, values, positions_BxL,
+                                                  segment_ids_BxL)
+        elif cache is None and 0 < block < L:
             out_BxLxHxK = blocked_attention(q_BxLxHxK, keys, values, positions_BxL,
                                             segment_ids_BxL, block)
         else:
@@ -144,6 +155,23 @@ class Attention(nn.Module):
             any_real = (segment_ids_BxL > 0).any(1)[:, None, None]
             last_k = jnp.where(any_real, last_k, cache["last_raw_k"])
         return smeared, last_k
+
+
+def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
+    """Whether training attention runs through the C++ kernel (see `attention_kernel`)."""
+    if choice == "xla":
+        return False
+    if choice == "cpu":
+        cpu_attention.require()
+        if not cpu_attention.supports(q_BxLxHxK):
+            raise ValueError("attention_kernel='cpu' needs float32 activations and a head dim "
+                             f"in {cpu_attention.HEAD_DIMS}, got {q_BxLxHxK.dtype} and "
+                             f"{q_BxLxHxK.shape[-1]}")
+        return True
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = jax.device_count() if mesh.empty else mesh.size
+    return (jax.default_backend() == "cpu" and devices == 1
+            and cpu_attention.supports(q_BxLxHxK) and cpu_attention.available())
 
 
 class MLP(nn.Module):

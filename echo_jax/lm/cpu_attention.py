@@ -1,0 +1,160 @@
+"""The fused CPU attention kernel (`kernels/cpu_attention.cc`) as a JAX function.
+
+XLA:CPU runs training attention as separate ops that stream [Q, S] tensors through memory, at a
+fraction of its matmul rate for head dims of 32 (benchmarks/RESULTS.md). The kernel is an XLA
+FFI custom call: one task per (row, head) on XLA's own thread pool, only the keys each query
+can see (its own packed example, up to itself), the probabilities recomputed in the backward
+pass from the saved log-sum-exp as flash attention does.
+
+The C++ source is compiled with the host's C++ compiler on first use (`-O3 -march=native`,
+~5 s) into a cache keyed by the source, the compiler, the jaxlib headers and the CPU, so a
+checkout needs no build step; `available()` says whether that worked, `require()` raises why
+not. Shape legend: B batch, H heads, L length, K head dim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_attention.cc"
+HEAD_DIMS = (32, 64, 128)
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {"echo_attention_fwd": "EchoAttentionForward",
+            "echo_attention_bwd": "EchoAttentionBackward"}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel could not be built or loaded on this host."""
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("ECHO_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "echo_jax")
+    return pathlib.Path(root) / "kernels"
+
+
+def _compiler() -> str:
+    if os.environ.get("CXX"):
+        if not shutil.which(os.environ["CXX"]):
+            raise KernelUnavailable(f"the C++ compiler CXX={os.environ['CXX']} was not found")
+        return os.environ["CXX"]
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise KernelUnavailable("no C++ compiler found (install g++ or set CXX)")
+    return compiler
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: `-march=native` code is only valid on the same."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    return "".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name"))}))
+
+
+def _build() -> pathlib.Path:
+    compiler = _compiler()
+    include = jax.ffi.include_dir()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([
+        SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_signature(),
+        (pathlib.Path(include) / "xla/ffi/api/ffi.h").read_text()]).encode()).hexdigest()[:16]
+    library = cache_dir() / f"cpu_attention-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        partial = pathlib.Path(tmp) / library.name
+        command = [compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n"
+                                    + result.stderr[-2000:])
+        os.replace(partial, library)  # atomic: concurrent builders leave one complete file
+    logging.info("Built the CPU attention kernel: %s", library)
+    return library
+
+
+@functools.cache
+def _load() -> None:
+    library = ctypes.CDLL(str(_build()))
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+
+
+def require() -> None:
+    """Builds and registers the kernel, or raises `KernelUnavailable` saying why."""
+    try:
+        _load()
+    except KernelUnavailable:
+        raise
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"loading the CPU attention kernel failed: {e}") from e
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel builds and loads here (logged once when it does not)."""
+    try:
+        require()
+        return True
+    except KernelUnavailable as e:
+        logging.warning("CPU attention kernel unavailable, using XLA attention: %s", e)
+        return False
+
+
+def supports(q_BxLxHxK: jax.Array) -> bool:
+    """Shapes and dtype the kernel handles: float32 and a head dim in `HEAD_DIMS`."""
+    return q_BxLxHxK.dtype == jnp.float32 and q_BxLxHxK.shape[-1] in HEAD_DIMS
+
+
+def attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array,
+              positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    """Causal softmax attention of a packed sequence over itself, with `attention_mask`'s
+    semantics (lm/attention.py); a query that sees no key (padding) outputs zeros. Reverse-mode
+    differentiable. Call `require()` first."""
+    out_BxHxLxK = _attention(q_BxLxHxK.transpose(0, 2, 1, 3), k_BxHxLxK, v_BxHxLxK,
+                             positions_BxL.astype(jnp.int32), segment_ids_BxL.astype(jnp.int32))
+    return out_BxHxLxK.transpose(0, 2, 1, 3)
+
+
+def _forward_call(q, k, v, positions, segments):
+    B, H, L, _ = q.shape
+    return jax.ffi.ffi_call("echo_attention_fwd", (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct((B, H, L), jnp.float32)))(q, k, v, positions, segments)
+
+
+@jax.custom_vjp
+def _attention(q, k, v, positions, segments):
+    return _forward_call(q, k, v, positions, segments)[0]
+
+
+def _attention_fwd(q, k, v, positions, segments):
+    out, lse = _forward_call(q, k, v, positions, segments)
+    return out, (q, k, v, out, lse, positions, segments)
+
+
+def _attention_bwd(residuals, dout):
+    q, k, v, out, lse, positions, segments = residuals
+    grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    dq, dk, dv = jax.ffi.ffi_call("echo_attention_bwd", (grad, grad, grad))(
+        q, k, v, out, lse, dout, positions, segments)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,128 @@
+"""The fused C++ attention kernel equals XLA's dense attention (outputs and gradients) on every
+real query, in the model as alone; padding queries output zeros; an unbuildable kernel is a
+clear error for "cpu" and a fallback to XLA for "auto"."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from echo_jax.lm import attention, cpu_attention
+from echo_jax.lm.model import ModelConfig, Transformer
+from tests.conftest import REPO
+
+
+def _packed_rows(batch, length, seed, shuffled):
+    """Rows of 1-4 examples and up to 5 padding tokens. `shuffled` permutes each row's tokens, so
+    examples interleave and positions are not increasing: the kernel's general path."""
+    rng = np.random.default_rng(seed)
+    positions, segments = np.zeros((2, batch, length), np.int32)
+    for row in range(batch):
+        real = length - rng.integers(0, min(6, length // 2))
+        cuts = np.sort(rng.choice(np.arange(1, real), min(rng.integers(0, 4), real - 1),
+                                  replace=False))
+        for seg, (start, end) in enumerate(zip([0, *cuts], [*cuts, real]), 1):
+            positions[row, start:end], segments[row, start:end] = np.arange(end - start), seg
+        if shuffled:
+            order = rng.permutation(length)
+            positions[row], segments[row] = positions[row, order], segments[row, order]
+    return positions, segments
+
+
+@pytest.mark.parametrize("length,head_dim,shuffled", [
+    (40, 32, False), (5, 64, False), (37, 128, False), (48, 32, True), (23, 64, True)])
+def test_kernel_equals_dense_attention(length, head_dim, shuffled):
+    cpu_attention.require()
+    batch, heads = 3, 2
+    positions, segments = _packed_rows(batch, length, seed=length, shuffled=shuffled)
+    rng = np.random.default_rng(head_dim)
+    q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(batch, heads, length, head_dim)), jnp.float32)
+            for _ in range(2))
+    real = (segments > 0)[:, :, None, None]
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # reads real rows only
+
+    def loss(attend):
+        return lambda q, k, v: (attend(q, k, v) * weights).sum()
+
+    dense = lambda q, k, v: attention.dense_attention(q, k, v, positions, segments, positions,
+                                                      segments)
+    kernel = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, positions, segments))
+    want, got = dense(q, k, v), kernel(q, k, v)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
+    np.testing.assert_array_equal(np.where(real, 0, got), 0)  # padding queries: zeros
+    want_grads = jax.grad(loss(dense), (0, 1, 2))(q, k, v)
+    got_grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2)))(q, k, v)
+    for want_grad, got_grad in zip(want_grads, got_grads):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5)
+
+
+def test_model_with_kernel_equals_xla():
+    """Loss and parameter gradients of a (rematerialised) model, kernel vs XLA blocked path."""
+    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
+                          max_len=48, smear_keys=True, remat=True, attention_block=16,
+                          attention_kernel="xla")
+    kernel_cfg = dataclasses.replace(xla_cfg, attention_kernel="cpu")
+    positions, segments = _packed_rows(4, 48, seed=7, shuffled=False)
+    tokens = np.random.default_rng(7).integers(0, 64, positions.shape).astype(np.int32)
+    params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
+                                                     segments)["params"])
+
+    def loss_fn(cfg):
+        def loss(params):
+            logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+            return (nll * (segments[:, 1:] > 0)).mean()
+        return jax.jit(jax.value_and_grad(loss))
+
+    (xla_loss, xla_grads), (kernel_loss, kernel_grads) = (
+        loss_fn(cfg)(params) for cfg in (xla_cfg, kernel_cfg))
+    np.testing.assert_allclose(kernel_loss, xla_loss, rtol=1e-6)
+    for path, want in jax.tree_util.tree_leaves_with_path(xla_grads):
+        got = dict(jax.tree_util.tree_leaves_with_path(kernel_grads))[path]
+        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_kernel_choice_is_validated():
+    with pytest.raises(ValueError, match="attention_kernel must be"):
+        ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
+                    attention_kernel="fast")
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
+                      dtype="bfloat16", attention_kernel="cpu")
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="needs float32 activations and a head dim"):
+        Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
+
+
+_NO_COMPILER = """
+import jax.numpy as jnp, jax
+from echo_jax.lm import cpu_attention
+from echo_jax.lm.model import ModelConfig, Transformer
+tokens = jnp.zeros((1, 8), jnp.int32)
+for choice in ("auto", "cpu"):
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
+                      attention_kernel=choice)
+    try:
+        Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
+        print(choice, "ran")
+    except cpu_attention.KernelUnavailable as e:
+        print(choice, "refused:", e)
+"""
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+           "ECHO_JAX_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", _NO_COMPILER], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "auto ran"
+    assert lines[1] == f"cpu refused: the C++ compiler CXX={env['CXX']} was not found"
