@@ -9,7 +9,7 @@ pass from the saved log-sum-exp as flash attention does.
 The C++ source is compiled with the host's C++ compiler on first use (`-O3 -march=native`,
 ~5 s) into a cache keyed by the source, the compiler, the jaxlib headers and the CPU, so a
 checkout needs no build step; `available()` says whether that worked, `require()` raises why
-not. Shape legend: B batch, H heads, L length, K head dim.
+not. Shape legend: B batch, L length, H heads, K head dim.
 """
 
 from __future__ import annotations
@@ -122,18 +122,17 @@ def supports(q_BxLxHxK: jax.Array) -> bool:
     return q_BxLxHxK.dtype == jnp.float32 and q_BxLxHxK.shape[-1] in HEAD_DIMS
 
 
-def attention(q_BxLxHxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array,
+def attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
               positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
     """Causal softmax attention of a packed sequence over itself, with `attention_mask`'s
     semantics (lm/attention.py); a query that sees no key (padding) outputs zeros. Reverse-mode
     differentiable. Call `require()` first."""
-    out_BxHxLxK = _attention(q_BxLxHxK.transpose(0, 2, 1, 3), k_BxHxLxK, v_BxHxLxK,
-                             positions_BxL.astype(jnp.int32), segment_ids_BxL.astype(jnp.int32))
-    return out_BxHxLxK.transpose(0, 2, 1, 3)
+    return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL.astype(jnp.int32),
+                      segment_ids_BxL.astype(jnp.int32))
 
 
 def _forward_call(q, k, v, positions, segments):
-    B, H, L, _ = q.shape
+    B, L, H, _ = q.shape
     return jax.ffi.ffi_call("echo_attention_fwd", (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         jax.ShapeDtypeStruct((B, H, L), jnp.float32)))(q, k, v, positions, segments)

@@ -129,8 +129,8 @@ class Attention(nn.Module):
                                           new_cache["v"])
         L, block = x_BxLxD.shape[1], cfg.attention_block
         if cache is None and _use_cpu_kernel(cfg.attention_kernel, q_BxLxHxK):
-            out_BxLxHxK = cpu_attention.attention(q_BxLxHxK, keys, values, positions_BxL,
-                                                  segment_ids_BxL)
+            out_BxLxHxK = cpu_attention.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                                  positions_BxL, segment_ids_BxL)
         elif cache is None and 0 < block < L:
             out_BxLxHxK = blocked_attention(q_BxLxHxK, keys, values, positions_BxL,
                                             segment_ids_BxL, block)

@@ -43,16 +43,16 @@ def test_kernel_equals_dense_attention(length, head_dim, shuffled):
     positions, segments = _packed_rows(batch, length, seed=length, shuffled=shuffled)
     rng = np.random.default_rng(head_dim)
     q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(batch, heads, length, head_dim)), jnp.float32)
-            for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=q.shape), jnp.float32) for _ in range(2))
     real = (segments > 0)[:, :, None, None]
     weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # reads real rows only
 
     def loss(attend):
         return lambda q, k, v: (attend(q, k, v) * weights).sum()
 
-    dense = lambda q, k, v: attention.dense_attention(q, k, v, positions, segments, positions,
-                                                      segments)
+    dense = lambda q, k, v: attention.dense_attention(
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, segments, positions,
+        segments)
     kernel = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, positions, segments))
     want, got = dense(q, k, v), kernel(q, k, v)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)

@@ -9,7 +9,8 @@
 //
 // Semantics: query q attends to key j iff seg[q] > 0, seg[j] == seg[q] and pos[j] <= pos[q]
 // (echo_jax/lm/attention.py `attention_mask`). A query that sees no key (padding) gets a zero
-// output and zero gradients. Layout: q, k, v, out [B, H, L, K] float32, pos/seg [B, L] int32,
+// output and zero gradients. Layout: q, k, v, out and their gradients [B, L, H, K] float32 (the
+// projections' own layout, so no transposes around the call), pos/seg [B, L] int32,
 // lse [B, H, L]. K (head dim) must be 32, 64 or 128.
 
 #include <algorithm>
@@ -93,16 +94,16 @@ struct Scratch {
   }
 };
 
-// One (batch row, head) pair's view: row-major [L, K] matrices.
+// One (batch row, head) pair's view: [L, K] matrices whose rows are `ld` floats apart.
 struct Head {
   const float* q; const float* k; const float* v;
-  int64_t L;
+  int64_t L, ld;
 };
 
 // out[r][j] = x[r] . yt[:, j] for r < kRows, j in [jlo, jhi) (multiples of kLanes).
 template <int K>
-void scores_tile(const float* x, const float* yt, int64_t Lp, int64_t jlo, int64_t jhi,
-                 int rows, float* out) {
+void scores_tile(const float* x, int64_t ld, const float* yt, int64_t Lp, int64_t jlo,
+                 int64_t jhi, int rows, float* out) {
   for (int64_t j = jlo; j < jhi; j += 2 * kLanes) {
     bool two = j + kLanes < jhi;
     vf acc0[kRows] = {}, acc1[kRows] = {};
@@ -110,7 +111,7 @@ void scores_tile(const float* x, const float* yt, int64_t Lp, int64_t jlo, int64
       vf y0 = load(yt + c * Lp + j);
       vf y1 = two ? load(yt + c * Lp + j + kLanes) : vf{};
       for (int r = 0; r < kRows; ++r) {
-        vf a = splat(x[(r < rows ? r : 0) * K + c]);
+        vf a = splat(x[(r < rows ? r : 0) * ld + c]);
         acc0[r] += a * y0;
         acc1[r] += a * y1;
       }
@@ -122,14 +123,14 @@ void scores_tile(const float* x, const float* yt, int64_t Lp, int64_t jlo, int64
   }
 }
 
-// out[r] (+)= sum_j w[r][j] y[j] over j in [jlo, jend), y row-major [L, K].
+// out[r] = sum_j w[r][j] y[j] over j in [jlo, jend); rows of y and out are ld apart.
 template <int K>
-void combine_rows(const float* w, int64_t Lp, const float* y, int64_t jlo, int64_t jend,
-                  int rows, float* out, bool accumulate) {
+void combine_rows(const float* w, int64_t Lp, const float* y, int64_t ld, int64_t jlo,
+                  int64_t jend, int rows, float* out) {
   for (int c = 0; c < K; c += 2 * kLanes) {
     vf acc0[kRows] = {}, acc1[kRows] = {};
     for (int64_t j = jlo; j < jend; ++j) {
-      vf y0 = load(y + j * K + c), y1 = load(y + j * K + c + kLanes);
+      vf y0 = load(y + j * ld + c), y1 = load(y + j * ld + c + kLanes);
       for (int r = 0; r < kRows; ++r) {
         vf a = splat(w[r * Lp + j]);
         acc0[r] += a * y0;
@@ -137,41 +138,46 @@ void combine_rows(const float* w, int64_t Lp, const float* y, int64_t jlo, int64
       }
     }
     for (int r = 0; r < rows; ++r) {
-      float* o = out + r * K + c;
-      store(o, accumulate ? load(o) + acc0[r] : acc0[r]);
-      store(o + kLanes, accumulate ? load(o + kLanes) + acc1[r] : acc1[r]);
+      store(out + r * ld + c, acc0[r]);
+      store(out + r * ld + c + kLanes, acc1[r]);
     }
   }
 }
 
 // out[j] += sum_r w[r][j] x[r] for j in [jlo, jend): the key/value gradient update.
 template <int K>
-void scatter_rows(const float* w, int64_t Lp, const float* x, int rows, int64_t jlo,
-                  int64_t jend, float* out) {
+void scatter_rows(const float* w, int64_t Lp, const float* x, int64_t ld, int rows,
+                  int64_t jlo, int64_t jend, float* out) {
   for (int c = 0; c < K; c += 2 * kLanes) {
     vf x0[kRows], x1[kRows];
     for (int r = 0; r < kRows; ++r) {
-      x0[r] = r < rows ? load(x + r * K + c) : vf{};
-      x1[r] = r < rows ? load(x + r * K + c + kLanes) : vf{};
+      x0[r] = r < rows ? load(x + r * ld + c) : vf{};
+      x1[r] = r < rows ? load(x + r * ld + c + kLanes) : vf{};
     }
     for (int64_t j = jlo; j < jend; ++j) {
-      vf acc0 = load(out + j * K + c), acc1 = load(out + j * K + c + kLanes);
+      vf acc0 = load(out + j * ld + c), acc1 = load(out + j * ld + c + kLanes);
       for (int r = 0; r < kRows; ++r) {
         vf a = splat(w[r * Lp + j]);
         acc0 += a * x0[r];
         acc1 += a * x1[r];
       }
-      store(out + j * K + c, acc0);
-      store(out + j * K + c + kLanes, acc1);
+      store(out + j * ld + c, acc0);
+      store(out + j * ld + c + kLanes, acc1);
     }
   }
 }
 
-// Transposes an [L, K] matrix into [K, Lp] (columns past L stay zero).
+// Transposes an [L, K] matrix (rows ld apart) into [K, Lp] (columns past L stay zero).
 template <int K>
-void transpose_into(const float* m, int64_t L, int64_t Lp, float* mt) {
+void transpose_into(const float* m, int64_t ld, int64_t L, int64_t Lp, float* mt) {
   for (int64_t j = 0; j < L; ++j)
-    for (int c = 0; c < K; ++c) mt[c * Lp + j] = m[j * K + c];
+    for (int c = 0; c < K; ++c) mt[c * Lp + j] = m[j * ld + c];
+}
+
+// Zeroes `rows` rows of K floats, ld apart.
+template <int K>
+void zero_rows(float* m, int64_t ld, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(m + r * ld, m + r * ld + K, 0.0f);
 }
 
 // A block's rows and the union of their key ranges, rounded out to whole vectors.
@@ -242,24 +248,24 @@ void prepare(Scratch& s, const int32_t* pos, const int32_t* seg, int64_t L) {
 template <int K>
 void forward_head(Scratch& s, const Head& h, const int32_t* pos, const int32_t* seg,
                   float* out, float* lse) {
-  const int64_t L = h.L, Lp = round_up(L, kLanes);
+  const int64_t L = h.L, Lp = round_up(L, kLanes), ld = h.ld;
   s.resize(L, Lp, K);
   prepare(s, pos, seg, L);
-  transpose_into<K>(h.k, L, Lp, s.kt.data());
+  transpose_into<K>(h.k, ld, L, Lp, s.kt.data());
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
   for (int64_t r0 = 0; r0 < L; r0 += kRows) {
     Block b = block_at(s, r0, L);
     if (b.empty) {
-      std::fill(out + r0 * K, out + (r0 + b.rows) * K, 0.0f);
+      zero_rows<K>(out + r0 * ld, ld, b.rows);
       std::fill(lse + r0, lse + r0 + b.rows, 0.0f);
       continue;
     }
     float inv_sum[kRows];
-    scores_tile<K>(h.q + r0 * K, s.kt.data(), Lp, b.jlo, b.jhi, b.rows, s.scores.data());
+    scores_tile<K>(h.q + r0 * ld, ld, s.kt.data(), Lp, b.jlo, b.jhi, b.rows, s.scores.data());
     probabilities(s, r0, b, scale, nullptr, lse + r0, inv_sum);
-    combine_rows<K>(s.scores.data(), Lp, h.v, b.jlo, b.jend, b.rows, out + r0 * K, false);
+    combine_rows<K>(s.scores.data(), Lp, h.v, ld, b.jlo, b.jend, b.rows, out + r0 * ld);
     for (int r = 0; r < b.rows; ++r)
-      for (int c = 0; c < K; ++c) out[(r0 + r) * K + c] *= inv_sum[r];
+      for (int c = 0; c < K; ++c) out[(r0 + r) * ld + c] *= inv_sum[r];
   }
 }
 
@@ -267,35 +273,37 @@ template <int K>
 void backward_head(Scratch& s, const Head& h, const float* out, const float* lse,
                    const float* dout, const int32_t* pos, const int32_t* seg, float* dq,
                    float* dk, float* dv) {
-  const int64_t L = h.L, Lp = round_up(L, kLanes);
+  const int64_t L = h.L, Lp = round_up(L, kLanes), ld = h.ld;
   s.resize(L, Lp, K);
   prepare(s, pos, seg, L);
-  transpose_into<K>(h.k, L, Lp, s.kt.data());
-  transpose_into<K>(h.v, L, Lp, s.vt.data());
-  std::fill(dk, dk + L * K, 0.0f);
-  std::fill(dv, dv + L * K, 0.0f);
+  transpose_into<K>(h.k, ld, L, Lp, s.kt.data());
+  transpose_into<K>(h.v, ld, L, Lp, s.vt.data());
+  zero_rows<K>(dk, ld, L);
+  zero_rows<K>(dv, ld, L);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
   for (int64_t r0 = 0; r0 < L; r0 += kRows) {
     Block b = block_at(s, r0, L);
     if (b.empty) {
-      std::fill(dq + r0 * K, dq + (r0 + b.rows) * K, 0.0f);
+      zero_rows<K>(dq + r0 * ld, ld, b.rows);
       continue;
     }
-    scores_tile<K>(h.q + r0 * K, s.kt.data(), Lp, b.jlo, b.jhi, b.rows, s.scores.data());
+    scores_tile<K>(h.q + r0 * ld, ld, s.kt.data(), Lp, b.jlo, b.jhi, b.rows, s.scores.data());
     probabilities(s, r0, b, scale, lse + r0, nullptr, nullptr);
-    scores_tile<K>(dout + r0 * K, s.vt.data(), Lp, b.jlo, b.jhi, b.rows, s.grads.data());
+    scores_tile<K>(dout + r0 * ld, ld, s.vt.data(), Lp, b.jlo, b.jhi, b.rows,
+                   s.grads.data());
     for (int r = 0; r < kRows; ++r) {  // dS = P * (dP - sum(dO * O)) * scale
       float row_term = 0.0f;
       if (r < b.rows)
-        for (int c = 0; c < K; ++c) row_term += dout[(r0 + r) * K + c] * out[(r0 + r) * K + c];
+        for (int c = 0; c < K; ++c)
+          row_term += dout[(r0 + r) * ld + c] * out[(r0 + r) * ld + c];
       float* p = s.scores.data() + r * Lp;
       float* g = s.grads.data() + r * Lp;
       for (int64_t j = b.jlo; j < b.jhi; j += kLanes)
         store(g + j, load(p + j) * (load(g + j) - row_term) * scale);
     }
-    combine_rows<K>(s.grads.data(), Lp, h.k, b.jlo, b.jend, b.rows, dq + r0 * K, false);
-    scatter_rows<K>(s.grads.data(), Lp, h.q + r0 * K, b.rows, b.jlo, b.jend, dk);
-    scatter_rows<K>(s.scores.data(), Lp, dout + r0 * K, b.rows, b.jlo, b.jend, dv);
+    combine_rows<K>(s.grads.data(), Lp, h.k, ld, b.jlo, b.jend, b.rows, dq + r0 * ld);
+    scatter_rows<K>(s.grads.data(), Lp, h.q + r0 * ld, ld, b.rows, b.jlo, b.jend, dk);
+    scatter_rows<K>(s.scores.data(), Lp, dout + r0 * ld, ld, b.rows, b.jlo, b.jend, dv);
   }
 }
 
@@ -330,9 +338,9 @@ void forward_all(ffi::ThreadPool& pool, int64_t B, int64_t H, int64_t L, const f
                  const float* k, const float* v, const int32_t* pos, const int32_t* seg,
                  float* out, float* lse) {
   parallel_for(pool, B * H, [&](int64_t i) {
-    int64_t b = i / H, off = i * L * K;
-    forward_head<K>(scratch, Head{q + off, k + off, v + off, L}, pos + b * L, seg + b * L,
-                    out + off, lse + i * L);
+    int64_t b = i / H, off = b * L * H * K + (i % H) * K;
+    forward_head<K>(scratch, Head{q + off, k + off, v + off, L, H * K}, pos + b * L,
+                    seg + b * L, out + off, lse + i * L);
   });
 }
 
@@ -342,19 +350,20 @@ void backward_all(ffi::ThreadPool& pool, int64_t B, int64_t H, int64_t L, const 
                   const float* dout, const int32_t* pos, const int32_t* seg, float* dq,
                   float* dk, float* dv) {
   parallel_for(pool, B * H, [&](int64_t i) {
-    int64_t b = i / H, off = i * L * K;
-    backward_head<K>(scratch, Head{q + off, k + off, v + off, L}, out + off, lse + i * L,
-                     dout + off, pos + b * L, seg + b * L, dq + off, dk + off, dv + off);
+    int64_t b = i / H, off = b * L * H * K + (i % H) * K;
+    backward_head<K>(scratch, Head{q + off, k + off, v + off, L, H * K}, out + off,
+                     lse + i * L, dout + off, pos + b * L, seg + b * L, dq + off, dk + off,
+                     dv + off);
   });
 }
 
 ffi::Error check_shapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::S32>& pos) {
   auto d = q.dimensions();
-  if (d.size() != 4) return ffi::Error::InvalidArgument("q must be [B, H, L, K]");
+  if (d.size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, K]");
   if (d[3] != 32 && d[3] != 64 && d[3] != 128)
     return ffi::Error::InvalidArgument("head dim must be 32, 64 or 128");
   auto p = pos.dimensions();
-  if (p.size() != 2 || p[0] != d[0] || p[1] != d[2])
+  if (p.size() != 2 || p[0] != d[0] || p[1] != d[1])
     return ffi::Error::InvalidArgument("positions must be [B, L]");
   return ffi::Error::Success();
 }
@@ -365,7 +374,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> lse) {
   if (auto e = check_shapes(q, pos); e.failure()) return e;
   auto d = q.dimensions();
-  const int64_t B = d[0], H = d[1], L = d[2];
+  const int64_t B = d[0], L = d[1], H = d[2];
   auto args = std::make_tuple(q.typed_data(), k.typed_data(), v.typed_data(), pos.typed_data(),
                               seg.typed_data(), out->typed_data(), lse->typed_data());
   auto run = [&](auto kernel) { std::apply([&](auto... a) { kernel(pool, B, H, L, a...); }, args); };
@@ -385,7 +394,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dv) {
   if (auto e = check_shapes(q, pos); e.failure()) return e;
   auto d = q.dimensions();
-  const int64_t B = d[0], H = d[1], L = d[2];
+  const int64_t B = d[0], L = d[1], H = d[2];
   auto args = std::make_tuple(q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(),
                               lse.typed_data(), dout.typed_data(), pos.typed_data(),
                               seg.typed_data(), dq->typed_data(), dk->typed_data(),
