@@ -46,7 +46,10 @@ PARTS = (("_smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
          ("/attn/", "attention core (RoPE, scores, softmax)"), ("/mlp/", "MLP"),
          ("_norm", "norms"), ("BLD,VD", "logits + loss"), ("BLD,DV", "logits + loss"),
          ("log_softmax", "logits + loss"), ("take_along_axis", "logits + loss"))
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\((.*)")
+# An instruction: its name, its array shape's dims (None for a tuple, e.g. a custom call's), its
+# opcode and the rest of the line.
+_INSTRUCTION = re.compile(
+    r"\s*(?:ROOT )?%([\w.\-]+) = (?:\w+\[([\d,]*)\]\S*|\(.*?\)) (\w[\w\-]*)\((.*)")
 
 
 def parse_hlo(text: str) -> dict[str, tuple[str, float]]:
@@ -64,7 +67,7 @@ def parse_hlo(text: str) -> dict[str, tuple[str, float]]:
         if not match:
             continue
         name, dims, opcode, rest = match.groups()
-        shape = [int(d) for d in dims.split(",") if d]
+        shape = [int(d) for d in (dims or "").split(",") if d]
         shapes[computation, name] = shape
         op_name = re.search(r'op_name="([^"]+)"', rest)
         metadata[name] = op_name.group(1) if op_name else ""

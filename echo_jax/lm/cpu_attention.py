@@ -40,9 +40,17 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> pathlib.Path:
+    """$ECHO_JAX_CACHE/kernels, else ~/.cache/echo_jax/kernels; a temporary folder where that
+    cannot be created (a read-only home)."""
     root = os.environ.get("ECHO_JAX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "echo_jax")
-    return pathlib.Path(root) / "kernels"
+    path = pathlib.Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = pathlib.Path(tempfile.gettempdir()) / f"echo_jax-{os.getuid()}" / "kernels"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _compiler() -> str:
@@ -75,7 +83,6 @@ def _build() -> pathlib.Path:
     library = cache_dir() / f"cpu_attention-{key}.so"
     if library.exists():
         return library
-    library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = pathlib.Path(tmp) / library.name
         command = [compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)]

@@ -126,3 +126,11 @@ def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == "auto ran"
     assert lines[1] == f"cpu refused: the C++ compiler CXX={env['CXX']} was not found"
+
+
+def test_cache_dir_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ECHO_JAX_CACHE", str(blocker / "cache"))  # cannot be created
+    path = cpu_attention.cache_dir()
+    assert path.is_dir() and not str(path).startswith(str(blocker))
