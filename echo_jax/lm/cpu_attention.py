@@ -130,37 +130,44 @@ def supports(q_BxLxHxK: jax.Array) -> bool:
 
 
 def attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
-              positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
-    """Causal softmax attention of a packed sequence over itself, with `attention_mask`'s
-    semantics (lm/attention.py); a query that sees no key (padding) outputs zeros. Reverse-mode
-    differentiable. Call `require()` first."""
+              positions_BxL: jax.Array, segment_ids_BxL: jax.Array, rope_cos_PxK2: jax.Array,
+              rope_sin_PxK2: jax.Array, smear_gate_H: jax.Array) -> jax.Array:
+    """Causal softmax attention of a packed sequence over itself from the raw projections: keys
+    smeared by `smear_gate_H` (zeros: none), queries and keys rotated by RoPE (tables indexed by
+    position, as `model.rope_tables`), then `attention_mask`'s semantics (lm/attention.py); a
+    query that sees no key (padding) outputs zeros. Positions must index the tables. Reverse-mode
+    differentiable (not in the tables). Call `require()` first."""
     return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL.astype(jnp.int32),
-                      segment_ids_BxL.astype(jnp.int32))
+                      segment_ids_BxL.astype(jnp.int32), rope_cos_PxK2, rope_sin_PxK2,
+                      smear_gate_H.astype(jnp.float32))
 
 
-def _forward_call(q, k, v, positions, segments):
+def _forward_call(*operands):
+    q = operands[0]
     B, L, H, _ = q.shape
     return jax.ffi.ffi_call("echo_attention_fwd", (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct((B, H, L), jnp.float32)))(q, k, v, positions, segments)
+        jax.ShapeDtypeStruct((B, H, L), jnp.float32)))(*operands)
 
 
 @jax.custom_vjp
-def _attention(q, k, v, positions, segments):
-    return _forward_call(q, k, v, positions, segments)[0]
+def _attention(q, k, v, positions, segments, rope_cos, rope_sin, gate):
+    return _forward_call(q, k, v, positions, segments, rope_cos, rope_sin, gate)[0]
 
 
-def _attention_fwd(q, k, v, positions, segments):
-    out, lse = _forward_call(q, k, v, positions, segments)
-    return out, (q, k, v, out, lse, positions, segments)
+def _attention_fwd(*operands):
+    out, lse = _forward_call(*operands)
+    return out, (operands, out, lse)
 
 
 def _attention_bwd(residuals, dout):
-    q, k, v, out, lse, positions, segments = residuals
+    operands, out, lse = residuals
+    q, gate = operands[0], operands[-1]
     grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    dq, dk, dv = jax.ffi.ffi_call("echo_attention_bwd", (grad, grad, grad))(
-        q, k, v, out, lse, dout, positions, segments)
-    return dq, dk, dv, None, None
+    dq, dk, dv, dgate_BxH = jax.ffi.ffi_call("echo_attention_bwd", (
+        grad, grad, grad, jax.ShapeDtypeStruct((q.shape[0], gate.shape[0]), jnp.float32)))(
+            *operands, out, lse, dout)
+    return dq, dk, dv, None, None, None, None, dgate_BxH.sum(0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -82,14 +82,35 @@ class Norm(nn.Module):
         return x.astype(x_BxLxD.dtype)
 
 
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    half = head_dim // 2
+    return theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+
+
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, rotate-half convention on pairs (i, i + K/2)."""
     half = x_BxLxHxK.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions_BxL[..., None, None].astype(jnp.float32) * freq  # B L 1 K/2
+    angle = positions_BxL[..., None, None].astype(jnp.float32) * rope_frequencies(
+        x_BxLxHxK.shape[-1], theta)  # B L 1 K/2
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of `rope`'s angles for positions [0, length), [length, K/2] each."""
+    angle = jnp.arange(length, dtype=jnp.float32)[:, None] * rope_frequencies(head_dim, theta)
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def smear_keys(k_BxLxHxK: jax.Array, positions_BxL: jax.Array, s_H: jax.Array,
+               first_Bx1xHxK: jax.Array | None = None) -> jax.Array:
+    """k_j + s * (k_{j-1} - k_j) per head where position j > 0; `first` stands in for the key
+    before the row's first (default: that key itself, i.e. no mixing)."""
+    first = k_BxLxHxK[:, :1] if first_Bx1xHxK is None else first_Bx1xHxK
+    prev = jnp.concatenate([first, k_BxLxHxK[:, :-1]], axis=1)
+    prev = jnp.where((positions_BxL > 0)[..., None, None], prev, k_BxLxHxK)
+    return k_BxLxHxK + s_H[:, None].astype(k_BxLxHxK.dtype) * (prev - k_BxLxHxK)
 
 
 class Attention(nn.Module):
@@ -107,8 +128,21 @@ class Attention(nn.Module):
             ).astype(x_BxLxD.dtype))
             for name in ("q", "k", "v"))
         new_cache = None
+        smear_H = None
         if cfg.smear_keys:
-            k_BxLxHxK, last_k = self._smear(k_BxLxHxK, positions_BxL, segment_ids_BxL, cache)
+            gate_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
+            smear_H = jax.nn.sigmoid(self.param("smear_gate", gate_init, (H,), jnp.float32))
+        L = x_BxLxD.shape[1]
+        if cache is None and _use_cpu_kernel(cfg.attention_kernel, q_BxLxHxK):
+            # The kernel smears the keys and applies RoPE itself.
+            cos_PxK2, sin_PxK2 = rope_tables(max(cfg.max_len, L), K, cfg.rope_theta)
+            out_BxLxHxK = cpu_attention.attention(
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, segment_ids_BxL, cos_PxK2,
+                sin_PxK2, jnp.zeros((H,)) if smear_H is None else smear_H)
+            return self._output(out_BxLxHxK), None
+        if cfg.smear_keys:
+            k_BxLxHxK, last_k = self._smear(k_BxLxHxK, positions_BxL, segment_ids_BxL, cache,
+                                            smear_H)
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
         k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, cfg.rope_theta)
         if cache is None:
@@ -127,27 +161,26 @@ class Attention(nn.Module):
                 new_cache["last_raw_k"] = last_k
             k_pos, k_seg, keys, values = (new_cache["pos"], new_cache["seg"], new_cache["k"],
                                           new_cache["v"])
-        L, block = x_BxLxD.shape[1], cfg.attention_block
-        if cache is None and _use_cpu_kernel(cfg.attention_kernel, q_BxLxHxK):
-            out_BxLxHxK = cpu_attention.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                                  positions_BxL, segment_ids_BxL)
-        elif cache is None and 0 < block < L:
+        block = cfg.attention_block
+        if cache is None and 0 < block < L:
             out_BxLxHxK = blocked_attention(q_BxLxHxK, keys, values, positions_BxL,
                                             segment_ids_BxL, block)
         else:
             out_BxLxHxK = dense_attention(q_BxLxHxK, keys, values, positions_BxL,
                                           segment_ids_BxL, k_pos, k_seg)
-        w_out = _param(self, "out", (H, K, cfg.d_model), ("heads", "kv", "embed"), cfg.init_std)
-        return jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_out.astype(out_BxLxHxK.dtype)), new_cache
+        return self._output(out_BxLxHxK), new_cache
 
-    def _smear(self, k_BxLxHxK, positions_BxL, segment_ids_BxL, cache):
-        """Mixes each raw key with the previous token's: a one-layer shortcut for copying."""
-        gate_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
-        s_H = jax.nn.sigmoid(self.param("smear_gate", gate_init, (self.cfg.n_heads,), jnp.float32))
-        first = k_BxLxHxK[:, :1] if cache is None else cache["last_raw_k"][:, None]
-        prev = jnp.concatenate([first, k_BxLxHxK[:, :-1]], axis=1)
-        prev = jnp.where((positions_BxL > 0)[..., None, None], prev, k_BxLxHxK)
-        smeared = k_BxLxHxK + s_H[:, None].astype(k_BxLxHxK.dtype) * (prev - k_BxLxHxK)
+    def _output(self, out_BxLxHxK):
+        cfg = self.cfg
+        w_out = _param(self, "out", (cfg.n_heads, cfg.head_dim, cfg.d_model),
+                       ("heads", "kv", "embed"), cfg.init_std)
+        return jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_out.astype(out_BxLxHxK.dtype))
+
+    def _smear(self, k_BxLxHxK, positions_BxL, segment_ids_BxL, cache, s_H):
+        """Mixes each raw key with the previous token's (by `s_H` per head): a one-layer shortcut
+        for copying."""
+        first = None if cache is None else cache["last_raw_k"][:, None]
+        smeared = smear_keys(k_BxLxHxK, positions_BxL, s_H, first)
         # The raw key of each row's last real token seeds the next decode step.
         last = jnp.maximum((segment_ids_BxL > 0).sum(1) - 1, 0)
         last_k = jnp.take_along_axis(k_BxLxHxK, last[:, None, None, None], axis=1)[:, 0]

@@ -1,5 +1,5 @@
-"""The fused C++ attention kernel equals XLA's dense attention (outputs and gradients) on every
-real query, in the model as alone; padding queries output zeros; an unbuildable kernel is a
+"""The fused C++ attention kernel (smeared keys, RoPE, attention) equals the model's XLA path
+(outputs and gradients) on every real query, alone and in the model; padding queries output zeros; an unbuildable kernel is a
 clear error for "cpu" and a fallback to XLA for "auto"."""
 
 import dataclasses
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from echo_jax.lm import attention, cpu_attention
+from echo_jax.lm import attention, cpu_attention, model
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.conftest import REPO
 
@@ -37,30 +37,47 @@ def _packed_rows(batch, length, seed, shuffled):
 
 @pytest.mark.parametrize("length,head_dim,shuffled", [
     (40, 32, False), (5, 64, False), (37, 128, False), (48, 32, True), (23, 64, True)])
-def test_kernel_equals_dense_attention(length, head_dim, shuffled):
+def test_kernel_equals_xla_attention(length, head_dim, shuffled):
+    """Smeared keys, RoPE and dense attention as the model's XLA path computes them."""
     cpu_attention.require()
-    batch, heads = 3, 2
+    batch, heads, theta = 3, 2, 10_000.0
     positions, segments = _packed_rows(batch, length, seed=length, shuffled=shuffled)
     rng = np.random.default_rng(head_dim)
-    q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=q.shape), jnp.float32) for _ in range(2))
+    q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+               for _ in range(3))
+    gate = jnp.asarray(rng.uniform(size=heads), jnp.float32)
     real = (segments > 0)[:, :, None, None]
     weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # reads real rows only
 
     def loss(attend):
-        return lambda q, k, v: (attend(q, k, v) * weights).sum()
+        return lambda *args: (attend(*args) * weights).sum()
 
-    dense = lambda q, k, v: attention.dense_attention(
-        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, segments, positions,
-        segments)
-    kernel = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, positions, segments))
-    want, got = dense(q, k, v), kernel(q, k, v)
+    def xla(q, k, v, gate):
+        k = model.rope(model.smear_keys(k, positions, gate), positions, theta)
+        return attention.dense_attention(
+            model.rope(q, positions, theta), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+            positions, segments, positions, segments)
+
+    cos, sin = model.rope_tables(length, head_dim, theta)
+    kernel = jax.jit(lambda q, k, v, gate: cpu_attention.attention(
+        q, k, v, positions, segments, cos, sin, gate))
+    want, got = xla(q, k, v, gate), kernel(q, k, v, gate)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
     np.testing.assert_array_equal(np.where(real, 0, got), 0)  # padding queries: zeros
-    want_grads = jax.grad(loss(dense), (0, 1, 2))(q, k, v)
-    got_grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2)))(q, k, v)
-    for want_grad, got_grad in zip(want_grads, got_grads):
-        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5)
+    want_grads = jax.grad(loss(xla), (0, 1, 2, 3))(q, k, v, gate)
+    got_grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2, 3)))(q, k, v, gate)
+    for name, want_grad, got_grad in zip("qkvg", want_grads, got_grads):
+        np.testing.assert_allclose(got_grad, want_grad, atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def test_positions_outside_the_rope_table_are_an_error():
+    cpu_attention.require()
+    q = jnp.ones((1, 8, 2, 32))
+    positions = jnp.arange(8)[None]
+    cos, sin = model.rope_tables(4, 32, 10_000.0)
+    with pytest.raises(Exception, match=r"position lies outside the RoPE table \[0, 4\)"):
+        jax.block_until_ready(cpu_attention.attention(q, q, q, positions, positions * 0 + 1,
+                                                      cos, sin, jnp.zeros(2)))
 
 
 def test_model_with_kernel_equals_xla():

@@ -1,17 +1,20 @@
-// Fused causal softmax attention over packed rows for XLA:CPU (an XLA FFI custom call).
+// Fused causal softmax attention over packed rows for XLA:CPU (an XLA FFI custom call), with the
+// model's RoPE and smeared keys folded in.
 //
-// Why: on a CPU, XLA runs attention as separate ops (scores matmul, mask, softmax, values
-// matmul) that each stream a [Q, S] tensor through memory, and its batched matmuls with a
-// head dim of 32 reach a fraction of the machine's matmul rate (benchmarks/RESULTS.md). Here
-// one task per (batch row, head) keeps a block of 8 query rows' scores in L1, computes only the
-// key range its rows can see (its own packed example, up to itself) and recomputes the
-// probabilities in the backward pass from the saved log-sum-exp, as flash attention does.
+// Why: on a CPU, XLA runs attention as separate ops (RoPE, scores matmul, mask, softmax, values
+// matmul, and their gradients) that each stream a tensor through memory, and its batched
+// matmuls with a head dim of 32 reach a fraction of the machine's matmul rate
+// (benchmarks/RESULTS.md). Here one task per (batch row, head) keeps a block of 8 query rows'
+// scores in L1, computes only the key range its rows can see (its own packed example, up to
+// itself) and recomputes the probabilities in the backward pass from the saved log-sum-exp, as
+// flash attention does.
 //
-// Semantics: query q attends to key j iff seg[q] > 0, seg[j] == seg[q] and pos[j] <= pos[q]
-// (echo_jax/lm/attention.py `attention_mask`). A query that sees no key (padding) gets a zero
-// output and zero gradients. Layout: q, k, v, out and their gradients [B, L, H, K] float32 (the
-// projections' own layout, so no transposes around the call), pos/seg [B, L] int32,
-// lse [B, H, L]. K (head dim) must be 32, 64 or 128.
+// Semantics (lm/model.py's XLA path): keys are smeared, k_j + gate * (k_{j-1} - k_j) where
+// position j > 0, then queries and keys are rotated (RoPE, rotate-half); query q attends to key j
+// iff seg[q] > 0, seg[j] == seg[q] and pos[j] <= pos[q] (lm/attention.py `attention_mask`). A
+// query that sees no key (padding) gets a zero output and zero gradients. Layout: q, k, v, out
+// and their gradients [B, L, H, K] float32 (the projections' own layout), pos/seg [B, L] int32,
+// lse [B, H, L], RoPE tables [P, K / 2], gate [H]. K (head dim) must be 32, 64 or 128.
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -83,22 +87,29 @@ void key_ranges(const int32_t* pos, const int32_t* seg, int64_t L, int32_t* lo, 
   }
 }
 
-// Per-task scratch, reused across tasks on the same thread.
+// Per-task scratch, reused across tasks on the same thread. qr, kr: the rotated queries and the
+// smeared, rotated keys, row-major [L, K]; kt, vt: keys and values transposed, [K, Lp].
 struct Scratch {
-  std::vector<float> kt, vt, scores, grads;
+  std::vector<float> qr, kr, kt, vt, scores, grads, dq, dk;
   std::vector<int32_t> pos, seg, lo, hi;
   void resize(int64_t L, int64_t Lp, int K) {
+    qr.resize(L * K); kr.resize(L * K); dq.resize(L * K); dk.assign(L * K, 0.0f);
     kt.assign(K * Lp, 0.0f); vt.assign(K * Lp, 0.0f);
     scores.resize(kRows * Lp); grads.resize(kRows * Lp);
     pos.assign(Lp, 0); seg.assign(Lp, -1); lo.resize(L); hi.resize(L);
   }
 };
 
-// One (batch row, head) pair's view: [L, K] matrices whose rows are `ld` floats apart.
+// One (batch row, head) pair: raw queries and keys (before smearing and RoPE) and values, [L, K]
+// matrices whose rows are `ld` floats apart, and the head's smeared-keys mix.
 struct Head {
   const float* q; const float* k; const float* v;
   int64_t L, ld;
+  float gate;
 };
+
+// RoPE's tables, [P, K / 2] each: row p holds cos / sin of p * frequency.
+struct Rope { const float* cos; const float* sin; };
 
 // out[r][j] = x[r] . yt[:, j] for r < kRows, j in [jlo, jhi) (multiples of kLanes).
 template <int K>
@@ -180,6 +191,37 @@ void zero_rows(float* m, int64_t ld, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) std::fill(m + r * ld, m + r * ld + K, 0.0f);
 }
 
+// Rotate-half RoPE of one row at table row `p`; sign -1 applies the inverse (the transpose).
+template <int K>
+inline void rotate(const float* in, const Rope& rope, int32_t p, float sign, float* out) {
+  constexpr int half = K / 2;
+  const float* cs = rope.cos + p * half;
+  const float* sn = rope.sin + p * half;
+  for (int i = 0; i < half; ++i) {
+    float x1 = in[i], x2 = in[i + half], c = cs[i], s = sign * sn[i];
+    out[i] = x1 * c - x2 * s;
+    out[i + half] = x2 * c + x1 * s;
+  }
+}
+
+// Whether key j is mixed with key j - 1 (lm/model.py `_smear`: not at an example's first token).
+inline bool smeared(const Scratch& s, int64_t j) { return j > 0 && s.pos[j] > 0; }
+
+// qr, kr and kt from the raw rows: k_j + gate * (k_{j-1} - k_j), then RoPE on queries and keys.
+template <int K>
+void prepare_qk(Scratch& s, const Head& h, const Rope& rope, int64_t Lp) {
+  float row[K];
+  for (int64_t j = 0; j < h.L; ++j) {
+    const float* kj = h.k + j * h.ld;
+    const float* prev = smeared(s, j) ? kj - h.ld : kj;
+    for (int c = 0; c < K; ++c) row[c] = kj[c] + h.gate * (prev[c] - kj[c]);
+    float* kr = s.kr.data() + j * K;
+    rotate<K>(row, rope, s.pos[j], 1.0f, kr);
+    for (int c = 0; c < K; ++c) s.kt[c * Lp + j] = kr[c];
+    rotate<K>(h.q + j * h.ld, rope, s.pos[j], 1.0f, s.qr.data() + j * K);
+  }
+}
+
 // A block's rows and the union of their key ranges, rounded out to whole vectors.
 struct Block {
   int rows; int64_t jlo, jhi, jend;
@@ -246,12 +288,12 @@ void prepare(Scratch& s, const int32_t* pos, const int32_t* seg, int64_t L) {
 }
 
 template <int K>
-void forward_head(Scratch& s, const Head& h, const int32_t* pos, const int32_t* seg,
-                  float* out, float* lse) {
+void forward_head(Scratch& s, const Head& h, const Rope& rope, const int32_t* pos,
+                  const int32_t* seg, float* out, float* lse) {
   const int64_t L = h.L, Lp = round_up(L, kLanes), ld = h.ld;
   s.resize(L, Lp, K);
   prepare(s, pos, seg, L);
-  transpose_into<K>(h.k, ld, L, Lp, s.kt.data());
+  prepare_qk<K>(s, h, rope, Lp);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
   for (int64_t r0 = 0; r0 < L; r0 += kRows) {
     Block b = block_at(s, r0, L);
@@ -261,7 +303,8 @@ void forward_head(Scratch& s, const Head& h, const int32_t* pos, const int32_t* 
       continue;
     }
     float inv_sum[kRows];
-    scores_tile<K>(h.q + r0 * ld, ld, s.kt.data(), Lp, b.jlo, b.jhi, b.rows, s.scores.data());
+    scores_tile<K>(s.qr.data() + r0 * K, K, s.kt.data(), Lp, b.jlo, b.jhi, b.rows,
+                   s.scores.data());
     probabilities(s, r0, b, scale, nullptr, lse + r0, inv_sum);
     combine_rows<K>(s.scores.data(), Lp, h.v, ld, b.jlo, b.jend, b.rows, out + r0 * ld);
     for (int r = 0; r < b.rows; ++r)
@@ -269,25 +312,27 @@ void forward_head(Scratch& s, const Head& h, const int32_t* pos, const int32_t* 
   }
 }
 
+// Gradients of one head: dq and dk of the raw queries and keys (through RoPE and the smearing),
+// dv, and the smeared-keys mix's gradient (returned).
 template <int K>
-void backward_head(Scratch& s, const Head& h, const float* out, const float* lse,
-                   const float* dout, const int32_t* pos, const int32_t* seg, float* dq,
-                   float* dk, float* dv) {
+float backward_head(Scratch& s, const Head& h, const Rope& rope, const float* out,
+                    const float* lse, const float* dout, const int32_t* pos,
+                    const int32_t* seg, float* dq, float* dk, float* dv) {
   const int64_t L = h.L, Lp = round_up(L, kLanes), ld = h.ld;
   s.resize(L, Lp, K);
   prepare(s, pos, seg, L);
-  transpose_into<K>(h.k, ld, L, Lp, s.kt.data());
+  prepare_qk<K>(s, h, rope, Lp);
   transpose_into<K>(h.v, ld, L, Lp, s.vt.data());
-  zero_rows<K>(dk, ld, L);
   zero_rows<K>(dv, ld, L);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
   for (int64_t r0 = 0; r0 < L; r0 += kRows) {
     Block b = block_at(s, r0, L);
     if (b.empty) {
-      zero_rows<K>(dq + r0 * ld, ld, b.rows);
+      std::fill(s.dq.begin() + r0 * K, s.dq.begin() + (r0 + b.rows) * K, 0.0f);
       continue;
     }
-    scores_tile<K>(h.q + r0 * ld, ld, s.kt.data(), Lp, b.jlo, b.jhi, b.rows, s.scores.data());
+    scores_tile<K>(s.qr.data() + r0 * K, K, s.kt.data(), Lp, b.jlo, b.jhi, b.rows,
+                   s.scores.data());
     probabilities(s, r0, b, scale, lse + r0, nullptr, nullptr);
     scores_tile<K>(dout + r0 * ld, ld, s.vt.data(), Lp, b.jlo, b.jhi, b.rows,
                    s.grads.data());
@@ -301,10 +346,31 @@ void backward_head(Scratch& s, const Head& h, const float* out, const float* lse
       for (int64_t j = b.jlo; j < b.jhi; j += kLanes)
         store(g + j, load(p + j) * (load(g + j) - row_term) * scale);
     }
-    combine_rows<K>(s.grads.data(), Lp, h.k, ld, b.jlo, b.jend, b.rows, dq + r0 * ld);
-    scatter_rows<K>(s.grads.data(), Lp, h.q + r0 * ld, ld, b.rows, b.jlo, b.jend, dk);
+    combine_rows<K>(s.grads.data(), Lp, s.kr.data(), K, b.jlo, b.jend, b.rows,
+                    s.dq.data() + r0 * K);
+    scatter_rows<K>(s.grads.data(), Lp, s.qr.data() + r0 * K, K, b.rows, b.jlo, b.jend,
+                    s.dk.data());
     scatter_rows<K>(s.scores.data(), Lp, dout + r0 * ld, ld, b.rows, b.jlo, b.jend, dv);
   }
+  // Back through RoPE (the inverse rotation) and the smearing.
+  zero_rows<K>(dk, ld, L);
+  float dgate = 0.0f, row[K];
+  for (int64_t j = 0; j < L; ++j) {
+    rotate<K>(s.dq.data() + j * K, rope, s.pos[j], -1.0f, dq + j * ld);
+    rotate<K>(s.dk.data() + j * K, rope, s.pos[j], -1.0f, row);  // d(smeared key j)
+    float* dkj = dk + j * ld;
+    if (!smeared(s, j)) {
+      for (int c = 0; c < K; ++c) dkj[c] += row[c];
+      continue;
+    }
+    const float* kj = h.k + j * h.ld;
+    for (int c = 0; c < K; ++c) {
+      dkj[c] += (1.0f - h.gate) * row[c];
+      dkj[c - ld] += h.gate * row[c];
+      dgate += row[c] * (kj[c - h.ld] - kj[c]);
+    }
+  }
+  return dgate;
 }
 
 // Runs fn(i) for i < n on the calling thread and the XLA:CPU thread pool. The caller takes
@@ -313,98 +379,114 @@ template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   struct Shared { std::atomic<int64_t> next{0}, done{0}; };
   auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &fn] {
+  auto work = [shared, n](Fn* f) {
     for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-      fn(i);
+      (*f)(i);
       shared->done.fetch_add(1);
     }
   };
   int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t)
-    pool.Schedule([shared, n, fn_ptr = &fn] {
-      for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-        (*fn_ptr)(i);
-        shared->done.fetch_add(1);
-      }
-    });
-  work();
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, f = &fn] { work(f); });
+  work(&fn);
   while (shared->done.load() < n) std::this_thread::yield();
 }
 
 thread_local Scratch scratch;
 
+// The custom calls' operands. Shapes: q, k, v, out, dout, dq, dk, dv [B, L, H, K];
+// pos, seg [B, L]; lse [B, H, L]; rope tables [P, K / 2]; gate [H]; dgate [B, H].
+struct Call {
+  int64_t B, L, H;
+  const float *q, *k, *v;
+  const int32_t *pos, *seg;
+  Rope rope;
+  const float* gate;
+};
+
 template <int K>
-void forward_all(ffi::ThreadPool& pool, int64_t B, int64_t H, int64_t L, const float* q,
-                 const float* k, const float* v, const int32_t* pos, const int32_t* seg,
-                 float* out, float* lse) {
-  parallel_for(pool, B * H, [&](int64_t i) {
-    int64_t b = i / H, off = b * L * H * K + (i % H) * K;
-    forward_head<K>(scratch, Head{q + off, k + off, v + off, L, H * K}, pos + b * L,
-                    seg + b * L, out + off, lse + i * L);
+void forward_all(ffi::ThreadPool& pool, const Call& c, float* out, float* lse) {
+  parallel_for(pool, c.B * c.H, [&](int64_t i) {
+    int64_t b = i / c.H, off = b * c.L * c.H * K + (i % c.H) * K;
+    Head h{c.q + off, c.k + off, c.v + off, c.L, c.H * K, c.gate[i % c.H]};
+    forward_head<K>(scratch, h, c.rope, c.pos + b * c.L, c.seg + b * c.L, out + off,
+                    lse + i * c.L);
   });
 }
 
 template <int K>
-void backward_all(ffi::ThreadPool& pool, int64_t B, int64_t H, int64_t L, const float* q,
-                  const float* k, const float* v, const float* out, const float* lse,
-                  const float* dout, const int32_t* pos, const int32_t* seg, float* dq,
-                  float* dk, float* dv) {
-  parallel_for(pool, B * H, [&](int64_t i) {
-    int64_t b = i / H, off = b * L * H * K + (i % H) * K;
-    backward_head<K>(scratch, Head{q + off, k + off, v + off, L, H * K}, out + off,
-                     lse + i * L, dout + off, pos + b * L, seg + b * L, dq + off, dk + off,
-                     dv + off);
+void backward_all(ffi::ThreadPool& pool, const Call& c, const float* out, const float* lse,
+                  const float* dout, float* dq, float* dk, float* dv, float* dgate) {
+  parallel_for(pool, c.B * c.H, [&](int64_t i) {
+    int64_t b = i / c.H, off = b * c.L * c.H * K + (i % c.H) * K;
+    Head h{c.q + off, c.k + off, c.v + off, c.L, c.H * K, c.gate[i % c.H]};
+    dgate[i] = backward_head<K>(scratch, h, c.rope, out + off, lse + i * c.L, dout + off,
+                                c.pos + b * c.L, c.seg + b * c.L, dq + off, dk + off,
+                                dv + off);
   });
 }
 
-ffi::Error check_shapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::S32>& pos) {
+ffi::Error read_call(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                     ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::S32>& pos,
+                     ffi::Buffer<ffi::S32>& seg, ffi::Buffer<ffi::F32>& cos,
+                     ffi::Buffer<ffi::F32>& sin, ffi::Buffer<ffi::F32>& gate, Call& c,
+                     int64_t& head_dim) {
   auto d = q.dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, K]");
-  if (d[3] != 32 && d[3] != 64 && d[3] != 128)
+  head_dim = d[3];
+  if (head_dim != 32 && head_dim != 64 && head_dim != 128)
     return ffi::Error::InvalidArgument("head dim must be 32, 64 or 128");
   auto p = pos.dimensions();
   if (p.size() != 2 || p[0] != d[0] || p[1] != d[1])
     return ffi::Error::InvalidArgument("positions must be [B, L]");
+  auto t = cos.dimensions();
+  if (t.size() != 2 || t[1] != head_dim / 2 || sin.dimensions()[0] != t[0])
+    return ffi::Error::InvalidArgument("RoPE tables must be [P, K / 2]");
+  if (gate.element_count() != static_cast<size_t>(d[2]))
+    return ffi::Error::InvalidArgument("gate must be [H]");
+  const int32_t* positions = pos.typed_data();
+  for (size_t i = 0; i < pos.element_count(); ++i)
+    if (positions[i] < 0 || positions[i] >= t[0])
+      return ffi::Error::InvalidArgument("a position lies outside the RoPE table [0, " +
+                                         std::to_string(t[0]) + ")");
+  c = Call{d[0], d[1], d[2], q.typed_data(), k.typed_data(), v.typed_data(), positions,
+           seg.typed_data(), Rope{cos.typed_data(), sin.typed_data()}, gate.typed_data()};
   return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos,
-                   ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
-  if (auto e = check_shapes(q, pos); e.failure()) return e;
-  auto d = q.dimensions();
-  const int64_t B = d[0], L = d[1], H = d[2];
-  auto args = std::make_tuple(q.typed_data(), k.typed_data(), v.typed_data(), pos.typed_data(),
-                              seg.typed_data(), out->typed_data(), lse->typed_data());
-  auto run = [&](auto kernel) { std::apply([&](auto... a) { kernel(pool, B, H, L, a...); }, args); };
-  switch (d[3]) {
-    case 32: run(forward_all<32>); break;
-    case 64: run(forward_all<64>); break;
-    default: run(forward_all<128>); break;
-  }
+                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos,
+                   ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> gate,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Call c;
+  int64_t K;
+  if (auto e = read_call(q, k, v, pos, seg, cos, sin, gate, c, K); e.failure()) return e;
+  float *o = out->typed_data(), *l = lse->typed_data();
+  if (K == 32) forward_all<32>(pool, c, o, l);
+  else if (K == 64) forward_all<64>(pool, c, o, l);
+  else forward_all<128>(pool, c, o, l);
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                    ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> seg,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
-  if (auto e = check_shapes(q, pos); e.failure()) return e;
-  auto d = q.dimensions();
-  const int64_t B = d[0], L = d[1], H = d[2];
-  auto args = std::make_tuple(q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(),
-                              lse.typed_data(), dout.typed_data(), pos.typed_data(),
-                              seg.typed_data(), dq->typed_data(), dk->typed_data(),
-                              dv->typed_data());
-  auto run = [&](auto kernel) { std::apply([&](auto... a) { kernel(pool, B, H, L, a...); }, args); };
-  switch (d[3]) {
-    case 32: run(backward_all<32>); break;
-    case 64: run(backward_all<64>); break;
-    default: run(backward_all<128>); break;
-  }
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos,
+                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos,
+                    ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> gate,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    ffi::ResultBuffer<ffi::F32> dgate) {
+  Call c;
+  int64_t K;
+  if (auto e = read_call(q, k, v, pos, seg, cos, sin, gate, c, K); e.failure()) return e;
+  auto args = std::make_tuple(out.typed_data(), lse.typed_data(), dout.typed_data(),
+                              dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                              dgate->typed_data());
+  std::apply([&](auto... a) {
+    if (K == 32) backward_all<32>(pool, c, a...);
+    else if (K == 64) backward_all<64>(pool, c, a...);
+    else backward_all<128>(pool, c, a...);
+  }, args);
   return ffi::Error::Success();
 }
 
@@ -413,25 +495,32 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos table
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin table
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos table
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin table
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dgate
