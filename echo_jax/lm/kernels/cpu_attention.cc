@@ -92,11 +92,17 @@ void key_ranges(const int32_t* pos, const int32_t* seg, int64_t L, int32_t* lo, 
 struct Scratch {
   std::vector<float> qr, kr, kt, vt, scores, grads, dq, dk;
   std::vector<int32_t> pos, seg, lo, hi;
+  // Sizes every buffer; only the padding past L is initialised (keys there are never seen).
   void resize(int64_t L, int64_t Lp, int K) {
-    qr.resize(L * K); kr.resize(L * K); dq.resize(L * K); dk.assign(L * K, 0.0f);
-    kt.assign(K * Lp, 0.0f); vt.assign(K * Lp, 0.0f);
+    for (auto* m : {&qr, &kr, &dq, &dk}) m->resize(L * K);
+    for (auto* m : {&kt, &vt}) {
+      m->resize(K * Lp);
+      for (int c = 0; c < K; ++c) std::fill(m->begin() + c * Lp + L, m->begin() + (c + 1) * Lp, 0.0f);
+    }
     scores.resize(kRows * Lp); grads.resize(kRows * Lp);
-    pos.assign(Lp, 0); seg.assign(Lp, -1); lo.resize(L); hi.resize(L);
+    pos.resize(Lp); seg.resize(Lp); lo.resize(L); hi.resize(L);
+    std::fill(pos.begin() + L, pos.end(), 0);
+    std::fill(seg.begin() + L, seg.end(), -1);
   }
 };
 
@@ -256,14 +262,14 @@ void probabilities(Scratch& s, int64_t r0, const Block& b, float scale, const fl
       if (!lse) row_lse[r] = inv_sum[r] = 0.0f;
       continue;
     }
-    float m = -INFINITY;
+    vf m = splat(-INFINITY);
     for (int64_t j = b.jlo; j < b.jhi; j += kLanes) {
       vi valid = (loadi(s.seg.data() + j) == qseg) & (loadi(s.pos.data() + j) <= qpos);
       vf x = valid ? load(row + j) * scale : splat(-INFINITY);
       store(row + j, x);
-      if (!lse) m = std::max(m, hmax(x));
+      m = x > m ? x : m;
     }
-    const float shift = lse ? lse[r] : m;
+    const float shift = lse ? lse[r] : hmax(m);
     vf sum = {};
     for (int64_t j = b.jlo; j < b.jhi; j += kLanes) {
       vf p = vexp(load(row + j) - shift);
@@ -324,6 +330,7 @@ float backward_head(Scratch& s, const Head& h, const Rope& rope, const float* ou
   prepare_qk<K>(s, h, rope, Lp);
   transpose_into<K>(h.v, ld, L, Lp, s.vt.data());
   zero_rows<K>(dv, ld, L);
+  std::fill(s.dk.begin(), s.dk.end(), 0.0f);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
   for (int64_t r0 = 0; r0 < L; r0 += kRows) {
     Block b = block_at(s, r0, L);
