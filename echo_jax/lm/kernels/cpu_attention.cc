@@ -44,6 +44,9 @@ inline vf splat(float x) { return vf{} + x; }
 inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]); return m; }
 inline float hsum(vf v) { float s = 0; for (int i = 0; i < kLanes; ++i) s += v[i]; return s; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// Row stride of the transposed keys/values and the score rows: whole vectors, plus one so rows
+// are not a power of two apart (2 KB-apart rows share a few L1 sets and evict each other).
+inline int64_t row_stride(int64_t L) { return round_up(L, kLanes) + kLanes; }
 
 // exp for x <= 0 (or -inf), Cephes' polynomial: relative error ~2e-7.
 inline vf vexp(vf x) {
@@ -296,7 +299,7 @@ void prepare(Scratch& s, const int32_t* pos, const int32_t* seg, int64_t L) {
 template <int K>
 void forward_head(Scratch& s, const Head& h, const Rope& rope, const int32_t* pos,
                   const int32_t* seg, float* out, float* lse) {
-  const int64_t L = h.L, Lp = round_up(L, kLanes), ld = h.ld;
+  const int64_t L = h.L, Lp = row_stride(L), ld = h.ld;
   s.resize(L, Lp, K);
   prepare(s, pos, seg, L);
   prepare_qk<K>(s, h, rope, Lp);
@@ -324,7 +327,7 @@ template <int K>
 float backward_head(Scratch& s, const Head& h, const Rope& rope, const float* out,
                     const float* lse, const float* dout, const int32_t* pos,
                     const int32_t* seg, float* dq, float* dk, float* dv) {
-  const int64_t L = h.L, Lp = round_up(L, kLanes), ld = h.ld;
+  const int64_t L = h.L, Lp = row_stride(L), ld = h.ld;
   s.resize(L, Lp, K);
   prepare(s, pos, seg, L);
   prepare_qk<K>(s, h, rope, Lp);
