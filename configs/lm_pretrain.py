@@ -56,14 +56,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
-    # Training attention in query blocks of 128 that skip the masked upper triangle
-    # (lm/attention.py's `blocked_attention`, with its hand-written backward pass): of the block
-    # sizes measured, 128 is the fastest for tiny (2 blocks) and small (4 blocks) on the 2-core
-    # CPU (benchmarks/RESULTS.md); 0 (dense) for the TPU study shapes.
+    # Where training attention runs through XLA (several devices, or attention_kernel="xla"):
+    # query blocks of 128 that skip the masked upper triangle (lm/attention.py's
+    # `blocked_attention`, with its hand-written backward pass), the fastest block size measured
+    # for tiny and small on the 2-core CPU (benchmarks/RESULTS.md); 0 (dense) for the TPU shapes.
     c.model.attention_block = 0 if study_scale else 128
     # "auto": on a single CPU device, training attention runs through the fused C++ kernel
-    # (lm/cpu_attention.py, built with the host's compiler on first use; 2.7x faster than the
-    # blocked XLA path for tiny); elsewhere through XLA as above. "xla" / "cpu" force one.
+    # (lm/cpu_attention.py, built with the host's compiler on first use; a tiny train step
+    # ~150 -> ~115 ms, small ~1.5 -> ~1.07 s, benchmarks/RESULTS.md); elsewhere through XLA as
+    # above. "xla" / "cpu" force one.
     c.model.attention_kernel = "auto"
 
     c.train = ml_collections.ConfigDict()

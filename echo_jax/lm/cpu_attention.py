@@ -7,8 +7,8 @@ can see (its own packed example, up to itself), the probabilities recomputed in 
 pass from the saved log-sum-exp as flash attention does.
 
 The C++ source is compiled with the host's C++ compiler on first use (`-O3 -march=native`,
-~5 s) into a cache keyed by the source, the compiler, the jaxlib headers and the CPU, so a
-checkout needs no build step; `available()` says whether that worked, `require()` raises why
+~5 s) into a cache keyed by the source, the compiler, jaxlib and its FFI headers, and what
+`-march=native` means on this CPU, so a checkout needs no build step; `available()` says whether that worked, `require()` raises why
 not. Shape legend: B batch, L length, H heads, K head dim.
 """
 
@@ -26,6 +26,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_attention.cc"
@@ -40,17 +41,24 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> pathlib.Path:
-    """$ECHO_JAX_CACHE/kernels, else ~/.cache/echo_jax/kernels; a temporary folder where that
-    cannot be created (a read-only home)."""
+    """$ECHO_JAX_CACHE/kernels, else ~/.cache/echo_jax/kernels; where that cannot be written (a
+    read-only home), a fresh private temporary folder for this process."""
     root = os.environ.get("ECHO_JAX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "echo_jax")
     path = pathlib.Path(root) / "kernels"
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
     except OSError:
-        path = pathlib.Path(tempfile.gettempdir()) / f"echo_jax-{os.getuid()}" / "kernels"
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+        pass
+    return _private_temp_dir()
+
+
+@functools.cache
+def _private_temp_dir() -> pathlib.Path:
+    # mkdtemp: mode 0700 and a fresh name, so no other user can plant a library there.
+    return pathlib.Path(tempfile.mkdtemp(prefix="echo_jax-kernels-"))
 
 
 def _compiler() -> str:
@@ -64,22 +72,22 @@ def _compiler() -> str:
     return compiler
 
 
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags: `-march=native` code is only valid on the same."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine() + platform.processor()
-    return "".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name"))}))
+def _target_signature(compiler: str) -> str:
+    """What `-march=native` means on this host (the compiler's predefined macros for it): code
+    built for one CPU is only reused on a CPU with the same features."""
+    result = subprocess.run([compiler, *_FLAGS[:3], "-dM", "-E", "-x", "c++", os.devnull],
+                            capture_output=True, text=True)
+    return result.stdout + platform.machine()
 
 
 def _build() -> pathlib.Path:
     compiler = _compiler()
     include = jax.ffi.include_dir()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    headers = sorted((pathlib.Path(include) / "xla/ffi/api").glob("*.h"))
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_signature(),
-        (pathlib.Path(include) / "xla/ffi/api/ffi.h").read_text()]).encode()).hexdigest()[:16]
+        SOURCE.read_text(), version, " ".join(_FLAGS), _target_signature(compiler),
+        jaxlib.__version__, *(h.read_text() for h in headers)]).encode()).hexdigest()[:16]
     library = cache_dir() / f"cpu_attention-{key}.so"
     if library.exists():
         return library
@@ -147,7 +155,7 @@ def _forward_call(*operands):
     B, L, H, _ = q.shape
     return jax.ffi.ffi_call("echo_attention_fwd", (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct((B, H, L), jnp.float32)))(*operands)
+        jax.ShapeDtypeStruct((B, H, L), jnp.float32)), vmap_method="sequential")(*operands)
 
 
 @jax.custom_vjp
@@ -165,8 +173,8 @@ def _attention_bwd(residuals, dout):
     q, gate = operands[0], operands[-1]
     grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     dq, dk, dv, dgate_BxH = jax.ffi.ffi_call("echo_attention_bwd", (
-        grad, grad, grad, jax.ShapeDtypeStruct((q.shape[0], gate.shape[0]), jnp.float32)))(
-            *operands, out, lse, dout)
+        grad, grad, grad, jax.ShapeDtypeStruct((q.shape[0], gate.shape[0]), jnp.float32)),
+        vmap_method="sequential")(*operands, out, lse, dout)
     return dq, dk, dv, None, None, None, None, dgate_BxH.sum(0)
 
 

@@ -42,8 +42,9 @@ class ModelConfig:
     # Blocks skip the fully-masked upper triangle (see `blocked_attention`).
     attention_block: int = 0
     # Training attention (no cache) through the fused C++ kernel of lm/cpu_attention.py:
-    # "auto" where the step runs on one CPU device and the kernel builds, "cpu" always (an
-    # error where it cannot), "xla" never.
+    # "auto" where the step runs on one CPU device in float32 and the kernel builds, "cpu"
+    # always (an error where it cannot), "xla" never. The kernel is reverse-mode only (no
+    # jax.jvp through the model) and not recorded in checkpoints (`pretrain.config_meta`).
     attention_kernel: str = "auto"
 
     @property
@@ -195,6 +196,9 @@ def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
     if choice == "xla":
         return False
     if choice == "cpu":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"attention_kernel='cpu' runs on CPU only; the default backend is "
+                             f"{jax.default_backend()} (use 'auto' or 'xla')")
         cpu_attention.require()
         if not cpu_attention.supports(q_BxLxHxK):
             raise ValueError("attention_kernel='cpu' needs float32 activations and a head dim "

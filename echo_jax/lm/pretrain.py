@@ -105,4 +105,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def config_meta(cfg: ModelConfig) -> dict:
-    return {"model": dataclasses.asdict(cfg)}
+    """What a checkpoint records of the model: everything but `attention_kernel`, which changes
+    how attention runs, not what it computes (a resume or a restore may pick another)."""
+    meta = dataclasses.asdict(cfg)
+    del meta["attention_kernel"]
+    return {"model": meta}

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from echo_jax.lm import attention, cpu_attention, model
+from echo_jax.lm import attention, cpu_attention, model, pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.conftest import REPO
 
 
 def _packed_rows(batch, length, seed, shuffled):
-    """Rows of 1-4 examples and up to 5 padding tokens. `shuffled` permutes each row's tokens, so
-    examples interleave and positions are not increasing: the kernel's general path."""
+    """Rows of 1-4 examples and up to 5 padding tokens (the kernel's per-example key ranges).
+    `shuffled` permutes each row's tokens, so examples interleave and positions are not
+    increasing: the kernel's whole-row path."""
     rng = np.random.default_rng(seed)
     positions, segments = np.zeros((2, batch, length), np.int32)
     for row in range(batch):
@@ -68,6 +69,11 @@ def test_kernel_equals_xla_attention(length, head_dim, shuffled):
     got_grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2, 3)))(q, k, v, gate)
     for name, want_grad, got_grad in zip("qkvg", want_grads, got_grads):
         np.testing.assert_allclose(got_grad, want_grad, atol=2e-5, rtol=1e-5, err_msg=name)
+    # Padding queries' outputs are constant zeros: a cotangent on them changes no gradient.
+    weights = weights + jnp.asarray(rng.normal(size=q.shape), jnp.float32) * ~real
+    padded_grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2, 3)))(q, k, v, gate)
+    for name, grad, padded_grad in zip("qkvg", got_grads, padded_grads):
+        np.testing.assert_array_equal(padded_grad, grad, err_msg=name)
 
 
 def test_positions_outside_the_rope_table_are_an_error():
@@ -107,6 +113,38 @@ def test_model_with_kernel_equals_xla():
         np.testing.assert_allclose(got, want, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def _runs_kernel(cfg, mesh=None) -> bool:
+    """Whether the model's forward pass lowers to the kernel's custom call."""
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    params = Transformer(dataclasses.replace(cfg, attention_kernel="xla")).init(
+        jax.random.key(0), tokens, tokens, tokens + 1)
+    forward = jax.jit(lambda p: Transformer(cfg).apply(p, tokens, tokens, tokens + 1)[0])
+    if mesh is None:
+        return "echo_attention_fwd" in forward.lower(params).as_text()
+    with jax.set_mesh(mesh):
+        return "echo_attention_fwd" in forward.lower(params).as_text()
+
+
+def test_auto_runs_the_kernel_on_one_cpu_device_only():
+    cpu_attention.require()
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=16)
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    four_devices = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    assert _runs_kernel(cfg, one_device)
+    assert not _runs_kernel(cfg, four_devices)
+    assert not _runs_kernel(cfg)  # no mesh: the tests' 8 devices
+    assert not _runs_kernel(dataclasses.replace(cfg, attention_kernel="xla"), one_device)
+    assert _runs_kernel(dataclasses.replace(cfg, attention_kernel="cpu"), four_devices)
+
+
+def test_checkpoints_do_not_record_the_kernel_choice():
+    """A run resumes, and RL/eval restore it, whichever attention_kernel they pick."""
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8)
+    assert pretrain.config_meta(cfg) == pretrain.config_meta(
+        dataclasses.replace(cfg, attention_kernel="xla"))
+    assert pretrain.config_meta(cfg) != pretrain.config_meta(dataclasses.replace(cfg, d_model=32))
+
+
 def test_kernel_choice_is_validated():
     with pytest.raises(ValueError, match="attention_kernel must be"):
         ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
@@ -142,6 +180,7 @@ def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "auto ran"
+    assert "CPU attention kernel unavailable, using XLA attention" in result.stderr
     assert lines[1] == f"cpu refused: the C++ compiler CXX={env['CXX']} was not found"
 
 
@@ -151,3 +190,4 @@ def test_cache_dir_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("ECHO_JAX_CACHE", str(blocker / "cache"))  # cannot be created
     path = cpu_attention.cache_dir()
     assert path.is_dir() and not str(path).startswith(str(blocker))
+    assert path.stat().st_mode & 0o777 == 0o700 and path.stat().st_uid == os.getuid()

@@ -66,13 +66,15 @@ inline vf vexp(vf x) {
   return x == -INFINITY ? splat(0.0f) : y * scale;
 }
 
-// Key range [lo, hi) per query that holds every key it may attend to. Fast path: each segment
-// is one contiguous run with strictly increasing positions, so a query sees its run's start up
-// to itself. Otherwise every real query gets the whole row (the mask stays exact either way).
+// Key range [lo, hi) per query that holds every key it may attend to. Fast path: each real
+// segment (> 0) is one contiguous run with strictly increasing positions, so a query sees its
+// run's start up to itself; padding (segment <= 0, anywhere) is never seen. Otherwise every
+// real query gets the whole row (the mask stays exact either way).
 void key_ranges(const int32_t* pos, const int32_t* seg, int64_t L, int32_t* lo, int32_t* hi) {
   bool runs_ok = true;
   std::vector<int32_t> run_segments;
   for (int64_t j = 0; j < L && runs_ok; ++j) {
+    if (seg[j] <= 0) continue;
     if (j == 0 || seg[j] != seg[j - 1]) {
       if (std::find(run_segments.begin(), run_segments.end(), seg[j]) != run_segments.end())
         runs_ok = false;
@@ -445,11 +447,14 @@ ffi::Error read_call(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
   head_dim = d[3];
   if (head_dim != 32 && head_dim != 64 && head_dim != 128)
     return ffi::Error::InvalidArgument("head dim must be 32, 64 or 128");
+  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
   auto p = pos.dimensions();
-  if (p.size() != 2 || p[0] != d[0] || p[1] != d[1])
-    return ffi::Error::InvalidArgument("positions must be [B, L]");
-  auto t = cos.dimensions();
-  if (t.size() != 2 || t[1] != head_dim / 2 || sin.dimensions()[0] != t[0])
+  if (p.size() != 2 || p[0] != d[0] || p[1] != d[1] ||
+      seg.element_count() != pos.element_count())
+    return ffi::Error::InvalidArgument("positions and segment ids must be [B, L]");
+  auto t = cos.dimensions(), u = sin.dimensions();
+  if (t.size() != 2 || u.size() != 2 || t[1] != head_dim / 2 || u[0] != t[0] || u[1] != t[1])
     return ffi::Error::InvalidArgument("RoPE tables must be [P, K / 2]");
   if (gate.element_count() != static_cast<size_t>(d[2]))
     return ffi::Error::InvalidArgument("gate must be [H]");
