@@ -42,7 +42,7 @@ from echo_jax.lm import pretrain  # noqa: E402
 
 # Model parts by a substring of the op's HLO metadata, first match wins.
 PARTS = (("_smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
-         ("attn/BLHK,HKD", "attention output projection"),
+         ("BLHK,HKD", "attention output projection"),
          ("/attn/", "attention core (RoPE, scores, softmax)"), ("/mlp/", "MLP"),
          ("_norm", "norms"), ("BLD,VD", "logits + loss"), ("BLD,DV", "logits + loss"),
          ("log_softmax", "logits + loss"), ("take_along_axis", "logits + loss"))
