@@ -505,37 +505,33 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The operands both calls start with: q, k, v, positions, segment ids, the RoPE tables, gate.
+auto bind_operands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // q
+      .Arg<ffi::Buffer<ffi::F32>>()   // k
+      .Arg<ffi::Buffer<ffi::F32>>()   // v
+      .Arg<ffi::Buffer<ffi::S32>>()   // positions
+      .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
+      .Arg<ffi::Buffer<ffi::F32>>()   // cos table
+      .Arg<ffi::Buffer<ffi::F32>>()   // sin table
+      .Arg<ffi::Buffer<ffi::F32>>();  // gate
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // lse
+                              bind_operands()
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // dgate
+                              bind_operands()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dgate
