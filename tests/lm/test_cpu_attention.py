@@ -16,33 +16,17 @@ from flax import linen as nn
 from echo_jax.lm import attention, cpu_attention, model, pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.conftest import REPO
+from tests.lm.packing import ragged_packed
 
 
-def _packed_rows(batch, length, seed, shuffled):
-    """Rows of 1-4 examples and up to 5 padding tokens (the kernel's per-example key ranges).
-    `shuffled` permutes each row's tokens, so examples interleave and positions are not
-    increasing: the kernel's whole-row path."""
-    rng = np.random.default_rng(seed)
-    positions, segments = np.zeros((2, batch, length), np.int32)
-    for row in range(batch):
-        real = length - rng.integers(0, min(6, length // 2))
-        cuts = np.sort(rng.choice(np.arange(1, real), min(rng.integers(0, 4), real - 1),
-                                  replace=False))
-        for seg, (start, end) in enumerate(zip([0, *cuts], [*cuts, real]), 1):
-            positions[row, start:end], segments[row, start:end] = np.arange(end - start), seg
-        if shuffled:
-            order = rng.permutation(length)
-            positions[row], segments[row] = positions[row, order], segments[row, order]
-    return positions, segments
-
-
+# Unshuffled rows take the kernel's per-example key ranges, shuffled ones its whole-row path.
 @pytest.mark.parametrize("length,head_dim,shuffled", [
     (40, 32, False), (5, 64, False), (37, 128, False), (48, 32, True), (23, 64, True)])
 def test_kernel_equals_xla_attention(length, head_dim, shuffled):
     """Smeared keys, RoPE and dense attention as the model's XLA path computes them."""
     cpu_attention.require()
     batch, heads, theta = 3, 2, 10_000.0
-    positions, segments = _packed_rows(batch, length, seed=length, shuffled=shuffled)
+    _, positions, segments = ragged_packed(batch, length, seed=length, shuffled=shuffled)
     rng = np.random.default_rng(head_dim)
     q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
                for _ in range(3))
@@ -92,8 +76,7 @@ def test_model_with_kernel_equals_xla():
                           max_len=48, smear_keys=True, remat=True, attention_block=16,
                           attention_kernel="xla")
     kernel_cfg = dataclasses.replace(xla_cfg, attention_kernel="cpu")
-    positions, segments = _packed_rows(4, 48, seed=7, shuffled=False)
-    tokens = np.random.default_rng(7).integers(0, 64, positions.shape).astype(np.int32)
+    tokens, positions, segments = ragged_packed(4, 48, seed=7)
     params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
                                                      segments)["params"])
 

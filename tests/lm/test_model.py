@@ -15,6 +15,7 @@ from echo_jax.core.train_loop import initial_state, jit_train_step
 from echo_jax.lm import attention, pretrain
 from echo_jax.lm.model import ModelConfig, Transformer, init_cache, param_count
 from tests.conftest import REPO
+from tests.lm.packing import ragged_packed
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, max_len=32,
                     smear_keys=True)
@@ -63,26 +64,13 @@ def test_kv_cache_matches_full_forward():
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
 
 
-def _ragged_packed(batch, length, seed, vocab=64):
-    """Rows of 1-4 examples of random lengths, each row ending in 0-5 padding tokens; the last
-    row is all padding (as the pipeline's last batch)."""
-    rng = np.random.default_rng(seed)
-    positions, segments = np.zeros((2, batch, length), np.int32)
-    for row in range(batch - 1):
-        real = length - rng.integers(0, 6)
-        cuts = np.sort(rng.choice(np.arange(1, real), rng.integers(0, 4), replace=False))
-        for seg, (start, end) in enumerate(zip([0, *cuts], [*cuts, real]), 1):
-            positions[row, start:end], segments[row, start:end] = np.arange(end - start), seg
-    return rng.integers(0, vocab, (batch, length)).astype(np.int32), positions, segments
-
-
 @pytest.mark.parametrize("block,remat", [(4, False), (8, False), (12, False), (16, False),
                                          (8, True)])  # 12: a shorter last block of 8
 def test_blocked_attention_equals_dense(block, remat):
     dense_cfg = dataclasses.replace(SMALL, max_len=64)
     blocked_cfg = dataclasses.replace(dense_cfg, attention_block=block, remat=remat)
     params = _params(dense_cfg, seq_len=32)
-    tokens, positions, segments = _ragged_packed(5, 32, seed=block)
+    tokens, positions, segments = ragged_packed(5, 32, seed=block)
     real = segments > 0
 
     def loss(params, cfg):
@@ -103,7 +91,7 @@ def test_blocked_attention_equals_dense(block, remat):
 def test_blocked_attention_gradient_equals_autodiff(block):
     """The hand-written backward pass equals autodiff of the same forward computation, on every
     row (padding rows included) and for a cotangent on every output."""
-    _, positions, segments = _ragged_packed(3, 16, seed=block)
+    _, positions, segments = ragged_packed(3, 16, seed=block)
     q, k, v, cotangent = jax.random.normal(jax.random.key(block), (4, 3, 2, 16, 8))
 
     def autodiff_path(q, k, v):

@@ -257,10 +257,10 @@ Block block_at(const Scratch& s, int64_t r0, int64_t L) {
 // Masked, scaled scores -> probabilities in place. With lse == nullptr (forward) each row is
 // normalised by its own max and sum, and its log-sum-exp is returned in row_lse; otherwise
 // p = exp(score - lse[r]) (backward).
-void probabilities(Scratch& s, int64_t r0, const Block& b, float scale, const float* lse,
-                   float* row_lse, float* inv_sum) {
+void probabilities(Scratch& s, int64_t Lp, int64_t r0, const Block& b, float scale,
+                   const float* lse, float* row_lse, float* inv_sum) {
   for (int r = 0; r < b.rows; ++r) {
-    float* row = s.scores.data() + r * (s.pos.size());
+    float* row = s.scores.data() + r * Lp;
     int32_t qseg = s.seg[r0 + r], qpos = s.pos[r0 + r];
     if (s.lo[r0 + r] == s.hi[r0 + r]) {  // a row that sees no key: all its p are 0
       std::fill(row + b.jlo, row + b.jhi, 0.0f);
@@ -288,8 +288,7 @@ void probabilities(Scratch& s, int64_t r0, const Block& b, float scale, const fl
     }
   }
   for (int r = b.rows; r < kRows; ++r)  // rows past L: zero weights
-    std::fill(s.scores.begin() + r * s.pos.size() + b.jlo,
-              s.scores.begin() + r * s.pos.size() + b.jhi, 0.0f);
+    std::fill(s.scores.begin() + r * Lp + b.jlo, s.scores.begin() + r * Lp + b.jhi, 0.0f);
 }
 
 void prepare(Scratch& s, const int32_t* pos, const int32_t* seg, int64_t L) {
@@ -316,7 +315,7 @@ void forward_head(Scratch& s, const Head& h, const Rope& rope, const int32_t* po
     float inv_sum[kRows];
     scores_tile<K>(s.qr.data() + r0 * K, K, s.kt.data(), Lp, b.jlo, b.jhi, b.rows,
                    s.scores.data());
-    probabilities(s, r0, b, scale, nullptr, lse + r0, inv_sum);
+    probabilities(s, Lp, r0, b, scale, nullptr, lse + r0, inv_sum);
     combine_rows<K>(s.scores.data(), Lp, h.v, ld, b.jlo, b.jend, b.rows, out + r0 * ld);
     for (int r = 0; r < b.rows; ++r)
       for (int c = 0; c < K; ++c) out[(r0 + r) * ld + c] *= inv_sum[r];
@@ -345,7 +344,7 @@ float backward_head(Scratch& s, const Head& h, const Rope& rope, const float* ou
     }
     scores_tile<K>(s.qr.data() + r0 * K, K, s.kt.data(), Lp, b.jlo, b.jhi, b.rows,
                    s.scores.data());
-    probabilities(s, r0, b, scale, lse + r0, nullptr, nullptr);
+    probabilities(s, Lp, r0, b, scale, lse + r0, nullptr, nullptr);
     scores_tile<K>(dout + r0 * ld, ld, s.vt.data(), Lp, b.jlo, b.jhi, b.rows,
                    s.grads.data());
     for (int r = 0; r < kRows; ++r) {  // dS = P * (dP - sum(dO * O)) * scale
