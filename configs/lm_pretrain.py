@@ -66,6 +66,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # ~150 -> ~115 ms, small ~1.5 -> ~1.07 s, benchmarks/RESULTS.md); elsewhere through XLA as
     # above. "xla" / "cpu" force one.
     c.model.attention_kernel = "auto"
+    # "auto": on a single CPU device, the MLP's and q/k/v's backward passes run through
+    # lm/dense.py's custom VJPs (weight gradients as row-major matmuls that XLA:CPU gives to
+    # YNNPACK; a tiny step ~111 -> ~105 ms, benchmarks/RESULTS.md). "xla" / "cpu" force one.
+    c.model.dense_grads = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps

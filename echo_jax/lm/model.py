@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from echo_jax.lm import cpu_attention
+from echo_jax.lm import cpu_attention, dense
 from echo_jax.lm.attention import blocked_attention, dense_attention
 
 Cache = list[dict[str, jax.Array]]
@@ -46,6 +46,11 @@ class ModelConfig:
     # always (an error where it cannot), "xla" never. The kernel is reverse-mode only (no
     # jax.jvp through the model) and not recorded in checkpoints (`pretrain.config_meta`).
     attention_kernel: str = "auto"
+    # The MLP's and the q/k/v projections' backward passes through lm/dense.py's custom VJPs
+    # (weight gradients as row-major matmuls for XLA:CPU, SwiGLU recomputed): "auto" on one
+    # CPU device, "cpu" always, "xla" never (jax's own autodiff). Same values and gradients up to
+    # float rounding; reverse mode only, and not recorded in checkpoints either.
+    dense_grads: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -58,9 +63,10 @@ class ModelConfig:
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
-        if self.attention_kernel not in ("auto", "cpu", "xla"):
-            raise ValueError("attention_kernel must be 'auto', 'cpu' or 'xla', got "
-                             f"{self.attention_kernel!r}")
+        for name in ("attention_kernel", "dense_grads"):
+            if getattr(self, name) not in ("auto", "cpu", "xla"):
+                raise ValueError(f"{name} must be 'auto', 'cpu' or 'xla', got "
+                                 f"{getattr(self, name)!r}")
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, std: float):
@@ -123,11 +129,16 @@ class Attention(nn.Module):
         H, K = cfg.n_heads, cfg.head_dim
         # Separate q/k/v matrices: slicing one fused output costs XLA:CPU a pad+add per
         # slice in the backward pass (measured in benchmarks/RESULTS.md).
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-            jnp.einsum("BLD,DHK->BLHK", x_BxLxD, _param(
-                self, name, (cfg.d_model, H, K), ("embed", "heads", "kv"), cfg.init_std
-            ).astype(x_BxLxD.dtype))
-            for name in ("q", "k", "v"))
+        w_DxHxK = [_param(self, name, (cfg.d_model, H, K), ("embed", "heads", "kv"),
+                          cfg.init_std).astype(x_BxLxD.dtype) for name in ("q", "k", "v")]
+        if _use_dense_vjps(cfg.dense_grads):
+            B, L, D = x_BxLxD.shape
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+                y.reshape(B, L, H, K) for y in dense.project(
+                    x_BxLxD.reshape(B * L, D), tuple(w.reshape(D, H * K) for w in w_DxHxK)))
+        else:
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+                jnp.einsum("BLD,DHK->BLHK", x_BxLxD, w) for w in w_DxHxK)
         new_cache = None
         smear_H = None
         if cfg.smear_keys:
@@ -205,10 +216,20 @@ def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
                              f"in {cpu_attention.HEAD_DIMS}, got {q_BxLxHxK.dtype} and "
                              f"{q_BxLxHxK.shape[-1]}")
         return True
+    return (_one_cpu_device() and cpu_attention.supports(q_BxLxHxK)
+            and cpu_attention.available())
+
+
+def _use_dense_vjps(choice: str) -> bool:
+    """Whether the dense layers differentiate through lm/dense.py (see `dense_grads`)."""
+    return choice == "cpu" or (choice == "auto" and _one_cpu_device())
+
+
+def _one_cpu_device() -> bool:
+    """Whether the step runs on a single CPU device (the current mesh's, or all devices)."""
     mesh = jax.sharding.get_abstract_mesh()
     devices = jax.device_count() if mesh.empty else mesh.size
-    return (jax.default_backend() == "cpu" and devices == 1
-            and cpu_attention.supports(q_BxLxHxK) and cpu_attention.available())
+    return jax.default_backend() == "cpu" and devices == 1
 
 
 class MLP(nn.Module):
@@ -221,13 +242,15 @@ class MLP(nn.Module):
         # Rows flattened to 2-D: with 3-D einsums XLA:CPU materialised a column-order copy of
         # the SwiGLU gradient for every weight-gradient matmul (benchmarks/RESULTS.md).
         x_NxD = x_BxLxD.reshape(B * L, D)
-        gate_NxF, up_NxF = (
-            x_NxD @ _param(self, name, (D, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std
+        w_gate_DxF, w_up_DxF = (
+            _param(self, name, (D, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std
+                   ).astype(x_NxD.dtype) for name in ("w_gate", "w_up"))
+        w_out_FxD = _param(self, "wo", (cfg.mlp_dim, D), ("mlp", "embed"), cfg.init_std
                            ).astype(x_NxD.dtype)
-            for name in ("w_gate", "w_up"))
-        w_out = _param(self, "wo", (cfg.mlp_dim, D), ("mlp", "embed"), cfg.init_std)
-        h_NxF = jax.nn.silu(gate_NxF) * up_NxF
-        return (h_NxF @ w_out.astype(h_NxF.dtype)).reshape(B, L, D)
+        if _use_dense_vjps(cfg.dense_grads):
+            return dense.swiglu(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD).reshape(B, L, D)
+        h_NxF = jax.nn.silu(x_NxD @ w_gate_DxF) * (x_NxD @ w_up_DxF)
+        return (h_NxF @ w_out_FxD).reshape(B, L, D)
 
 
 class Block(nn.Module):

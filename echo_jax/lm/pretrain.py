@@ -105,8 +105,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def config_meta(cfg: ModelConfig) -> dict:
-    """What a checkpoint records of the model: everything but `attention_kernel`, which changes
-    how attention runs, not what it computes (a resume or a restore may pick another)."""
+    """What a checkpoint records of the model: everything but `attention_kernel` and
+    `dense_grads`, which change how the step runs, not what it computes (a resume or a restore
+    may pick another)."""
     meta = dataclasses.asdict(cfg)
-    del meta["attention_kernel"]
+    del meta["attention_kernel"], meta["dense_grads"]
     return {"model": meta}
