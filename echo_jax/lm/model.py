@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from echo_jax.lm import cpu_attention, dense
+from echo_jax.lm import cpu_attention, cpu_kernels, cpu_norm, dense
 from echo_jax.lm.attention import blocked_attention, dense_attention
 
 Cache = list[dict[str, jax.Array]]
@@ -51,6 +51,10 @@ class ModelConfig:
     # CPU device, "cpu" always, "xla" never (jax's own autodiff). Same values and gradients up to
     # float rounding; reverse mode only, and not recorded in checkpoints either.
     dense_grads: str = "auto"
+    # RMSNorm (norm="rms") through the C++ kernel of lm/cpu_norm.py, one op per pass: "auto" on
+    # one CPU device in float32 with d_model a multiple of 16, "cpu" always (an error where it
+    # cannot), "xla" never. Not recorded in checkpoints either.
+    norm_kernel: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +67,7 @@ class ModelConfig:
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
-        for name in ("attention_kernel", "dense_grads"):
+        for name in ("attention_kernel", "dense_grads", "norm_kernel"):
             if getattr(self, name) not in ("auto", "cpu", "xla"):
                 raise ValueError(f"{name} must be 'auto', 'cpu' or 'xla', got "
                                  f"{getattr(self, name)!r}")
@@ -76,17 +80,23 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, st
 
 class Norm(nn.Module):
     kind: str
+    kernel: str = "xla"  # ModelConfig.norm_kernel
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x = x_BxLxD.astype(jnp.float32)
         if self.kind == "layernorm":
+            if self.kernel == "cpu":
+                raise ValueError("norm_kernel='cpu' needs norm='rms' (use 'auto' or 'xla')")
             x = x - x.mean(-1, keepdims=True)
+            x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+            return x.astype(x_BxLxD.dtype)
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
+        if _use_norm_kernel(self.kernel, x):
+            return cpu_norm.rms_norm(x, scale).astype(x_BxLxD.dtype)
         x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
-        if self.kind == "rms":
-            init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
-            x = x * self.param("scale", init, (x.shape[-1],), jnp.float32)
-        return x.astype(x_BxLxD.dtype)
+        return (x * scale).astype(x_BxLxD.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -210,14 +220,30 @@ def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
         if jax.default_backend() != "cpu":
             raise ValueError(f"attention_kernel='cpu' runs on CPU only; the default backend is "
                              f"{jax.default_backend()} (use 'auto' or 'xla')")
-        cpu_attention.require()
+        cpu_kernels.require()
         if not cpu_attention.supports(q_BxLxHxK):
             raise ValueError("attention_kernel='cpu' needs float32 activations and a head dim "
                              f"in {cpu_attention.HEAD_DIMS}, got {q_BxLxHxK.dtype} and "
                              f"{q_BxLxHxK.shape[-1]}")
         return True
     return (_one_cpu_device() and cpu_attention.supports(q_BxLxHxK)
-            and cpu_attention.available())
+            and cpu_kernels.available())
+
+
+def _use_norm_kernel(choice: str, x: jax.Array) -> bool:
+    """Whether an RMSNorm runs through the C++ kernel (see `norm_kernel`)."""
+    if choice == "xla":
+        return False
+    if choice == "cpu":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"norm_kernel='cpu' runs on CPU only; the default backend is "
+                             f"{jax.default_backend()} (use 'auto' or 'xla')")
+        cpu_kernels.require()
+        if not cpu_norm.supports(x):
+            raise ValueError("norm_kernel='cpu' needs float32 activations and d_model a "
+                             f"multiple of {cpu_norm.LANES}, got {x.dtype} and {x.shape[-1]}")
+        return True
+    return _one_cpu_device() and cpu_norm.supports(x) and cpu_kernels.available()
 
 
 def _use_dense_vjps(choice: str) -> bool:
@@ -259,10 +285,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
         h, new_cache = Attention(self.cfg, name="attn")(
-            Norm(self.cfg.norm, name="attn_norm")(x_BxLxD), positions_BxL, segment_ids_BxL,
-            cache, cache_index)
+            Norm(self.cfg.norm, self.cfg.norm_kernel, name="attn_norm")(x_BxLxD), positions_BxL,
+            segment_ids_BxL, cache, cache_index)
         x_BxLxD = x_BxLxD + h
-        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(Norm(self.cfg.norm, name="mlp_norm")(x_BxLxD))
+        x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(
+            Norm(self.cfg.norm, self.cfg.norm_kernel, name="mlp_norm")(x_BxLxD))
         return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed")), new_cache
 
 
@@ -288,7 +315,7 @@ class Transformer(nn.Module):
                 x_BxLxD, positions_BxL, segment_ids_BxL,
                 None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
-        x_BxLxD = Norm(cfg.norm, name="final_norm")(x_BxLxD)
+        x_BxLxD = Norm(cfg.norm, cfg.norm_kernel, name="final_norm")(x_BxLxD)
         if cfg.tied_embeddings:
             logits = jnp.einsum("BLD,VD->BLV", x_BxLxD, embedding.astype(dtype))
         else:

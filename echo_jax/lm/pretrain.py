@@ -105,9 +105,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def config_meta(cfg: ModelConfig) -> dict:
-    """What a checkpoint records of the model: everything but `attention_kernel` and
-    `dense_grads`, which change how the step runs, not what it computes (a resume or a restore
-    may pick another)."""
+    """What a checkpoint records of the model: everything but `attention_kernel`, `dense_grads`
+    and `norm_kernel`, which change how the step runs, not what it computes (a resume or a
+    restore may pick another)."""
     meta = dataclasses.asdict(cfg)
-    del meta["attention_kernel"], meta["dense_grads"]
+    del meta["attention_kernel"], meta["dense_grads"], meta["norm_kernel"]
     return {"model": meta}

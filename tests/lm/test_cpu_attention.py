@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from echo_jax.lm import attention, cpu_attention, model, pretrain
+from echo_jax.lm import attention, cpu_attention, cpu_kernels, model, pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.conftest import REPO
 from tests.lm.packing import ragged_packed
@@ -24,7 +24,7 @@ from tests.lm.packing import ragged_packed
     (40, 32, False), (5, 64, False), (37, 128, False), (48, 32, True), (23, 64, True)])
 def test_kernel_equals_xla_attention(length, head_dim, shuffled):
     """Smeared keys, RoPE and dense attention as the model's XLA path computes them."""
-    cpu_attention.require()
+    cpu_kernels.require()
     batch, heads, theta = 3, 2, 10_000.0
     _, positions, segments = ragged_packed(batch, length, seed=length, shuffled=shuffled)
     rng = np.random.default_rng(head_dim)
@@ -61,7 +61,7 @@ def test_kernel_equals_xla_attention(length, head_dim, shuffled):
 
 
 def test_positions_outside_the_rope_table_are_an_error():
-    cpu_attention.require()
+    cpu_kernels.require()
     q = jnp.ones((1, 8, 2, 32))
     positions = jnp.arange(8)[None]
     cos, sin = model.rope_tables(4, 32, 10_000.0)
@@ -109,7 +109,7 @@ def _runs_kernel(cfg, mesh=None) -> bool:
 
 
 def test_auto_runs_the_kernel_on_one_cpu_device_only():
-    cpu_attention.require()
+    cpu_kernels.require()
     cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=16)
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     four_devices = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
@@ -141,7 +141,7 @@ def test_kernel_choice_is_validated():
 
 _NO_COMPILER = """
 import jax.numpy as jnp, jax
-from echo_jax.lm import cpu_attention
+from echo_jax.lm import cpu_kernels
 from echo_jax.lm.model import ModelConfig, Transformer
 tokens = jnp.zeros((1, 8), jnp.int32)
 for choice in ("auto", "cpu"):
@@ -150,7 +150,7 @@ for choice in ("auto", "cpu"):
     try:
         Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
         print(choice, "ran")
-    except cpu_attention.KernelUnavailable as e:
+    except cpu_kernels.KernelUnavailable as e:
         print(choice, "refused:", e)
 """
 
@@ -163,7 +163,7 @@ def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "auto ran"
-    assert "CPU attention kernel unavailable, using XLA attention" in result.stderr
+    assert "CPU kernels unavailable, using XLA ops instead" in result.stderr
     assert lines[1] == f"cpu refused: the C++ compiler CXX={env['CXX']} was not found"
 
 
@@ -171,6 +171,6 @@ def test_cache_dir_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("ECHO_JAX_CACHE", str(blocker / "cache"))  # cannot be created
-    path = cpu_attention.cache_dir()
+    path = cpu_kernels.cache_dir()
     assert path.is_dir() and not str(path).startswith(str(blocker))
     assert path.stat().st_mode & 0o777 == 0o700 and path.stat().st_uid == os.getuid()

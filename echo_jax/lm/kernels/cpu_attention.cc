@@ -17,32 +17,22 @@
 // lse [B, H, L], RoPE tables [P, K / 2], gate [H]. K (head dim) must be 32, 64 or 128.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int kRows = 8;  // query rows per block: an 8 x 32 score tile is 16 vector registers
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+using namespace echo_kernels;  // NOLINT: the vector helpers and parallel_for
 
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vi loadi(const int32_t* p) { vi v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]); return m; }
-inline float hsum(vf v) { float s = 0; for (int i = 0; i < kLanes; ++i) s += v[i]; return s; }
+constexpr int kRows = 8;  // query rows per block: an 8 x 32 score tile is 16 vector registers
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Row stride of the transposed keys/values and the score rows: whole vectors, plus one so rows
 // are not a power of two apart (2 KB-apart rows share a few L1 sets and evict each other).
@@ -382,24 +372,6 @@ float backward_head(Scratch& s, const Head& h, const Rope& rope, const float* ou
     }
   }
   return dgate;
-}
-
-// Runs fn(i) for i < n on the calling thread and the XLA:CPU thread pool. The caller takes
-// items too and waits only for items already taken, so it cannot deadlock on a busy pool.
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  struct Shared { std::atomic<int64_t> next{0}, done{0}; };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n](Fn* f) {
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-      (*f)(i);
-      shared->done.fetch_add(1);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, f = &fn] { work(f); });
-  work(&fn);
-  while (shared->done.load() < n) std::this_thread::yield();
 }
 
 thread_local Scratch scratch;

@@ -1,0 +1,112 @@
+"""The C++ RMSNorm kernel equals the model's XLA norm (values and gradients), alone and in the
+model; "auto" uses it on one CPU device only; what it cannot run is a clear error for "cpu"."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from echo_jax.lm import cpu_kernels, cpu_norm, pretrain
+from echo_jax.lm.model import ModelConfig, Norm, Transformer
+from tests.lm.packing import ragged_packed
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 64), (130, 16), (2, 5, 7, 128)])
+def test_kernel_equals_xla_norm(shape):
+    """Rows that fill no whole chunk of the kernel's, several leading dims, large and tiny
+    values (the rsqrt's epsilon matters for the near-zero rows)."""
+    cpu_kernels.require()
+    rng = np.random.default_rng(shape[-1])
+    x = rng.normal(size=shape) * rng.choice([1e-4, 1.0, 30.0], size=(*shape[:-1], 1))
+    x, weights = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, size=shape[-1]), jnp.float32)
+
+    def xla(x, scale):
+        return Norm("rms", "xla").apply({"params": {"scale": scale}}, x)
+
+    def loss(norm):
+        return lambda x, scale: (norm(x, scale) * weights).sum()
+
+    np.testing.assert_allclose(cpu_norm.rms_norm(x, scale), xla(x, scale), rtol=1e-5, atol=1e-6)
+    got, want = (jax.jit(jax.grad(loss(f), argnums=(0, 1)))(x, scale)
+                 for f in (cpu_norm.rms_norm, xla))
+    for g, w, name in zip(got, want, ("dx", "dscale")):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(), err_msg=name)
+
+
+def test_scale_gradient_does_not_depend_on_threads():
+    """Bitwise the same on repeated calls: per-chunk partials summed in a fixed order."""
+    cpu_kernels.require()
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.normal(size=(4096, 128)), jnp.float32) for _ in range(2))
+    grad = jax.jit(jax.grad(lambda x, s: (cpu_norm.rms_norm(x, s) * dy).sum(), argnums=1))
+    first = np.asarray(grad(x, jnp.ones(128)))
+    for _ in range(5):
+        np.testing.assert_array_equal(grad(x, jnp.ones(128)), first)
+
+
+def test_model_with_norm_kernel_equals_xla():
+    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
+                          max_len=32, smear_keys=True, attention_kernel="xla", norm_kernel="xla")
+    tokens, positions, segments = ragged_packed(4, 32, seed=5)
+    params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
+                                                     segments)["params"])
+
+    def loss_fn(cfg):
+        def loss(params):
+            logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+        return jax.jit(jax.value_and_grad(loss))
+
+    (want_loss, want_grads), (loss, grads) = (
+        loss_fn(cfg)(params) for cfg in (xla_cfg, dataclasses.replace(xla_cfg, norm_kernel="cpu")))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
+        got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
+        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _runs_kernel(cfg, mesh=None) -> bool:
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    params = Transformer(dataclasses.replace(cfg, norm_kernel="xla")).init(
+        jax.random.key(0), tokens, tokens, tokens + 1)
+    forward = jax.jit(lambda p: Transformer(cfg).apply(p, tokens, tokens, tokens + 1)[0])
+    if mesh is None:
+        return "echo_rms_norm_fwd" in forward.lower(params).as_text()
+    with jax.set_mesh(mesh):
+        return "echo_rms_norm_fwd" in forward.lower(params).as_text()
+
+
+def test_auto_runs_the_kernel_on_one_cpu_device_only():
+    cpu_kernels.require()
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=16,
+                      attention_kernel="xla")
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    four_devices = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    assert _runs_kernel(cfg, one_device)
+    assert not _runs_kernel(cfg, four_devices)
+    assert not _runs_kernel(cfg)  # no mesh: the tests' 8 devices
+    assert not _runs_kernel(dataclasses.replace(cfg, norm_kernel="xla"), one_device)
+    assert not _runs_kernel(dataclasses.replace(cfg, d_model=72, n_heads=2), one_device)
+    assert _runs_kernel(dataclasses.replace(cfg, norm_kernel="cpu"), four_devices)
+
+
+def test_what_the_kernel_cannot_run_is_an_error_for_cpu():
+    with pytest.raises(ValueError, match="norm_kernel must be 'auto', 'cpu' or 'xla'"):
+        ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
+                    norm_kernel="fast")
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    cfg = ModelConfig(vocab_size=8, d_model=72, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
+                      norm_kernel="cpu", attention_kernel="xla")
+    with pytest.raises(ValueError, match="d_model a multiple of 16, got float32 and 72"):
+        Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
+    with pytest.raises(ValueError, match="norm_kernel='cpu' needs norm='rms'"):
+        Transformer(dataclasses.replace(cfg, d_model=64, norm="layernorm")).init(
+            jax.random.key(0), tokens, tokens, tokens + 1)
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8)
+    assert pretrain.config_meta(cfg) == pretrain.config_meta(
+        dataclasses.replace(cfg, norm_kernel="xla"))
