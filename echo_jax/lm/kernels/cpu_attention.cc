@@ -179,10 +179,31 @@ void scatter_rows(const float* w, int64_t Lp, const float* x, int64_t ld, int ro
   }
 }
 
+// Transposes the 16 x 16 block at src (rows lds apart) into dst (rows ldd apart): four rounds
+// of interleaving row i with row i + 8 (vpermt2ps) transpose a 16 x 16 matrix.
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  static_assert(kLanes == 16, "a 16 x 16 block");
+  const vi lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const vi hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  vf r[kLanes], t[kLanes];
+  for (int i = 0; i < kLanes; ++i) r[i] = load(src + i * lds);
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < kLanes / 2; ++i) {
+      t[2 * i] = __builtin_shuffle(r[i], r[i + kLanes / 2], lo);
+      t[2 * i + 1] = __builtin_shuffle(r[i], r[i + kLanes / 2], hi);
+    }
+    std::copy(t, t + kLanes, r);
+  }
+  for (int i = 0; i < kLanes; ++i) store(dst + i * ldd, r[i]);
+}
+
 // Transposes an [L, K] matrix (rows ld apart) into [K, Lp] (columns past L stay zero).
 template <int K>
 void transpose_into(const float* m, int64_t ld, int64_t L, int64_t Lp, float* mt) {
-  for (int64_t j = 0; j < L; ++j)
+  int64_t j = 0;
+  for (; j + kLanes <= L; j += kLanes)
+    for (int c = 0; c < K; c += kLanes) transpose_block(m + j * ld + c, ld, mt + c * Lp + j, Lp);
+  for (; j < L; ++j)
     for (int c = 0; c < K; ++c) mt[c * Lp + j] = m[j * ld + c];
 }
 
@@ -216,11 +237,10 @@ void prepare_qk(Scratch& s, const Head& h, const Rope& rope, int64_t Lp) {
     const float* kj = h.k + j * h.ld;
     const float* prev = smeared(s, j) ? kj - h.ld : kj;
     for (int c = 0; c < K; ++c) row[c] = kj[c] + h.gate * (prev[c] - kj[c]);
-    float* kr = s.kr.data() + j * K;
-    rotate<K>(row, rope, s.pos[j], 1.0f, kr);
-    for (int c = 0; c < K; ++c) s.kt[c * Lp + j] = kr[c];
+    rotate<K>(row, rope, s.pos[j], 1.0f, s.kr.data() + j * K);
     rotate<K>(h.q + j * h.ld, rope, s.pos[j], 1.0f, s.qr.data() + j * K);
   }
+  transpose_into<K>(s.kr.data(), K, h.L, Lp, s.kt.data());
 }
 
 // A block's rows and the union of their key ranges, rounded out to whole vectors.
