@@ -73,6 +73,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # "auto": on a single CPU device in float32, RMSNorm runs as one C++ kernel per pass
     # (lm/cpu_norm.py; a tiny step ~105 -> ~100 ms, benchmarks/RESULTS.md). "xla" / "cpu" force.
     c.model.norm_kernel = "auto"
+    # "auto": where the dense VJPs run, in float32, SwiGLU's elementwise part runs as one C++
+    # kernel per pass (lm/cpu_swiglu.py, benchmarks/RESULTS.md). "xla" / "cpu" force one.
+    c.model.mlp_kernel = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps

@@ -1,10 +1,11 @@
-"""The C++ CPU kernels (`kernels/*.cc`: fused attention, RMSNorm): built, cached and registered.
+"""The C++ CPU kernels (`kernels/*.cc`: attention, RMSNorm, SwiGLU): built, cached, registered.
 
 The sources are compiled together with the host's C++ compiler on first use (`-O3
 -march=native`, ~5 s) into one library in a cache keyed by the sources, the compiler, jaxlib and
 its FFI headers, and what `-march=native` means on this CPU, so a checkout needs no build step.
 `available()` says whether that worked, `require()` raises why not. The kernels run as XLA FFI
-custom calls on XLA:CPU's own thread pool; lm/cpu_attention.py and lm/cpu_norm.py wrap them.
+custom calls on XLA:CPU's own thread pool; lm/cpu_attention.py, lm/cpu_norm.py and
+lm/cpu_swiglu.py wrap them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"echo_attention_fwd": "EchoAttentionForward",
             "echo_attention_bwd": "EchoAttentionBackward",
             "echo_rms_norm_fwd": "EchoRmsNormForward",
-            "echo_rms_norm_bwd": "EchoRmsNormBackward"}
+            "echo_rms_norm_bwd": "EchoRmsNormBackward",
+            "echo_swiglu_fwd": "EchoSwigluForward",
+            "echo_swiglu_bwd": "EchoSwigluBackward"}
 
 
 class KernelUnavailable(RuntimeError):

@@ -15,8 +15,12 @@ Reverse mode only (`jax.custom_vjp`): no `jax.jvp` through them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax import lax
+
+from echo_jax.lm import cpu_swiglu
 
 
 def _transposed(x_NxD: jax.Array) -> jax.Array:
@@ -44,27 +48,34 @@ def _project_bwd(residuals, gs_NxF):
 project.defvjp(_project_fwd, _project_bwd)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def swiglu(x_NxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
-           w_out_FxD: jax.Array) -> jax.Array:
-    """`(silu(x @ w_gate) * (x @ w_up)) @ w_out`."""
-    return _swiglu_fwd(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD)[0]
+           w_out_FxD: jax.Array, kernel: bool = False) -> jax.Array:
+    """`(silu(x @ w_gate) * (x @ w_up)) @ w_out`; `kernel`: the elementwise part through
+    lm/cpu_swiglu.py's C++ kernel (float32, CPU, after `cpu_kernels.require()`)."""
+    return _swiglu_fwd(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, kernel)[0]
 
 
-def _swiglu_fwd(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD):
+def _swiglu_fwd(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, kernel):
     gate_NxF, up_NxF = x_NxD @ w_gate_DxF, x_NxD @ w_up_DxF
-    h_NxF = gate_NxF * jax.nn.sigmoid(gate_NxF) * up_NxF
+    if kernel:
+        h_NxF = cpu_swiglu.silu_mul(gate_NxF, up_NxF)
+    else:
+        h_NxF = gate_NxF * jax.nn.sigmoid(gate_NxF) * up_NxF
     return h_NxF @ w_out_FxD, (x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, gate_NxF, up_NxF, h_NxF)
 
 
-def _swiglu_bwd(residuals, dy_NxD):
+def _swiglu_bwd(kernel, residuals, dy_NxD):
     x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, gate_NxF, up_NxF, h_NxF = residuals
     dh_NxF = dy_NxD @ w_out_FxD.T
     # (dy^T h)^T: the transpose of the small [D, F] result is cheaper than that of h.
     dw_out_FxD = lax.optimization_barrier(_transposed(dy_NxD) @ h_NxF).T
-    sig_NxF = jax.nn.sigmoid(gate_NxF)
-    dup_NxF = dh_NxF * gate_NxF * sig_NxF
-    dgate_NxF = dh_NxF * up_NxF * sig_NxF * (1.0 + gate_NxF * (1.0 - sig_NxF))
+    if kernel:
+        dgate_NxF, dup_NxF = cpu_swiglu.silu_mul_grads(dh_NxF, gate_NxF, up_NxF)
+    else:
+        sig_NxF = jax.nn.sigmoid(gate_NxF)
+        dup_NxF = dh_NxF * gate_NxF * sig_NxF
+        dgate_NxF = dh_NxF * up_NxF * sig_NxF * (1.0 + gate_NxF * (1.0 - sig_NxF))
     xt_DxN = _transposed(x_NxD)
     dx_NxD = dgate_NxF @ w_gate_DxF.T + dup_NxF @ w_up_DxF.T
     return dx_NxD, xt_DxN @ dgate_NxF, xt_DxN @ dup_NxF, dw_out_FxD

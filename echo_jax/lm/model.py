@@ -55,6 +55,10 @@ class ModelConfig:
     # one CPU device in float32 with d_model a multiple of 16, "cpu" always (an error where it
     # cannot), "xla" never. Not recorded in checkpoints either.
     norm_kernel: str = "auto"
+    # SwiGLU's elementwise part (silu(gate) * up and its gradients) through the C++ kernel of
+    # lm/cpu_swiglu.py, one op per pass, inside `dense_grads`' VJPs (so only where those run):
+    # "auto" on one CPU device in float32, "cpu" always there, "xla" never. Not in checkpoints.
+    mlp_kernel: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -67,10 +71,13 @@ class ModelConfig:
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
-        for name in ("attention_kernel", "dense_grads", "norm_kernel"):
+        for name in ("attention_kernel", "dense_grads", "norm_kernel", "mlp_kernel"):
             if getattr(self, name) not in ("auto", "cpu", "xla"):
                 raise ValueError(f"{name} must be 'auto', 'cpu' or 'xla', got "
                                  f"{getattr(self, name)!r}")
+        if self.mlp_kernel == "cpu" and self.dense_grads == "xla":
+            raise ValueError("mlp_kernel='cpu' runs inside dense_grads' custom VJPs: set "
+                             "dense_grads to 'auto' or 'cpu', or mlp_kernel to 'auto' or 'xla'")
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, std: float):
@@ -246,6 +253,19 @@ def _use_norm_kernel(choice: str, x: jax.Array) -> bool:
     return _one_cpu_device() and cpu_norm.supports(x) and cpu_kernels.available()
 
 
+def _use_mlp_kernel(choice: str, x: jax.Array) -> bool:
+    """Whether dense.swiglu's elementwise part runs through the C++ kernel (see `mlp_kernel`)."""
+    if choice == "xla":
+        return False
+    if choice == "cpu":
+        if jax.default_backend() != "cpu" or x.dtype != jnp.float32:
+            raise ValueError("mlp_kernel='cpu' needs the CPU backend and float32 activations, "
+                             f"got {jax.default_backend()} and {x.dtype} (use 'auto' or 'xla')")
+        cpu_kernels.require()
+        return True
+    return _one_cpu_device() and x.dtype == jnp.float32 and cpu_kernels.available()
+
+
 def _use_dense_vjps(choice: str) -> bool:
     """Whether the dense layers differentiate through lm/dense.py (see `dense_grads`)."""
     return choice == "cpu" or (choice == "auto" and _one_cpu_device())
@@ -274,7 +294,8 @@ class MLP(nn.Module):
         w_out_FxD = _param(self, "wo", (cfg.mlp_dim, D), ("mlp", "embed"), cfg.init_std
                            ).astype(x_NxD.dtype)
         if _use_dense_vjps(cfg.dense_grads):
-            return dense.swiglu(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD).reshape(B, L, D)
+            return dense.swiglu(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD,
+                                _use_mlp_kernel(cfg.mlp_kernel, x_NxD)).reshape(B, L, D)
         h_NxF = jax.nn.silu(x_NxD @ w_gate_DxF) * (x_NxD @ w_up_DxF)
         return (h_NxF @ w_out_FxD).reshape(B, L, D)
 

@@ -109,9 +109,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def config_meta(cfg: ModelConfig) -> dict:
-    """What a checkpoint records of the model: everything but `attention_kernel`, `dense_grads`
-    and `norm_kernel`, which change how the step runs, not what it computes (a resume or a
-    restore may pick another)."""
+    """What a checkpoint records of the model: everything but the choices of how the step runs,
+    not what it computes (`attention_kernel`, `dense_grads`, `norm_kernel`, `mlp_kernel`): a
+    resume or a restore may pick others."""
     meta = dataclasses.asdict(cfg)
-    del meta["attention_kernel"], meta["dense_grads"], meta["norm_kernel"]
+    for choice in ("attention_kernel", "dense_grads", "norm_kernel", "mlp_kernel"):
+        del meta[choice]
     return {"model": meta}

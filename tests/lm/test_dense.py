@@ -1,5 +1,6 @@
 """lm/dense.py's custom VJPs compute the plain expressions' values and gradients, alone and in
-the model, and "auto" uses them on one CPU device only."""
+the model, with SwiGLU's elementwise part in XLA or in the C++ kernel (lm/cpu_swiglu.py), and
+"auto" uses them on one CPU device only."""
 
 import dataclasses
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from echo_jax.lm import dense, pretrain
+from echo_jax.lm import cpu_kernels, dense, pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.lm.packing import ragged_packed
 
@@ -39,24 +40,32 @@ def test_project_equals_its_matmuls():
                                  loss(lambda x, ws: tuple(x @ w for w in ws)), (x, *ws))
 
 
-def test_swiglu_equals_its_expression():
-    rng = np.random.default_rng(1)
-    x, w_gate, w_up, w_out = (_normal(rng, 41, 16), _normal(rng, 16, 48), _normal(rng, 16, 48),
-                              _normal(rng, 48, 16))
-    weights = _normal(rng, 41, 16)
+# 41 x 50 and 97 x 83 elements are not multiples of the kernel's 16 lanes (its scalar tail runs),
+# and 97 x 83 > 4096 makes two chunks. Inputs scaled up so some gates saturate the sigmoid.
+@pytest.mark.parametrize("rows,hidden,kernel", [(41, 50, False), (41, 50, True), (97, 83, True)])
+def test_swiglu_equals_its_expression(rows, hidden, kernel):
+    if kernel:
+        cpu_kernels.require()
+    rng = np.random.default_rng(rows)
+    x, w_gate, w_up, w_out = (_normal(rng, rows, 16) * 4, _normal(rng, 16, hidden),
+                              _normal(rng, 16, hidden), _normal(rng, hidden, 16))
+    weights = _normal(rng, rows, 16)
 
     def plain(x, w_gate, w_up, w_out):
         return ((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_out * weights).sum()
 
-    _assert_same_value_and_grads(lambda *args: (dense.swiglu(*args) * weights).sum(), plain,
-                                 (x, w_gate, w_up, w_out))
+    def ours(*args):
+        return (dense.swiglu(*args, kernel) * weights).sum()
+
+    _assert_same_value_and_grads(ours, plain, (x, w_gate, w_up, w_out))
 
 
 def test_model_with_dense_vjps_equals_autodiff():
     """Loss and every parameter gradient of a rematerialised model, both choices."""
+    cpu_kernels.require()
     xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
                           max_len=32, smear_keys=True, remat=True, attention_kernel="xla",
-                          dense_grads="xla")
+                          dense_grads="xla", mlp_kernel="xla")
     tokens, positions, segments = ragged_packed(4, 32, seed=3)
     params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
                                                      segments)["params"])
@@ -68,16 +77,19 @@ def test_model_with_dense_vjps_equals_autodiff():
             return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
         return jax.jit(jax.value_and_grad(loss))
 
-    (want_loss, want_grads), (loss, grads) = (
-        loss_fn(cfg)(params) for cfg in (xla_cfg, dataclasses.replace(xla_cfg, dense_grads="cpu")))
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
-        got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
-        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    want_loss, want_grads = loss_fn(xla_cfg)(params)
+    for mlp_kernel in ("xla", "cpu"):
+        loss, grads = loss_fn(dataclasses.replace(xla_cfg, dense_grads="cpu",
+                                                  mlp_kernel=mlp_kernel))(params)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
+            got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
+            np.testing.assert_allclose(got, want, atol=2e-6,
+                                       err_msg=f"{mlp_kernel} {jax.tree_util.keystr(path)}")
 
 
-def _uses_dense_vjps(cfg, mesh=None) -> bool:
-    """Whether the model's gradient has lm/dense.py's barriers in it."""
+def _gradient_hlo(cfg, mesh=None) -> str:
+    """The lowered gradient of the model (under `mesh`)."""
     tokens = jnp.zeros((1, 16), jnp.int32)
     params = Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
 
@@ -85,27 +97,40 @@ def _uses_dense_vjps(cfg, mesh=None) -> bool:
         return Transformer(cfg).apply(p, tokens, tokens, tokens + 1)[0].sum()
 
     if mesh is None:
-        return "optimization_barrier" in jax.jit(jax.grad(loss)).lower(params).as_text()
+        return jax.jit(jax.grad(loss)).lower(params).as_text()
     with jax.set_mesh(mesh):
-        return "optimization_barrier" in jax.jit(jax.grad(loss)).lower(params).as_text()
+        return jax.jit(jax.grad(loss)).lower(params).as_text()
 
 
-def test_auto_uses_dense_vjps_on_one_cpu_device_only():
+def _uses(cfg, mesh=None) -> tuple[bool, bool]:
+    """(lm/dense.py's barriers, the SwiGLU kernel) in the model's gradient."""
+    hlo = _gradient_hlo(cfg, mesh)
+    return "optimization_barrier" in hlo, "echo_swiglu_bwd" in hlo
+
+
+def test_auto_uses_dense_vjps_and_the_mlp_kernel_on_one_cpu_device_only():
+    cpu_kernels.require()
     cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=16,
                       attention_kernel="xla")
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     four_devices = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
-    assert _uses_dense_vjps(cfg, one_device)
-    assert not _uses_dense_vjps(cfg, four_devices)
-    assert not _uses_dense_vjps(cfg)  # no mesh: the tests' 8 devices
-    assert not _uses_dense_vjps(dataclasses.replace(cfg, dense_grads="xla"), one_device)
-    assert _uses_dense_vjps(dataclasses.replace(cfg, dense_grads="cpu"), four_devices)
+    assert _uses(cfg, one_device) == (True, True)
+    assert _uses(cfg, four_devices) == (False, False)
+    assert _uses(cfg) == (False, False)  # no mesh: the tests' 8 devices
+    assert _uses(dataclasses.replace(cfg, mlp_kernel="xla"), one_device) == (True, False)
+    assert _uses(dataclasses.replace(cfg, dense_grads="xla"), one_device) == (False, False)
+    assert _uses(dataclasses.replace(cfg, dense_grads="cpu"), four_devices) == (True, False)
+    assert _uses(dataclasses.replace(cfg, dense_grads="cpu", mlp_kernel="cpu"),
+                 four_devices) == (True, True)
 
 
-def test_choice_is_validated_and_not_recorded_in_checkpoints():
-    with pytest.raises(ValueError, match="dense_grads must be 'auto', 'cpu' or 'xla'"):
-        ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
-                    dense_grads="fast")
-    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8)
+def test_choices_are_validated_and_not_recorded_in_checkpoints():
+    sizes = dict(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8)
+    for name in ("dense_grads", "mlp_kernel"):
+        with pytest.raises(ValueError, match=f"{name} must be 'auto', 'cpu' or 'xla'"):
+            ModelConfig(**sizes, **{name: "fast"})
+    with pytest.raises(ValueError, match="mlp_kernel='cpu' runs inside dense_grads' custom VJPs"):
+        ModelConfig(**sizes, dense_grads="xla", mlp_kernel="cpu")
+    cfg = ModelConfig(**sizes)
     assert pretrain.config_meta(cfg) == pretrain.config_meta(
-        dataclasses.replace(cfg, dense_grads="xla"))
+        dataclasses.replace(cfg, dense_grads="xla", mlp_kernel="xla"))

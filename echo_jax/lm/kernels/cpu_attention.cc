@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "parallel.h"
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -37,24 +37,6 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Row stride of the transposed keys/values and the score rows: whole vectors, plus one so rows
 // are not a power of two apart (2 KB-apart rows share a few L1 sets and evict each other).
 inline int64_t row_stride(int64_t L) { return round_up(L, kLanes) + kLanes; }
-
-// exp for x <= 0 (or -inf), Cephes' polynomial: relative error ~2e-7.
-inline vf vexp(vf x) {
-  vf xc = x < -87.0f ? splat(-87.0f) : x;
-  vf t = xc * 1.44269504088896341f + 12582912.0f;  // round to nearest via the 1.5 * 2^23 trick
-  vf n = t - 12582912.0f;
-  vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  vf y = p * r * r + r + 1.0f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale; std::memcpy(&scale, &e, sizeof scale);
-  return x == -INFINITY ? splat(0.0f) : y * scale;
-}
 
 // Key range [lo, hi) per query that holds every key it may attend to. Fast path: each real
 // segment (> 0) is one contiguous run with strictly increasing positions, so a query sees its

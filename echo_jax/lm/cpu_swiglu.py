@@ -1,0 +1,25 @@
+"""SwiGLU's elementwise part as one C++ kernel per pass (`kernels/cpu_swiglu.cc`).
+
+Used inside lm/dense.py's `swiglu` backward pass where `model.mlp_kernel` picks it: XLA:CPU made
+four passes over the [N, F] activations (the sigmoid materialised, then one pass per output);
+the kernel makes one forward and one backward pass. lm/cpu_kernels.py builds and registers it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`silu(gate) * up` (float32). Not differentiable by itself: lm/dense.py's VJP calls
+    `silu_mul_grads`."""
+    return jax.ffi.ffi_call("echo_swiglu_fwd", jax.ShapeDtypeStruct(gate.shape, jnp.float32),
+                            vmap_method="broadcast_all")(gate, up)
+
+
+def silu_mul_grads(dh: jax.Array, gate: jax.Array, up: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gradients of `silu_mul` for the cotangent `dh`: `(dgate, dup)`."""
+    grad = jax.ShapeDtypeStruct(gate.shape, jnp.float32)
+    return jax.ffi.ffi_call("echo_swiglu_bwd", (grad, grad), vmap_method="broadcast_all")(
+        dh, gate, up)
