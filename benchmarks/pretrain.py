@@ -2,9 +2,12 @@
 
 Same architecture, batch and sequence length, measured in the same run, with MFU relative to the
 matmul peak measured on this machine in this run (PaLM's FLOP count, and the same without its
-attention term). Needs the `bench` extra (PyTorch CPU).
+attention term). Each variant is timed `--repeats` times, JAX and PyTorch alternating, and the
+table gives the median of the repeats (the development VM has slow spells of a minute or so in
+which everything runs ~15 % slower; every repeat is in the JSON). Needs the `bench` extra
+(PyTorch CPU).
 
-    python benchmarks/pretrain.py [--steps 10] [--variants tiny,small]
+    python benchmarks/pretrain.py [--steps 10] [--repeats 3] [--variants tiny,small]
 """
 
 from __future__ import annotations
@@ -66,11 +69,19 @@ def time_steps(step, state, batch, steps: int, warmup: int = 3):
     return (time.perf_counter() - start) / steps, state
 
 
-def jax_step_seconds(config, steps: int, warmup: int = 3) -> float:
-    """Seconds per production train step (`production_step`)."""
+def step_seconds(config, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per train step, `repeats` times each, alternating: (echo_jax's production step,
+    PyTorch's)."""
     step, state, batch, mesh = production_step(config)
-    with jax.set_mesh(mesh):
-        return time_steps(step, state, batch, steps, warmup)[0]
+    jax_s, torch_s = [], []
+    for _ in range(repeats):
+        with jax.set_mesh(mesh):
+            seconds, state = time_steps(step, state, batch, steps)
+        jax_s.append(seconds)
+        torch_s.append(torch_reference.time_train_steps(
+            torch_config(config), config.train.batch_size, config.data.seq_len,
+            steps=steps, warmup=3)["step_s"])
+    return jax_s, torch_s
 
 
 def torch_config(config) -> dict:
@@ -83,6 +94,7 @@ def torch_config(config) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="tiny,small")
     args = parser.parse_args()
     rates = matmul_rates_gflops()
@@ -96,18 +108,18 @@ def main() -> None:
         # Without the attention term: the CPU kernel skips masked keys, which the PaLM count
         # credits as work done (a packed row's examples never attend to each other).
         matmul_flops = pretrain.flops_per_token(cfg, 0) * tokens
-        jax_s = jax_step_seconds(config, args.steps)
-        torch_s = torch_reference.time_train_steps(
-            torch_config(config), config.train.batch_size, config.data.seq_len,
-            steps=args.steps, warmup=3)["step_s"]
+        jax_repeats, torch_repeats = step_seconds(config, args.steps, args.repeats)
+        jax_s, torch_s = float(np.median(jax_repeats)), float(np.median(torch_repeats))
         rows.append({
             "variant": variant, "batch": config.train.batch_size, "seq_len": config.data.seq_len,
             "params_m": round(sum(np.prod(s) for s in _param_shapes(cfg, config)) / 1e6, 2),
+            "jax_step_s_repeats": jax_repeats, "torch_step_s_repeats": torch_repeats,
             "jax_tokens_per_s": tokens / jax_s, "torch_tokens_per_s": tokens / torch_s,
             "ratio": torch_s / jax_s,
             "jax_mfu": flops / jax_s / 1e9 / peak, "torch_mfu": flops / torch_s / 1e9 / peak,
             "jax_mfu_without_attention": matmul_flops / jax_s / 1e9 / peak})
-    print("matmul peak (f32, 2048^3, measured now): "
+    print(f"median of {args.repeats} repeats of {args.steps} steps; matmul peak (f32, 2048^3, "
+          "measured now): "
           + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
           + f" GFLOP/s; MFU is against {peak:.0f}\n")
     print("| variant | params (M) | batch x seq | echo_jax tok/s | PyTorch eager tok/s | ratio "
