@@ -219,51 +219,41 @@ class Attention(nn.Module):
         return smeared, last_k
 
 
-def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
-    """Whether training attention runs through the C++ kernel (see `attention_kernel`)."""
+def _use_kernel(choice: str, knob: str, supported: bool, needs: str) -> bool:
+    """Whether a C++ kernel runs, by the config field `knob` = `choice`: "xla" never, "cpu"
+    always (a one-line error where it cannot; `needs` says what it needs), "auto" on one CPU
+    device where `supported` and the kernels build."""
     if choice == "xla":
         return False
     if choice == "cpu":
         if jax.default_backend() != "cpu":
-            raise ValueError(f"attention_kernel='cpu' runs on CPU only; the default backend is "
+            raise ValueError(f"{knob}='cpu' runs on CPU only; the default backend is "
                              f"{jax.default_backend()} (use 'auto' or 'xla')")
         cpu_kernels.require()
-        if not cpu_attention.supports(q_BxLxHxK):
-            raise ValueError("attention_kernel='cpu' needs float32 activations and a head dim "
-                             f"in {cpu_attention.HEAD_DIMS}, got {q_BxLxHxK.dtype} and "
-                             f"{q_BxLxHxK.shape[-1]}")
+        if not supported:
+            raise ValueError(f"{knob}='cpu' needs {needs}")
         return True
-    return (_one_cpu_device() and cpu_attention.supports(q_BxLxHxK)
-            and cpu_kernels.available())
+    return _one_cpu_device() and supported and cpu_kernels.available()
+
+
+def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
+    """Whether training attention runs through the C++ kernel (see `attention_kernel`)."""
+    return _use_kernel(choice, "attention_kernel", cpu_attention.supports(q_BxLxHxK),
+                       f"float32 activations and a head dim in {cpu_attention.HEAD_DIMS}, got "
+                       f"{q_BxLxHxK.dtype} and {q_BxLxHxK.shape[-1]}")
 
 
 def _use_norm_kernel(choice: str, x: jax.Array) -> bool:
     """Whether an RMSNorm runs through the C++ kernel (see `norm_kernel`)."""
-    if choice == "xla":
-        return False
-    if choice == "cpu":
-        if jax.default_backend() != "cpu":
-            raise ValueError(f"norm_kernel='cpu' runs on CPU only; the default backend is "
-                             f"{jax.default_backend()} (use 'auto' or 'xla')")
-        cpu_kernels.require()
-        if not cpu_norm.supports(x):
-            raise ValueError("norm_kernel='cpu' needs float32 activations and d_model a "
-                             f"multiple of {cpu_norm.LANES}, got {x.dtype} and {x.shape[-1]}")
-        return True
-    return _one_cpu_device() and cpu_norm.supports(x) and cpu_kernels.available()
+    return _use_kernel(choice, "norm_kernel", cpu_norm.supports(x),
+                       f"float32 activations and d_model a multiple of {cpu_norm.LANES}, got "
+                       f"{x.dtype} and {x.shape[-1]}")
 
 
 def _use_mlp_kernel(choice: str, x: jax.Array) -> bool:
     """Whether dense.swiglu's elementwise part runs through the C++ kernel (see `mlp_kernel`)."""
-    if choice == "xla":
-        return False
-    if choice == "cpu":
-        if jax.default_backend() != "cpu" or x.dtype != jnp.float32:
-            raise ValueError("mlp_kernel='cpu' needs the CPU backend and float32 activations, "
-                             f"got {jax.default_backend()} and {x.dtype} (use 'auto' or 'xla')")
-        cpu_kernels.require()
-        return True
-    return _one_cpu_device() and x.dtype == jnp.float32 and cpu_kernels.available()
+    return _use_kernel(choice, "mlp_kernel", x.dtype == jnp.float32,
+                       f"float32 activations, got {x.dtype}")
 
 
 def _use_dense_vjps(choice: str) -> bool:

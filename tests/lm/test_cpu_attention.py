@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from echo_jax.lm import attention, cpu_attention, cpu_kernels, model, pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.conftest import REPO
+from tests.lm.model_checks import assert_same_loss_and_grads, lowered_text
 from tests.lm.packing import ragged_packed
 
 
@@ -75,37 +75,13 @@ def test_model_with_kernel_equals_xla():
     xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
                           max_len=48, smear_keys=True, remat=True, attention_block=16,
                           attention_kernel="xla")
-    kernel_cfg = dataclasses.replace(xla_cfg, attention_kernel="cpu")
-    tokens, positions, segments = ragged_packed(4, 48, seed=7)
-    params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
-                                                     segments)["params"])
-
-    def loss_fn(cfg):
-        def loss(params):
-            logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
-            logp = jax.nn.log_softmax(logits[:, :-1])
-            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-            return (nll * (segments[:, 1:] > 0)).mean()
-        return jax.jit(jax.value_and_grad(loss))
-
-    (xla_loss, xla_grads), (kernel_loss, kernel_grads) = (
-        loss_fn(cfg)(params) for cfg in (xla_cfg, kernel_cfg))
-    np.testing.assert_allclose(kernel_loss, xla_loss, rtol=1e-6)
-    for path, want in jax.tree_util.tree_leaves_with_path(xla_grads):
-        got = dict(jax.tree_util.tree_leaves_with_path(kernel_grads))[path]
-        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    assert_same_loss_and_grads(xla_cfg, dataclasses.replace(xla_cfg, attention_kernel="cpu"),
+                               seed=7)
 
 
 def _runs_kernel(cfg, mesh=None) -> bool:
     """Whether the model's forward pass lowers to the kernel's custom call."""
-    tokens = jnp.zeros((1, 16), jnp.int32)
-    params = Transformer(dataclasses.replace(cfg, attention_kernel="xla")).init(
-        jax.random.key(0), tokens, tokens, tokens + 1)
-    forward = jax.jit(lambda p: Transformer(cfg).apply(p, tokens, tokens, tokens + 1)[0])
-    if mesh is None:
-        return "echo_attention_fwd" in forward.lower(params).as_text()
-    with jax.set_mesh(mesh):
-        return "echo_attention_fwd" in forward.lower(params).as_text()
+    return "echo_attention_fwd" in lowered_text(cfg, mesh)
 
 
 def test_auto_runs_the_kernel_on_one_cpu_device_only():

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from echo_jax.lm import cpu_kernels, cpu_norm, pretrain
 from echo_jax.lm.model import ModelConfig, Norm, Transformer
-from tests.lm.packing import ragged_packed
+from tests.lm.model_checks import assert_same_loss_and_grads, lowered_text
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 64), (130, 16), (2, 5, 7, 128)])
@@ -51,34 +50,11 @@ def test_scale_gradient_does_not_depend_on_threads():
 def test_model_with_norm_kernel_equals_xla():
     xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
                           max_len=32, smear_keys=True, attention_kernel="xla", norm_kernel="xla")
-    tokens, positions, segments = ragged_packed(4, 32, seed=5)
-    params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
-                                                     segments)["params"])
-
-    def loss_fn(cfg):
-        def loss(params):
-            logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
-            logp = jax.nn.log_softmax(logits[:, :-1])
-            return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
-        return jax.jit(jax.value_and_grad(loss))
-
-    (want_loss, want_grads), (loss, grads) = (
-        loss_fn(cfg)(params) for cfg in (xla_cfg, dataclasses.replace(xla_cfg, norm_kernel="cpu")))
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
-        got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
-        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    assert_same_loss_and_grads(xla_cfg, dataclasses.replace(xla_cfg, norm_kernel="cpu"), seed=5)
 
 
 def _runs_kernel(cfg, mesh=None) -> bool:
-    tokens = jnp.zeros((1, 16), jnp.int32)
-    params = Transformer(dataclasses.replace(cfg, norm_kernel="xla")).init(
-        jax.random.key(0), tokens, tokens, tokens + 1)
-    forward = jax.jit(lambda p: Transformer(cfg).apply(p, tokens, tokens, tokens + 1)[0])
-    if mesh is None:
-        return "echo_rms_norm_fwd" in forward.lower(params).as_text()
-    with jax.set_mesh(mesh):
-        return "echo_rms_norm_fwd" in forward.lower(params).as_text()
+    return "echo_rms_norm_fwd" in lowered_text(cfg, mesh)
 
 
 def test_auto_runs_the_kernel_on_one_cpu_device_only():

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from echo_jax.lm import cpu_kernels, dense, pretrain
-from echo_jax.lm.model import ModelConfig, Transformer
-from tests.lm.packing import ragged_packed
+from echo_jax.lm.model import ModelConfig
+from tests.lm.model_checks import assert_same_loss_and_grads, lowered_text
 
 
 def _normal(rng, *shape):
@@ -61,50 +60,20 @@ def test_swiglu_equals_its_expression(rows, hidden, kernel):
 
 
 def test_model_with_dense_vjps_equals_autodiff():
-    """Loss and every parameter gradient of a rematerialised model, both choices."""
+    """Loss and every parameter gradient of a rematerialised model, SwiGLU in XLA or the kernel."""
     cpu_kernels.require()
     xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
                           max_len=32, smear_keys=True, remat=True, attention_kernel="xla",
                           dense_grads="xla", mlp_kernel="xla")
-    tokens, positions, segments = ragged_packed(4, 32, seed=3)
-    params = nn.meta.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens, positions,
-                                                     segments)["params"])
-
-    def loss_fn(cfg):
-        def loss(params):
-            logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
-            logp = jax.nn.log_softmax(logits[:, :-1])
-            return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
-        return jax.jit(jax.value_and_grad(loss))
-
-    want_loss, want_grads = loss_fn(xla_cfg)(params)
     for mlp_kernel in ("xla", "cpu"):
-        loss, grads = loss_fn(dataclasses.replace(xla_cfg, dense_grads="cpu",
-                                                  mlp_kernel=mlp_kernel))(params)
-        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-        for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
-            got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
-            np.testing.assert_allclose(got, want, atol=2e-6,
-                                       err_msg=f"{mlp_kernel} {jax.tree_util.keystr(path)}")
-
-
-def _gradient_hlo(cfg, mesh=None) -> str:
-    """The lowered gradient of the model (under `mesh`)."""
-    tokens = jnp.zeros((1, 16), jnp.int32)
-    params = Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
-
-    def loss(p):
-        return Transformer(cfg).apply(p, tokens, tokens, tokens + 1)[0].sum()
-
-    if mesh is None:
-        return jax.jit(jax.grad(loss)).lower(params).as_text()
-    with jax.set_mesh(mesh):
-        return jax.jit(jax.grad(loss)).lower(params).as_text()
+        assert_same_loss_and_grads(
+            xla_cfg, dataclasses.replace(xla_cfg, dense_grads="cpu", mlp_kernel=mlp_kernel),
+            seed=3)
 
 
 def _uses(cfg, mesh=None) -> tuple[bool, bool]:
     """(lm/dense.py's barriers, the SwiGLU kernel) in the model's gradient."""
-    hlo = _gradient_hlo(cfg, mesh)
+    hlo = lowered_text(cfg, mesh, gradient=True)
     return "optimization_barrier" in hlo, "echo_swiglu_bwd" in hlo
 
 
