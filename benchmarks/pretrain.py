@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="tiny,small")
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
     rates = matmul_rates_gflops()
     peak = max(rates.values())
     rows = []

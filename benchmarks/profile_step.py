@@ -46,7 +46,8 @@ PARTS = (("_smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
          ("BLHK,HKD", "attention output projection"),
          ("/attn/", "attention core (RoPE, scores, softmax)"), ("/mlp/", "MLP"),
          ("_norm", "norms"), ("BLD,VD", "logits + loss"), ("BLD,DV", "logits + loss"),
-         ("log_softmax", "logits + loss"), ("take_along_axis", "logits + loss"))
+         ("jvp(loss)", "logits + loss"), ("log_softmax", "logits + loss"),
+         ("take_along_axis", "logits + loss"))
 # An instruction: its name, its array shape's dims (None for a tuple, e.g. a custom call's), its
 # opcode and the rest of the line.
 _INSTRUCTION = re.compile(

@@ -14,8 +14,8 @@ LANES = 16  # the normalised dim must be a multiple of the kernel's vector width
 
 
 def supports(x: jax.Array) -> bool:
-    """Shapes and dtype the kernel handles: float32, last dim a multiple of `LANES`."""
-    return x.dtype == jnp.float32 and x.ndim >= 1 and x.shape[-1] % LANES == 0
+    """Shapes and dtype the kernel handles: float32, last dim a positive multiple of `LANES`."""
+    return x.dtype == jnp.float32 and x.ndim >= 1 and x.shape[-1] > 0 and x.shape[-1] % LANES == 0
 
 
 def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:

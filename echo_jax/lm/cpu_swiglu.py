@@ -1,8 +1,9 @@
 """SwiGLU's elementwise part as one C++ kernel per pass (`kernels/cpu_swiglu.cc`).
 
-Used inside lm/dense.py's `swiglu` backward pass where `model.mlp_kernel` picks it: XLA:CPU made
-four passes over the [N, F] activations (the sigmoid materialised, then one pass per output);
-the kernel makes one forward and one backward pass. lm/cpu_kernels.py builds and registers it.
+Used inside lm/dense.py's `swiglu` (its forward and its backward pass) where `model.mlp_kernel`
+picks it: XLA:CPU made four passes over the [N, F] activations (the sigmoid materialised, then
+one pass per output); the kernel makes one forward and one backward pass. lm/cpu_kernels.py
+builds and registers it.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ operands' token dimension. XLA:CPU hands YNNPACK only dots that contract the lef
 minor dimension; this one it ran through Eigen, ~30 % slower and in a lump no other op overlapped
 (benchmarks/RESULTS.md, session 6). Here the backward passes transpose the activations
 explicitly, behind `optimization_barrier` so that XLA cannot fold the transpose back into the
-dot, and every weight gradient is a row-major matmul. The SwiGLU MLP's backward also recomputes
-the gate's sigmoid from the saved pre-activations, instead of reading the three [N, F]
-intermediates autodiff saves. The values and gradients are those of the plain expressions (up to
-float rounding); the model uses them where the attention kernel runs, on one CPU device.
+dot, and every weight gradient is a row-major matmul. The SwiGLU MLP saves its gate and up
+pre-activations and its output h, and its backward recomputes the gate's sigmoid (optionally in
+lm/cpu_swiglu.py's C++ kernel) rather than saving it. The values and gradients are those of the
+plain expressions (up to float rounding); the model uses them on one CPU device
+(`model.dense_grads`).
 
 Reverse mode only (`jax.custom_vjp`): no `jax.jvp` through them.
 """

@@ -51,9 +51,10 @@ class ModelConfig:
     # CPU device, "cpu" always, "xla" never (jax's own autodiff). Same values and gradients up to
     # float rounding; reverse mode only, and not recorded in checkpoints either.
     dense_grads: str = "auto"
-    # RMSNorm (norm="rms") through the C++ kernel of lm/cpu_norm.py, one op per pass: "auto" on
-    # one CPU device in float32 with d_model a multiple of 16, "cpu" always (an error where it
-    # cannot), "xla" never. Not recorded in checkpoints either.
+    # RMSNorm (norm="rms") through the C++ kernel of lm/cpu_norm.py, one op per pass (on the
+    # float32 activations the norm always computes in): "auto" on one CPU device with d_model a
+    # multiple of 16, "cpu" always (an error where it cannot), "xla" never. Not recorded in
+    # checkpoints either.
     norm_kernel: str = "auto"
     # SwiGLU's elementwise part (silu(gate) * up and its gradients) through the C++ kernel of
     # lm/cpu_swiglu.py, one op per pass, inside `dense_grads`' VJPs (so only where those run):
@@ -246,8 +247,7 @@ def _use_cpu_kernel(choice: str, q_BxLxHxK: jax.Array) -> bool:
 def _use_norm_kernel(choice: str, x: jax.Array) -> bool:
     """Whether an RMSNorm runs through the C++ kernel (see `norm_kernel`)."""
     return _use_kernel(choice, "norm_kernel", cpu_norm.supports(x),
-                       f"float32 activations and d_model a multiple of {cpu_norm.LANES}, got "
-                       f"{x.dtype} and {x.shape[-1]}")
+                       f"d_model a multiple of {cpu_norm.LANES}, got {x.shape[-1]}")
 
 
 def _use_mlp_kernel(choice: str, x: jax.Array) -> bool:

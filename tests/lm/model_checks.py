@@ -14,9 +14,10 @@ _ALL_XLA = dict(attention_kernel="xla", dense_grads="xla", norm_kernel="xla", ml
 
 
 def assert_same_loss_and_grads(reference: ModelConfig, other: ModelConfig, seed: int,
-                               atol: float = 2e-6) -> None:
+                               atol: float = 2e-6, mesh=None) -> None:
     """The next-token loss over ragged packed rows (padding masked) and every parameter's
-    gradient agree between two configs of the same model, on the same parameters."""
+    gradient agree between two configs of the same model, on the same parameters; `other` runs
+    under `mesh` (None: no mesh)."""
     tokens, positions, segments = ragged_packed(4, reference.max_len, seed=seed)
     params = nn.meta.unbox(Transformer(reference).init(jax.random.key(0), tokens, positions,
                                                        segments)["params"])
@@ -29,7 +30,12 @@ def assert_same_loss_and_grads(reference: ModelConfig, other: ModelConfig, seed:
             return (nll * (segments[:, 1:] > 0)).mean()
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    (want_loss, want_grads), (loss, grads) = value_and_grad(reference), value_and_grad(other)
+    want_loss, want_grads = value_and_grad(reference)
+    if mesh is None:
+        loss, grads = value_and_grad(other)
+    else:
+        with jax.set_mesh(mesh):
+            loss, grads = value_and_grad(other)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
         got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]

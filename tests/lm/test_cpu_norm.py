@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from echo_jax.lm import cpu_kernels, cpu_norm, pretrain
-from echo_jax.lm.model import ModelConfig, Norm, Transformer
+from echo_jax.lm.model import ModelConfig, Norm, Transformer, init_cache
 from tests.lm.model_checks import assert_same_loss_and_grads, lowered_text
 
 
@@ -53,6 +53,30 @@ def test_model_with_norm_kernel_equals_xla():
     assert_same_loss_and_grads(xla_cfg, dataclasses.replace(xla_cfg, norm_kernel="cpu"), seed=5)
 
 
+def test_cached_decoding_through_the_kernel_equals_xla():
+    """The sampler's path: a prefill, then one token at a time through the KV cache."""
+    cpu_kernels.require()
+    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
+                          max_len=16, smear_keys=True, attention_kernel="xla", norm_kernel="xla")
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 10)), jnp.int32)
+    positions, segments = jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), jnp.int32)
+    params = Transformer(xla_cfg).init(jax.random.key(0), tokens, positions, segments)
+
+    def decode(cfg):
+        model, cache = Transformer(cfg), init_cache(cfg, 2, 16)
+        logits, cache = model.apply(params, tokens[:, :6], positions[:, :6], segments[:, :6],
+                                    cache=cache, cache_index=0)
+        steps = [logits]
+        for i in range(6, 10):
+            logits, cache = model.apply(params, tokens[:, i:i + 1], positions[:, i:i + 1],
+                                        segments[:, i:i + 1], cache=cache, cache_index=i)
+            steps.append(logits)
+        return np.concatenate(steps, 1)
+
+    np.testing.assert_allclose(decode(dataclasses.replace(xla_cfg, norm_kernel="cpu")),
+                               decode(xla_cfg), rtol=1e-5, atol=1e-5)
+
+
 def _runs_kernel(cfg, mesh=None) -> bool:
     return "echo_rms_norm_fwd" in lowered_text(cfg, mesh)
 
@@ -78,7 +102,7 @@ def test_what_the_kernel_cannot_run_is_an_error_for_cpu():
     tokens = jnp.zeros((1, 8), jnp.int32)
     cfg = ModelConfig(vocab_size=8, d_model=72, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
                       norm_kernel="cpu", attention_kernel="xla")
-    with pytest.raises(ValueError, match="d_model a multiple of 16, got float32 and 72"):
+    with pytest.raises(ValueError, match="'cpu' needs d_model a multiple of 16, got 72"):
         Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
     with pytest.raises(ValueError, match="norm_kernel='cpu' needs norm='rms'"):
         Transformer(dataclasses.replace(cfg, d_model=64, norm="layernorm")).init(

@@ -103,3 +103,20 @@ def test_choices_are_validated_and_not_recorded_in_checkpoints():
     cfg = ModelConfig(**sizes)
     assert pretrain.config_meta(cfg) == pretrain.config_meta(
         dataclasses.replace(cfg, dense_grads="xla", mlp_kernel="xla"))
+
+
+def test_all_auto_paths_on_one_cpu_device_equal_xla():
+    """What a single-device CPU run gets by default (the attention, norm and SwiGLU kernels and
+    the dense VJPs together) against XLA everywhere: loss and every gradient."""
+    cpu_kernels.require()
+    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
+                          max_len=32, smear_keys=True, attention_block=16, attention_kernel="xla",
+                          dense_grads="xla", norm_kernel="xla", mlp_kernel="xla")
+    auto_cfg = dataclasses.replace(xla_cfg, attention_kernel="auto", dense_grads="auto",
+                                   norm_kernel="auto", mlp_kernel="auto")
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    hlo = lowered_text(auto_cfg, one_device, gradient=True)
+    for target in ("echo_attention_bwd", "echo_rms_norm_bwd", "echo_swiglu_bwd",
+                   "optimization_barrier"):
+        assert target in hlo, target
+    assert_same_loss_and_grads(xla_cfg, auto_cfg, seed=11, mesh=one_device)

@@ -165,14 +165,17 @@ void scatter_rows(const float* w, int64_t Lp, const float* x, int64_t ld, int ro
 // of interleaving row i with row i + 8 (vpermt2ps) transpose a 16 x 16 matrix.
 inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
   static_assert(kLanes == 16, "a 16 x 16 block");
-  const vi lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-  const vi hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   vf r[kLanes], t[kLanes];
   for (int i = 0; i < kLanes; ++i) r[i] = load(src + i * lds);
   for (int round = 0; round < 4; ++round) {
     for (int i = 0; i < kLanes / 2; ++i) {
-      t[2 * i] = __builtin_shuffle(r[i], r[i + kLanes / 2], lo);
-      t[2 * i + 1] = __builtin_shuffle(r[i], r[i + kLanes / 2], hi);
+      // __builtin_shufflevector: GCC >= 12 and clang both have it (GCC's __builtin_shuffle
+      // is GCC only).
+      vf a = r[i], b = r[i + kLanes / 2];
+      t[2 * i] = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                         7, 23);
+      t[2 * i + 1] = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                             29, 14, 30, 15, 31);
     }
     std::copy(t, t + kLanes, r);
   }

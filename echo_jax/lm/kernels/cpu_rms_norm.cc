@@ -35,14 +35,16 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& x, int64_t D) {
   auto d = x.dimensions();
   if (d.size() == 0 || d.back() != D)
     return ffi::Error::InvalidArgument("x's last dim must be the scale's size");
-  if (D % kLanes) return ffi::Error::InvalidArgument("the normalised dim must be a multiple of 16");
+  if (D == 0 || D % kLanes)
+    return ffi::Error::InvalidArgument("the normalised dim must be a positive multiple of 16");
   return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> rstd) {
-  const int64_t D = scale.element_count(), N = x.element_count() / D;
+  const int64_t D = scale.element_count();
   if (auto e = check(x, D); e.failure()) return e;
+  const int64_t N = x.element_count() / D;
   const float *xs = x.typed_data(), *s = scale.typed_data();
   float *ys = y->typed_data(), *rs = rstd->typed_data();
   const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
@@ -64,8 +66,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale) {
-  const int64_t D = scale.element_count(), N = x.element_count() / D;
+  const int64_t D = scale.element_count();
   if (auto e = check(x, D); e.failure()) return e;
+  const int64_t N = x.element_count() / D;
   const float *xs = x.typed_data(), *s = scale.typed_data(), *rs = rstd.typed_data(),
               *dys = dy.typed_data();
   float* dxs = dx->typed_data();

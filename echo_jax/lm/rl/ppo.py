@@ -45,7 +45,7 @@ class ValueModel(nn.Module):
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.n_layers):
             x_BxLxD, _ = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
-        x_BxLxD = Norm(cfg.norm, name="final_norm")(x_BxLxD)
+        x_BxLxD = Norm(cfg.norm, cfg.norm_kernel, name="final_norm")(x_BxLxD)
         head = self.param("value_head", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                      ("embed",)),
                           (cfg.d_model,), jnp.float32)
