@@ -93,18 +93,18 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x = x_BxLxD.astype(jnp.float32)
+        scale = None
         if self.kind == "layernorm":
             if self.kernel == "cpu":
                 raise ValueError("norm_kernel='cpu' needs norm='rms' (use 'auto' or 'xla')")
             x = x - x.mean(-1, keepdims=True)
-            x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
-            return x.astype(x_BxLxD.dtype)
-        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
-        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
-        if _use_norm_kernel(self.kernel, x):
-            return cpu_norm.rms_norm(x, scale).astype(x_BxLxD.dtype)
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+            scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
+            if _use_norm_kernel(self.kernel, x):
+                return cpu_norm.rms_norm(x, scale).astype(x_BxLxD.dtype)
         x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
-        return (x * scale).astype(x_BxLxD.dtype)
+        return (x if scale is None else x * scale).astype(x_BxLxD.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:

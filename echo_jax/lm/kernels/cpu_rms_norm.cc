@@ -1,9 +1,9 @@
 // RMSNorm with a learned scale for XLA:CPU (an XLA FFI custom call), forward and backward.
 //
 // Why: XLA:CPU runs the norm as four or five small ops per pass (a sum of squares, rsqrt, two
-// products; more in the backward), each paying a dispatch and a trip through memory; in the tiny
-// model's step that was ~7 ms of ~105 (benchmarks/RESULTS.md). Here each pass is one op: rows
-// split into fixed chunks on XLA's own thread pool.
+// products; more in the backward), each paying a dispatch and a trip through memory. Here each
+// pass is one op, rows split into fixed chunks on XLA's own thread pool: a tiny train step
+// ~105 -> ~100 ms (benchmarks/RESULTS.md).
 //
 // Semantics (lm/model.py `Norm`, kind "rms"): y = x * rsqrt(mean(x^2) + eps) * scale over the
 // last dimension. Layout: x, y, dy, dx [N, D] float32 (any leading dims flattened), scale and

@@ -2,9 +2,9 @@
 // gradients.
 //
 // Why: around the MLP's matmuls XLA:CPU ran this as four passes over [N, F] arrays (the
-// sigmoid materialised and shared by the forward and backward, then one pass per output), ~2 ms
-// a layer in the tiny model's step (benchmarks/RESULTS.md). Here the forward is one pass and the
-// backward one pass that writes both gradients, the sigmoid recomputed in registers.
+// sigmoid materialised and shared by the forward and backward, then one pass per output). Here
+// the forward is one pass and the backward one pass that writes both gradients, the sigmoid
+// recomputed in registers: a tiny train step ~2-3 ms faster (benchmarks/RESULTS.md).
 //
 // Layout: gate, up, h, dh, dgate, dup: the same shape, float32, any (their element count is all
 // that matters); chunks of 4096 elements on XLA's own thread pool.
