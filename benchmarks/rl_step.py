@@ -31,10 +31,11 @@ import numpy as np
 from flax import linen as nn
 
 from echo_jax.core.config import load_config
-from echo_jax.lm import pretrain, restore, rl_job
+from echo_jax.lm import pretrain, restore
+from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.data import vocab
 from echo_jax.lm.model import Transformer, param_count
-from echo_jax.lm.rl import loop
+from echo_jax.lm.rl import rollout as loop
 from echo_jax.lm.sampler import pad_prompts
 
 REPO = Path(__file__).resolve().parents[1]

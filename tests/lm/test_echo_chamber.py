@@ -18,7 +18,8 @@ import pytest
 
 from echo_jax.core.config import ConfigError, load_config, save_config
 from echo_jax.core.metrics import read_jsonl
-from echo_jax.lm import grading, jobs, rl_job
+from echo_jax.lm import grading
+from echo_jax.lm.jobs import pretrain as jobs, rl as rl_job
 from tests.conftest import REPO
 from tests.notebooks import execute_notebook
 

@@ -13,9 +13,10 @@ import pytest
 
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
-from echo_jax.lm import grading, rl_job
+from echo_jax.lm import grading
+from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.data import generators, vocab
-from echo_jax.lm.rl import loop
+from echo_jax.lm.rl import rollout as loop
 from tests.conftest import REPO
 
 STEPS = 12

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
 from echo_jax.lm.pretrain import TrainState
-from echo_jax.lm.rl import common, loop
+from echo_jax.lm.rl import common, rollout as loop
 from echo_jax.lm.rl.common import OptimConfig
 from echo_jax.lm.sampler import Sampler, SamplingParams
 

@@ -11,7 +11,7 @@ from echo_jax.lm import grading
 from echo_jax.lm import sampler as sampler_lib
 from echo_jax.lm.data import generators, vocab
 from echo_jax.lm.model import ModelConfig, Transformer
-from echo_jax.lm.rl import common, expert_iteration, grpo, loop, ppo
+from echo_jax.lm.rl import common, expert_iteration, grpo, rollout as loop, ppo
 
 CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_len=512)
 ROLLOUT = common.RolloutConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,

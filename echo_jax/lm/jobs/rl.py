@@ -34,7 +34,7 @@ from echo_jax.lm import eval as eval_lib
 from echo_jax.lm import grading, report, restore
 from echo_jax.lm.data import generators, real, vocab
 from echo_jax.lm.pretrain import TrainState
-from echo_jax.lm.rl import common, expert_iteration, grpo, loop, ppo
+from echo_jax.lm.rl import common, expert_iteration, grpo, rollout as loop, ppo
 from echo_jax.lm.sampler import SamplingParams
 
 ALGOS = ("grpo", "ppo", "ei")

@@ -113,7 +113,8 @@ def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
     """`configs/echo_chamber.py`: pretrain -> eval_before -> rl -> eval_after -> report.md, each
     stage in its own sub-workdir; returns the report's path."""
     from echo_jax.core.config import save_config
-    from echo_jax.lm import eval as eval_lib, report, restore, rl_job
+    from echo_jax.lm import eval as eval_lib, report, restore
+    from echo_jax.lm.jobs import rl as rl_job
 
     dirs = {name: os.path.join(workdir, name)
             for name in ("pretrain", "eval_before", "rl", "eval_after")}
