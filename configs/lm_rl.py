@@ -1,7 +1,10 @@
 """RL post-training of a pretrained checkpoint: GRPO, PPO or Expert Iteration (STUDIES.md A).
 
-Sizes fit the `tiny` pretrained model on 2 CPU cores (a step is seconds, the run a few minutes);
-the study's values are in the comments and in the `echo_jax.lm.rl` config dataclasses.
+Variants `grpo`, `ppo`, `ei` fit the `tiny` pretrained model on 2 CPU cores (a step is seconds,
+the run a few minutes); the study's values are in the comments and in the `echo_jax.lm.rl` config
+dataclasses. `grpo_1b`, `ppo_1b`: the study's 1B model on an 8-chip mesh (fsdp=8) with the
+study's rollout sizes, for TPUs; without `init_from` they are what
+`python -m echo_jax.plan --config=configs/lm_rl.py:grpo_1b` compiles ahead of time.
 
     python -m echo_jax.main --config=configs/lm_rl.py:grpo --workdir=runs/rl \
         --config.init_from=runs/pretrain_tiny [--config.rl.kl_coef=1e-3] \
@@ -11,18 +14,27 @@ A rerun with the same --workdir resumes from the last checkpoint (policy, critic
 reference, RNG and prompt position); a finished run does nothing.
 """
 
+import os
+
 import ml_collections
 
-from echo_jax.core.config import check_variant
+from echo_jax.core.config import check_variant, load_config_file
 
-VARIANTS = ("grpo", "ppo", "ei")
+VARIANTS = ("grpo", "ppo", "ei", "grpo_1b", "ppo_1b")
+
+
+def _pretrain(variant: str) -> ml_collections.ConfigDict:
+    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         f"lm_pretrain.py:{variant}"))
 
 
 def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     variant = check_variant(variant, VARIANTS, "lm_rl")
+    algo, _, size = variant.partition("_")
+    pretrain = _pretrain(size or "tiny")
     c = ml_collections.ConfigDict()
     c.kind = "lm_rl"
-    c.algo = variant
+    c.algo = algo  # a registered algorithm: echo_jax.lm.rl.algorithm.names()
     c.seed = 0  # sampling, prompt order, critic head
     c.init_from = ""  # a pretraining workdir (required)
     c.init_step = 0  # 0 = its latest checkpoint
@@ -39,7 +51,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.prompts_per_step = 16  # the study: 64
     c.rl.samples_per_prompt = 8
     c.rl.temperature = 1.0  # the study: 0.7 (PPO, GRPO), 1.0 (EI)
-    c.rl.top_p = 0.95 if variant == "ei" else 1.0
+    c.rl.top_p = 0.95 if algo == "ei" else 1.0
     c.rl.max_new_tokens = 176  # the longest level-2 solution has 160 tokens (the study: 1024)
     c.rl.max_prompt_len = 64  # prompts are padded to this: one compiled shape
     c.rl.train_batch_size = 128  # rows per optimizer step: one update per rollout
@@ -51,7 +63,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.warmup_ratio = 0.0
     c.rl.min_lr_ratio = 1.0  # a constant rate: short runs stop before a decay would matter
     c.rl.kl_coef = 0.0  # the study's grid: 0, 1e-3, 1e-2
-    c.rl.kl_estimator = "k1" if variant == "ppo" else "k3"
+    c.rl.kl_estimator = "k1" if algo == "ppo" else "k3"
     c.rl.log_kl = True  # report KL to the initial policy even when kl_coef = 0 (one more pass)
     c.rl.advantage = "grpo"  # GRPO: "grpo" or "dr_grpo"
     c.rl.aggregation = "seq_mean_token_mean"
@@ -79,7 +91,24 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 200  # level-3 solutions reach 194 tokens
     c.eval.batch_size = 64
 
+    # The policy's model when there is no init_from (planning, shape checks); a run takes the
+    # model of its init_from checkpoint.
+    c.model = pretrain.model
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = (("batch", ("data", "fsdp")),)  # params replicated; rollouts split
+    c.sharding = pretrain.sharding  # the pretraining rules: parameters shard over fsdp / tensor
+    if size == "1b":
+        _study_scale(c)
     return c
+
+
+def _study_scale(c: ml_collections.ConfigDict) -> None:
+    """The study's rollout and batch sizes on the 1B model, sharded over 8 chips."""
+    r = c.rl
+    r.prompts_per_step, r.samples_per_prompt = 64, 8
+    r.temperature, r.max_new_tokens, r.max_prompt_len = 0.7, 1024, 1024
+    r.train_batch_size, r.micro_batch_size = 64, 8  # 8 optimizer steps per rollout
+    r.sampler_batch_size = 128
+    r.lr, r.critic_lr = 1e-6, 7e-6
+    r.warmup_ratio, r.min_lr_ratio = 0.03, 0.1
+    c.data.prompts = "gsm8k"
+    c.mesh.fsdp = 8

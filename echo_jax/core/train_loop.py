@@ -1,8 +1,12 @@
-"""The training loop: the one place where train steps are jitted.
+"""The training loop: the one place where gradient steps are jitted, for every job.
 
-A track describes its training as a `TrainTask` (init, pure step, data iterator, evaluation); the
+A job describes its training as a `TrainTask` (init, pure step, data iterator, evaluation); the
 loop owns sharding, jit with donation, resume-by-default from Orbax checkpoints, logging, the
 NaN guard and preemption (SIGTERM) handling.
+
+A step is `host_stage` (optional: host-side work that needs the current state, e.g. RL's
+sample -> sandbox-grade, which turns the iterator's batch into the step's batch) followed by the
+pure jitted `train_step`. Pretraining and the recommender have no host stage.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import math
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator, Mapping
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -42,17 +47,30 @@ class TrainTask:
 
     init_state: rng -> state whose parameters carry `nn.LogicallyPartitioned` annotations.
     train_step: pure `(state, batch, rng) -> (state, metrics)`; metrics must contain "loss".
-    train_iter: a checkpointable (grain) iterator of host-local numpy batches.
+    train_iter: a checkpointable iterator (grain's, or any with `get_state`/`set_state`).
     evaluate: optional host-driven evaluation `state -> {name: scalar}`.
     meta: what a resumed checkpoint must agree with (e.g. the model config).
+    warm_start: on a fresh run (not a resume), `state -> state` before the first step, e.g.
+      pretrained weights restored into the sharded state.
+    host_stage: `(state, item, rng) -> (batch, host_metrics)`: turns the iterator's item into
+      the step's host-local numpy batch using the current state (RL: sample and grade). With a
+      host stage the loop also logs `time/train_step`, the seconds of the jitted step.
+    evaluate_at_start: also evaluate before the first step (logged as step 0).
+    metric_prefix: prepended to the train step's and host stage's metric names.
+    shown: the metrics of a progress line (default: the first six).
     """
 
     init_state: Callable[[jax.Array], State]
     train_step: Callable[[State, Any, jax.Array], tuple[State, dict]]
-    train_iter: Iterator[Batch]
+    train_iter: Iterator[Any]
     evaluate: Callable[[State], Mapping[str, float]] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
     tokens_per_step: int = 0
+    warm_start: Callable[[State], State] | None = None
+    host_stage: Callable[[State, Any, jax.Array], tuple[Batch, dict[str, float]]] | None = None
+    evaluate_at_start: bool = False
+    metric_prefix: str = "train/"
+    shown: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +139,16 @@ def _check_finite(pending: list[tuple[int, dict]]) -> None:
             raise NonFiniteLossError(f"loss is {loss} at step {step}")
 
 
-def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
-    keys = pending[-1][1].keys()
-    return {f"train/{k}": float(np.mean([m[k] for _, m in pending])) for k in keys}
+def _mean_metrics(pending: list[tuple[int, dict]], prefix: str) -> dict[str, float]:
+    """Each metric's mean over the steps that report it (a host stage may omit some)."""
+    keys = dict.fromkeys(k for _, m in pending for k in m)
+    return {f"{prefix}{k}": float(np.mean([m[k] for _, m in pending if k in m])) for k in keys}
+
+
+def _shown(row: Mapping[str, Any], keys: Sequence[str]) -> Mapping[str, Any]:
+    if not keys:
+        return row
+    return {k: row[k] for k in (*keys, "perf/steps_per_s", "perf/tokens_per_s") if k in row}
 
 
 def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, seed: int,
@@ -145,31 +170,50 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
         ckpt.check_compatible(start, meta)
         state = ckpt.restore(start, abstract, task.train_iter)
         print(f"[{label}] resumed from {ckpt.directory} at step {start}", file=sys.stderr)
+    elif task.warm_start is not None:
+        with jax.set_mesh(mesh):
+            state = task.warm_start(state)
     if config is not None and is_chief:
         save_config(config, workdir)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_chief)
     progress = Progress(loop.num_steps, start, task.tokens_per_step, label)
+    show = lambda step, row: progress.show(step, _shown(row, task.shown))
     step_fn = jit_train_step(task, mesh, rules, abstract)
     step, pending, last_good = start, [], start
     try:
         with SigtermFlag() as sigterm, jax.set_mesh(mesh):
+            if task.evaluate and task.evaluate_at_start and start == 0:
+                show(0, writer.write(0, task.evaluate(state)))
             while step < loop.num_steps:
-                batch = sharding.shard_batch(next(task.train_iter), mesh)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(loop_rng, step))
+                item, rng = next(task.train_iter), jax.random.fold_in(loop_rng, step)
+                host_metrics = {}
+                if task.host_stage is not None:
+                    stage_rng, rng = jax.random.split(rng)
+                    item, host_metrics = task.host_stage(state, item, stage_rng)
+                batch = sharding.shard_batch(item, mesh)
+                started = time.perf_counter()
+                state, metrics = step_fn(state, batch, rng)
+                if task.host_stage is not None:  # the next host stage waits for it anyway
+                    jax.block_until_ready(metrics)
+                    host_metrics["time/train_step"] = time.perf_counter() - started
                 step += 1
-                pending.append((step, metrics))
+                pending.append((step, {**metrics, **host_metrics}))
                 done = step == loop.num_steps
                 save = done or step % loop.checkpoint_every == 0 or sigterm.raised
                 log = done or step % loop.log_every == 0
+                evaluate = task.evaluate and (
+                    done or (loop.eval_every and step % loop.eval_every == 0))
                 if save or log:
                     pending = jax.device_get(pending)
                     _check_finite(pending)
+                row = {}
                 if log:
-                    row = {**_mean_metrics(pending), **progress.rates(step)}
-                    progress.show(step, writer.write(step, row))
+                    row = {**_mean_metrics(pending, task.metric_prefix), **progress.rates(step)}
                     pending = []
-                if task.evaluate and (done or (loop.eval_every and step % loop.eval_every == 0)):
-                    progress.show(step, writer.write(step, task.evaluate(state)))
+                if evaluate:
+                    row.update(task.evaluate(state))
+                if row:
+                    show(step, writer.write(step, row))
                 if save:
                     ckpt.save(step, state, task.train_iter, meta)
                     last_good = step
@@ -184,4 +228,3 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
         ckpt.close()
         writer.close()
     return state
-

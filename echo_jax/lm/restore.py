@@ -52,12 +52,23 @@ def latest_step(workdir: str) -> int:
     return max(steps)
 
 
-def load_params(workdir: str, step: int | None = None,
-                mesh: Mesh | None = None) -> tuple[ModelConfig, Any]:
+def model_config(workdir: str, step: int | None = None) -> ModelConfig:
+    """The model config of the latest checkpoint (or `step`) of `workdir`, from its metadata."""
+    step = latest_step(workdir) if step is None else step
+    ckpt = Checkpointer(str(checkpoint_dir(workdir)), async_save=False)
+    try:
+        return ModelConfig(**ckpt.read_meta(step)["model"])
+    finally:
+        ckpt.close()
+
+
+def load_params(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+                shardings: Any = None) -> tuple[ModelConfig, Any]:
     """(model config, params) from the latest checkpoint (or `step`) of `workdir`.
 
-    Params are replicated over `mesh` (on the first device without one). Raises
-    FileNotFoundError naming the folder when it holds no such checkpoint.
+    Params are placed by `shardings` (a tree like the params, e.g. a sharded state's), else
+    replicated over `mesh` (on the first device without one). Raises FileNotFoundError naming the
+    folder when it holds no such checkpoint.
     """
     step = latest_step(workdir) if step is None else step
     if not checkpoint_dir(workdir).is_dir():  # the manager would create a mistyped folder
@@ -71,9 +82,12 @@ def load_params(workdir: str, step: int | None = None,
         shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
         where = (NamedSharding(mesh, P()) if mesh is not None
                  else SingleDeviceSharding(jax.devices()[0]))
+        abstract = nn.meta.unbox(shapes["params"])
+        if shardings is None:
+            shardings = jax.tree.map(lambda _: where, abstract)
         target = {"params": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-            nn.meta.unbox(shapes["params"]))}
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+            shardings)}
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)))

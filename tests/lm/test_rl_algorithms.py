@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from benchmarks.reference_sampler import score
+from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import ModelConfig, Transformer
 from echo_jax.lm.rl import common, expert_iteration, grpo, ppo
-from echo_jax.lm.sampler import score
 
 TINY = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_len=16)
 
@@ -74,9 +75,9 @@ def test_defaults_are_the_studys():
     assert g.loss.aggregation == "seq_mean_token_mean"  # OpenRLHF's masked_mean(-1).mean()
     assert (p.gamma, p.lam, p.value_clip, p.kl_estimator) == (1.0, 0.95, 0.2, "k1")
     assert (g.optim.lr, p.actor_optim.lr, p.critic_optim.lr) == (1e-6, 1e-6, 7e-6)
-    assert (e.samples_per_prompt, e.temperature, e.top_p) == (64, 1.0, 0.95)
-    assert (e.optim.lr, e.epochs, e.batch_size) == (1e-4, 2, 256)
-    assert common.KL_COEFS == (0.0, 1e-3, 1e-2)
+    assert (e.rollout.samples_per_prompt, e.rollout.temperature, e.rollout.top_p) == (64, 1.0,
+                                                                                     0.95)
+    assert (e.optim.lr, e.rollout.epochs, e.rollout.train_batch_size) == (1e-4, 2, 256)
 
 
 def test_unknown_name_lists_the_valid_ones():
@@ -142,7 +143,7 @@ def test_grpo_gradient_equals_reinforce_at_ratio_one():
                                        train_batch_size=8, micro_batch_size=4, temperature=1.0)
     cfg = grpo.GRPOConfig(rollout=rollout_cfg)
     rollout, _ = jax.jit(grpo.make_prepare_fn(model, cfg))(
-        grpo.init_state(params, cfg.optim.make(10)), None, prompts, prompt_lengths, completions,
+        TrainState.create(params, cfg.optim.make(10)), None, prompts, prompt_lengths, completions,
         completion_lengths, rewards)
     assert rollout.ref_logp_BxT is None  # beta = 0: no reference pass at all
     r = np.asarray(rewards).reshape(2, 4)
@@ -288,7 +289,7 @@ def test_sft_step_lowers_the_completion_loss():
     batch = next(expert_iteration.sft_batches(rows * 4, 4, np.random.default_rng(0)))
     batch |= {k: batch[k] % TINY.vocab_size for k in ("inputs", "targets")}  # fit the tiny vocab
     tx = common.OptimConfig(lr=1e-2, warmup_ratio=0.0).make(20)
-    state = grpo.init_state(params, tx)
+    state = TrainState.create(params, tx)
     step = jax.jit(expert_iteration.make_sft_step(model, tx, micro_batch_size=2))
     losses = []
     for _ in range(5):

@@ -1,5 +1,6 @@
-"""The RL loop end to end on a tiny random model: GRPO and PPO steps report their metrics without
-recompiling, and an Expert Iteration round fine-tunes on what it kept."""
+"""The RL step end to end on a tiny random model (host stage, then the algorithm's pure train
+step): GRPO and PPO steps report their metrics without recompiling, and an Expert Iteration step
+fine-tunes on what it kept."""
 
 import jax
 import jax.numpy as jnp
@@ -7,20 +8,44 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from echo_jax.core.config import load_config
 from echo_jax.lm import grading
 from echo_jax.lm import sampler as sampler_lib
 from echo_jax.lm.data import generators, vocab
+from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig, Transformer
-from echo_jax.lm.rl import common, expert_iteration, grpo, rollout as loop, ppo
+from echo_jax.lm.rl import algorithm
+from tests.conftest import REPO
 
 CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_len=512)
-ROLLOUT = common.RolloutConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
-                               max_prompt_len=384, train_batch_size=2, micro_batch_size=1,
-                               temperature=1.0)
+# 2 prompts x 2 samples, 2 rows per optimizer step: 2 updates per rollout
+ROLLOUT = ["rl.prompts_per_step=2", "rl.samples_per_prompt=2", "rl.max_new_tokens=8",
+           "rl.max_prompt_len=384", "rl.train_batch_size=2", "rl.micro_batch_size=1",
+           "rl.temperature=1.0", "rl.lr=1e-3", "rl.critic_lr=1e-3"]
 ROLLOUT_KEYS = {"reward_mean", "accuracy", "response_length", "entropy", "clip_fraction", "loss",
-                "time/rollout", "time/reward", "time/update"} | {
-                    f"style_share/{s}" for s in grading.STYLE_LABELS}
-OPTIM = common.OptimConfig(lr=1e-3, warmup_ratio=0.0)
+                "time/rollout", "time/reward"} | {f"style_share/{s}" for s in grading.STYLE_LABELS}
+
+
+def _config(variant: str, *overrides: str):
+    return load_config(f"{REPO}/configs/lm_rl.py:{variant}", [*ROLLOUT, *overrides])
+
+
+def _run_steps(config, params, source, vocabulary, num_steps: int):
+    """`num_steps` RL steps as the loop runs them (host stage, then the jitted train step)."""
+    algo = rl_job.build_algorithm(config, CFG, vocabulary)
+    sampler = sampler_lib.Sampler(CFG, eos_id=vocabulary.eos_id)
+    host_stage = rl_job.make_host_stage(config, algo, sampler)
+    state = jax.jit(lambda rng: nn.meta.unbox(algo.init_state(rng)))(jax.random.key(1))
+    state = algo.warm_start(state, params)
+    train_step = jax.jit(algo.train_step, donate_argnums=0)
+    stream = rl_job.prompt_stream(source, 0, algo.rollout.prompts_per_step)
+    rows = []
+    for step in range(num_steps):
+        stage_rng, step_rng = jax.random.split(jax.random.fold_in(jax.random.key(2), step))
+        batch, host_metrics = host_stage(state, next(stream), stage_rng)
+        state, metrics = train_step(state, batch, step_rng)
+        rows.append({"step": step + 1, **jax.device_get(metrics), **host_metrics})
+    return state, rows, algo, train_step
 
 
 @pytest.fixture(scope="module")
@@ -53,46 +78,48 @@ def _changed(before, after):
 
 def test_grpo_steps_report_metrics_without_recompiling(setup, alternate_rewards):
     params, vocabulary, source = setup
-    cfg = grpo.GRPOConfig(rollout=ROLLOUT, kl_coef=1e-3, optim=OPTIM)
-    trainer = loop.RLTrainer("grpo", cfg, CFG, vocabulary, total_steps=2)
-    state = trainer.init_state(params, jax.random.key(1))
+    config = _config("grpo", "rl.kl_coef=1e-3")
     compiled = sampler_lib._generate._cache_size()  # one cache for every Sampler
-    state, rows = loop.run_rl_steps(trainer, state, params, loop.cycle_problems(source, 0), 2,
-                                    jax.random.key(2))
+    state, rows, algo, train_step = _run_steps(config, params, source, vocabulary, 2)
     assert [r["step"] for r in rows] == [1, 2]
     assert ROLLOUT_KEYS | {"kl", "flat_groups"} <= set(rows[-1])
     assert all(np.isfinite(v) for v in rows[-1].values())
     assert rows[-1]["accuracy"] == 0.5 and rows[-1]["style_share/tinygsm"] >= 0.5
     assert rows[-1]["style_accuracy/tinygsm"] > 0 and rows[-1]["flat_groups"] == 0.0
-    assert int(state.step) == 2 * ROLLOUT.updates_per_step and _changed(params, state.params)
-    assert trainer._update._cache_size() == 1  # fixed shapes: one compile for every update
+    assert int(state.step) == 2 * algo.rollout.updates_per_step == 4
+    assert _changed(params, state.params) and not _changed(params, state.ref_params)
+    assert train_step._cache_size() == 1  # fixed shapes: one compile for every step
     assert sampler_lib._generate._cache_size() == compiled + 1
 
 
 def test_ppo_step_reports_value_loss(setup, alternate_rewards):
     params, vocabulary, source = setup
-    cfg = ppo.PPOConfig(rollout=ROLLOUT, actor_optim=OPTIM, critic_optim=OPTIM)
-    trainer = loop.RLTrainer("ppo", cfg, CFG, vocabulary, total_steps=1)
-    state = trainer.init_state(params, jax.random.key(1))
-    state, rows = loop.run_rl_steps(trainer, state, None, loop.cycle_problems(source, 0), 1,
-                                    jax.random.key(2))
+    state, rows, _, _ = _run_steps(_config("ppo", "rl.log_kl=False"), params, source,
+                                   vocabulary, 1)
     assert ROLLOUT_KEYS | {"value_loss", "value_mean"} <= set(rows[0])
-    assert "kl" not in rows[0]  # beta = 0: no reference model
-    assert _changed(params, state.actor.params) and int(state.critic.step) == 2
+    assert "kl" not in rows[0] and state.ref_params is None  # beta = 0: no reference model
+    assert _changed(params, state.params) and int(state.critic.step) == 2
 
 
-def test_expert_iteration_round_fine_tunes_on_kept_samples(setup, monkeypatch):
+def test_expert_iteration_step_fine_tunes_on_kept_samples(setup, monkeypatch):
     params, vocabulary, source = setup
 
-    def all_correct(texts, refs, **kwargs):  # a random model is never right
+    def one_correct_text(texts, refs, **kwargs):  # a random model is never right
         return [grading.Graded("omi2", "1", True, "ok") for _ in texts]
 
-    monkeypatch.setattr(grading, "grade_batch", all_correct)
-    cfg = expert_iteration.EIConfig(samples_per_prompt=2, max_new_tokens=8, max_prompt_len=384,
-                                    prompts_per_batch=2, rounds=1, epochs=1, batch_size=4,
-                                    micro_batch_size=2, seq_len=400)
-    problems = [source[i] for i in range(3)]  # the second sampling batch holds one repeat
-    new_params, rows = expert_iteration.run_expert_iteration(
-        cfg, CFG, params, problems, vocabulary, jax.random.key(3))
-    assert 0 < rows[0]["kept"] <= 6 and rows[0]["accuracy"] == 1.0
-    assert np.isfinite(rows[0]["sft_loss"]) and _changed(params, new_params)
+    monkeypatch.setattr(grading, "grade_batch", one_correct_text)
+    config = _config("ei", "rl.train_batch_size=4", "rl.micro_batch_size=2", "rl.epochs=1")
+    state, rows, _, _ = _run_steps(config, params, source, vocabulary, 1)
+    assert 0 < rows[0]["kept"] <= 4 and rows[0]["accuracy"] == 1.0
+    assert np.isfinite(rows[0]["loss"]) and rows[0]["loss"] > 0 and _changed(params, state.params)
+    assert int(state.step) == 1  # one SFT batch of 4 rows holds everything kept
+
+
+def test_expert_iteration_step_without_kept_samples_changes_nothing(setup, monkeypatch):
+    params, vocabulary, source = setup
+    monkeypatch.setattr(grading, "grade_batch", lambda texts, refs, **kwargs: [
+        grading.Graded("omi2", "1", False, "ok") for _ in texts])
+    state, rows, _, _ = _run_steps(_config("ei", "rl.train_batch_size=4"), params, source,
+                                   vocabulary, 1)
+    assert rows[0]["kept"] == 0 and rows[0]["loss"] == 0 and int(state.step) == 0
+    assert not _changed(params, state.params)

@@ -29,8 +29,6 @@ import optax
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import Transformer
 
-KL_COEFS = (0.0, 1e-3, 1e-2)  # the study's KL coefficient grid, for PPO and GRPO alike
-
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 
 

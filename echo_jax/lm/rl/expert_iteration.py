@@ -1,6 +1,11 @@
-"""Expert Iteration (as the study ran it): sample many completions per training question, keep
-the verified-correct ones, drop duplicate (question, completion) pairs, fine-tune on them with the
-next-token loss on the completion only, and repeat for R rounds from the fine-tuned model.
+"""Expert Iteration: sample many completions per training question, keep the verified-correct
+ones, drop duplicate (question, completion) pairs, fine-tune on them with the next-token loss on
+the completion only, and repeat from the fine-tuned model.
+
+Here each RL step is one small round: `prompts_per_step` x `samples_per_prompt` completions, then
+`epochs` passes of SFT over what was kept, with one optimizer across steps (its schedule spans the
+most updates the run can take), so EI runs and checkpoints in the same loop as GRPO and PPO. (The
+study's rounds over the whole prompt set are a different schedule of the same pieces.)
 
 SFT examples have the pretraining layout (`encode(question + "\\n\\n") + encode(completion) +
 [EOS]`, as `data.pipeline.Tokenize`), one per row, right-padded to `seq_len`. Unlike the study's
@@ -11,53 +16,47 @@ target tokens divided by their count, so empty rows change nothing.
 from __future__ import annotations
 
 import dataclasses
-import time
+import functools
+import math
 from typing import Any, Hashable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
+from echo_jax.core.train_state import TrainState
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
-from echo_jax.lm.pretrain import TrainState
-from echo_jax.lm.rl import common, rollout as loop
-from echo_jax.lm.rl.common import OptimConfig
-from echo_jax.lm.sampler import Sampler, SamplingParams
+from echo_jax.lm.rl import algorithm, common, policy_gradient
+from echo_jax.lm.rl.algorithm import RLState
+from echo_jax.lm.rl.common import OptimConfig, RolloutConfig
+from echo_jax.lm.rl.rollout import Sample
+
+SFT_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
 class EIConfig:
     """The study's EI: 64 samples per question at temperature 1.0, top-p 0.95, up to 2048 new
-    tokens; SFT at lr 1e-4 for 2 epochs, batches of 256 (micro 8), max length 1024. The number of
-    rounds is not confirmed by the study's code (each round was a separate launch)."""
+    tokens; SFT at lr 1e-4 for 2 epochs (`rollout.epochs`), batches of 256 rows
+    (`rollout.train_batch_size`, micro 8), max length 1024 (`seq_len`)."""
 
-    samples_per_prompt: int = 64
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_new_tokens: int = 2048
-    max_prompt_len: int = 1024
-    prompts_per_batch: int = 8
-    rounds: int = 3
-    epochs: int = 2
-    batch_size: int = 256
-    micro_batch_size: int = 8
+    rollout: RolloutConfig = dataclasses.field(default_factory=lambda: RolloutConfig(
+        samples_per_prompt=64, temperature=1.0, top_p=0.95, max_new_tokens=2048,
+        train_batch_size=256, epochs=2))
     seq_len: int = 1024
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4))
 
     def __post_init__(self):
-        sizes = (self.samples_per_prompt, self.max_new_tokens, self.max_prompt_len,
-                 self.prompts_per_batch, self.rounds, self.epochs, self.batch_size,
-                 self.micro_batch_size, self.seq_len)
-        if min(sizes) < 1:
-            raise ValueError(f"every size must be >= 1: {self}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by "
-                             f"micro_batch_size {self.micro_batch_size}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1: {self}")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """The most SFT batches one round can fill (every sample kept)."""
+        return math.ceil(self.rollout.rollout_size / self.rollout.train_batch_size)
 
 
 def select_expert_samples(prompt_keys: Sequence[Hashable], texts: Sequence[str],
@@ -120,149 +119,106 @@ def make_sft_step(model: Transformer, tx: optax.GradientTransformation, micro_ba
     return sft_step
 
 
-def collect_expert_data(sampler: Sampler, params: Any, problems: Sequence[dict], vocabulary: Any,
-                        cfg: EIConfig, rng: jax.Array, *, dataset: str,
-                        grade_timeout_s: float = 2.0) -> tuple[list[tuple[str, str]], dict]:
-    """Samples `cfg.samples_per_prompt` completions of every problem, `prompts_per_batch` problems
-    at a time (the last batch is filled with repeats, whose samples are dropped), grades them and
-    returns the deduplicated correct (question, completion) pairs with generation metrics."""
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p)
-    infos = []
-    for start in range(0, len(problems), cfg.prompts_per_batch):
-        chunk = list(problems[start:start + cfg.prompts_per_batch])
-        real = len(chunk) * cfg.samples_per_prompt
-        chunk += [chunk[0]] * (cfg.prompts_per_batch - len(chunk))
-        sample = loop.sample_and_grade(
-            sampler, params, chunk, vocabulary, sampling, cfg.samples_per_prompt,
-            cfg.max_prompt_len, jax.random.fold_in(rng, start), dataset=dataset,
-            grade_timeout_s=grade_timeout_s)
-        infos.append(loop.truncate_info(sample.info, real))
-    info = loop.concat_infos(infos)
-    keep = select_expert_samples(info.questions, info.texts, info.correct)
-    examples = [(info.questions[i], info.texts[i]) for i in keep]
-    return examples, {**loop.rollout_metrics(info), "kept": len(examples)}
+def sft_epochs(rows: Sequence[dict[str, np.ndarray]], cfg: EIConfig,
+               rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """`cfg.rollout.epochs` shuffled epochs of `rows` as fixed-shape arrays [batch, U, seq_len]
+    (U = epochs x `cfg.batches_per_epoch`; batch-major so the loop can shard the rows): batch u
+    is `[:, u]`, and batches past an epoch's end are empty (loss mask 0)."""
+    rc = cfg.rollout
+    empty = {k: np.zeros(cfg.seq_len, np.int32 if k != "loss_mask" else np.float32)
+             for k in SFT_KEYS}
+    batches = []
+    for _ in range(rc.epochs):
+        epoch = list(sft_batches(rows, rc.train_batch_size, rng)) if rows else []
+        fill = {k: np.stack([v] * rc.train_batch_size) for k, v in empty.items()}
+        batches += epoch + [fill] * (cfg.batches_per_epoch - len(epoch))
+    return {k: np.stack([b[k] for b in batches], axis=1) for k in SFT_KEYS}
 
 
-def run_expert_iteration(cfg: EIConfig, model_cfg: ModelConfig, params: Any,
-                         problems: Sequence[dict], vocabulary: Any, rng: jax.Array, *,
-                         dataset: str = "synthetic") -> tuple[Any, list[dict[str, float]]]:
-    """R rounds of sample -> keep correct -> SFT (fresh optimizer each round, schedule over that
-    round's updates); each round fine-tunes the previous round's model. Returns the final
-    parameters and one metrics row per round (generation metrics, `kept`, `sft_loss`)."""
-    model = Transformer(model_cfg)
-    sampler = Sampler(model_cfg, eos_id=vocabulary.eos_id, pad_id=0)
-    rows_per_round = []
-    for r in range(cfg.rounds):
-        round_rng = jax.random.fold_in(rng, r)
-        examples, metrics = collect_expert_data(sampler, params, problems, vocabulary, cfg,
-                                                round_rng, dataset=dataset)
-        if examples:
-            rows = [sft_example(vocabulary, q, c, cfg.seq_len) for q, c in examples]
-            per_epoch = -(-len(rows) // cfg.batch_size)
-            tx = cfg.optim.make(cfg.epochs * per_epoch)
-            state = TrainState(step=jnp.zeros((), jnp.int32),
-                               params=jax.tree.map(jnp.array, params), opt_state=None)
-            state = state.replace(opt_state=tx.init(state.params))
-            step = jax.jit(make_sft_step(model, tx, cfg.micro_batch_size), donate_argnums=0)
-            shuffle = np.random.default_rng(np.asarray(jax.random.key_data(round_rng)))
-            losses = []
-            for _ in range(cfg.epochs):
-                for batch in sft_batches(rows, cfg.batch_size, shuffle):
-                    state, m = step(state, batch, round_rng)
-                    losses.append(m["loss"])
-            params = state.params
-            metrics["sft_loss"] = float(np.mean(jax.device_get(losses)))
-        rows_per_round.append({"round": r, **metrics})
-    return params, rows_per_round
+@algorithm.register("ei")
+class ExpertIteration(algorithm.Algorithm):
+    """EI from the `rl` block: the sampling and batch sizes as the other algorithms' (`epochs` are
+    SFT epochs over the kept samples, `train_batch_size` the SFT batch), `lr` and its schedule,
+    and the SFT length `max_prompt_len + max_new_tokens`. EI has no KL term (`kl_coef` must be 0);
+    with `log_kl` the KL to the initial policy is reported."""
 
+    def __init__(self, rl: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any,
+                 num_steps: int):
+        super().__init__(rl, model_cfg, vocabulary, num_steps)
+        if rl.kl_coef:
+            raise ValueError("Expert Iteration has no KL term: set rl.kl_coef=0")
+        self.rollout = policy_gradient.rollout_config(rl)
+        self.cfg = EIConfig(rollout=self.rollout, seq_len=rl.max_prompt_len + rl.max_new_tokens,
+                            optim=policy_gradient.optim_config(rl, rl.lr))
+        self.uses_reference = bool(rl.log_kl)
+        self._sft = make_sft_step(self.model, self.tx, self.rollout.micro_batch_size)
 
-class EITrainer:
-    """Expert Iteration as steps of the loop GRPO and PPO run in (`loop.RLTrainer`'s interface):
-    each step samples `prompts_per_batch` x `samples_per_prompt` completions, keeps the correct
-    unique ones and fine-tunes on them for `epochs` passes. Unlike `run_expert_iteration` one
-    optimizer runs across steps (its schedule spans the most updates `total_steps` can take), so a
-    step is a small round and the run is checkpointed like the others. Batches are padded to
-    `batch_size` rows of `seq_len`: one compiled shape however many samples are kept;
-    `sampler_rows` as in `loop.RLTrainer`.
-    """
+    @functools.cached_property
+    def tx(self) -> optax.GradientTransformation:
+        updates = self.num_steps * self.rollout.epochs * self.cfg.batches_per_epoch
+        return self.cfg.optim.make(updates)
 
-    def __init__(self, cfg: EIConfig, model_cfg: ModelConfig, vocabulary: Any, *,
-                 total_steps: int, dataset: str = "synthetic", grade_timeout_s: float = 2.0,
-                 mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = (),
-                 sampler_rows: int = 0):
-        self.cfg, self.vocabulary, self.sampler_rows = cfg, vocabulary, sampler_rows
-        self.dataset, self.grade_timeout_s = dataset, grade_timeout_s
-        self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p)
-        self.sampler = Sampler(model_cfg, eos_id=vocabulary.eos_id, pad_id=0, mesh=mesh,
-                               rules=tuple(rules))
-        model = Transformer(model_cfg)
-        rows = cfg.prompts_per_batch * cfg.samples_per_prompt
-        self.tx = cfg.optim.make(total_steps * cfg.epochs * -(-rows // cfg.batch_size))
-        self._sft = jax.jit(make_sft_step(model, self.tx, cfg.micro_batch_size), donate_argnums=0)
+    def init_state(self, rng: jax.Array) -> RLState:
+        params = self.model.init(rng, *algorithm.dummy_inputs())["params"]
+        return RLState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=self.tx.init(params),
+                       ref_params=params if self.uses_reference else None)
 
-        def stats(params, ref_params, *sample_arrays):
-            """Entropy of the sampling policy on its completions and, with a reference, k3 KL."""
-            tokens, positions, segments, mask = common.join_prompt_completion(*sample_arrays)
-
-            def score(micro):
-                logp, entropy = common.sequence_logprobs(model, params, *micro, cfg.temperature)
-                if ref_params is None:
-                    return entropy, None
-                ref_logp = common.sequence_logprobs(model, ref_params, *micro,
-                                                    cfg.temperature)[0]
-                return entropy, common.kl_k3(logp, ref_logp)
-
-            entropy, kl = common.map_micro_batches(score, (tokens, positions, segments),
-                                                   cfg.micro_batch_size)
-            out = {"entropy": common.masked_mean(entropy, mask)}
-            if kl is not None:
-                out["kl"] = common.masked_mean(kl, mask)
-            return out
-
-        self._stats = jax.jit(stats)
-
-    def init_state(self, policy_params: Any, rng: jax.Array) -> TrainState:
-        del rng  # nothing random to initialise
-        params = jax.tree.map(jnp.array, policy_params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params))
-
-    def policy(self, state: TrainState) -> Any:
-        return state.params
-
-    def step(self, state: TrainState, ref_params: Any, problems: Sequence[dict],
-             rng: jax.Array) -> tuple[TrainState, dict[str, float]]:
-        """One round on `prompts_per_batch` problems. Metrics: the rollout's, `kept`, the SFT
-        `loss` and `grad_norm` (when something was kept), the sampling policy's `entropy` and,
-        given `ref_params`, its `kl` to them (EI has no KL term: it is only measured)."""
-        cfg = self.cfg
-        if len(problems) != cfg.prompts_per_batch:
-            raise ValueError(f"need {cfg.prompts_per_batch} problems, got {len(problems)}")
-        sample_rng, sft_rng = jax.random.split(rng)
-        sample = loop.sample_and_grade(
-            self.sampler, state.params, problems, self.vocabulary, self.sampling,
-            cfg.samples_per_prompt, cfg.max_prompt_len, sample_rng, dataset=self.dataset,
-            grade_timeout_s=self.grade_timeout_s, rows_per_call=self.sampler_rows)
-        start = time.perf_counter()
+    def batch(self, sample: Sample, rng: np.random.Generator
+              ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The rollout's arrays (for the policy's entropy and KL) and the SFT batches of the
+        correct unique samples; host metric `kept`."""
         info = sample.info
-        row = {**loop.rollout_metrics(info), **self._stats(
-            state.params, ref_params, sample.prompts_BxP, sample.prompt_lengths_B,
-            sample.completions_BxN, sample.completion_lengths_B)}
         keep = select_expert_samples(info.questions, info.texts, info.correct)
-        examples = [sft_example(self.vocabulary, info.questions[i], info.texts[i], cfg.seq_len)
-                    for i in keep]
-        shuffle = np.random.default_rng(np.asarray(jax.random.key_data(sft_rng)))
-        metrics = []
-        for _ in range(cfg.epochs if examples else 0):
-            for batch in sft_batches(examples, cfg.batch_size, shuffle):
-                state, m = self._sft(state, batch, sft_rng)
-                metrics.append(m)
-        metrics = jax.device_get(metrics)
-        row = {k: float(v) for k, v in jax.device_get(row).items()}
-        row["kept"] = float(len(examples))
-        for key in ("loss", "grad_norm"):
-            if metrics:
-                row[key] = float(np.mean([m[key] for m in metrics]))
-        row.update({"time/rollout": sample.seconds_sampling, "time/reward": sample.seconds_grading,
-                    "time/update": time.perf_counter() - start})
-        return state, row
+        rows = [sft_example(self.vocabulary, info.questions[i], info.texts[i], self.cfg.seq_len)
+                for i in keep]
+        sft = sft_epochs(rows, self.cfg, rng)
+        return ({**algorithm.rollout_arrays(sample), **{f"sft/{k}": v for k, v in sft.items()}},
+                {"kept": float(len(keep))})
+
+    def _policy_stats(self, state: RLState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Entropy of the sampling policy on its completions and, with a reference, k3 KL."""
+        tokens, positions, segments, mask = common.join_prompt_completion(
+            batch["prompts_BxP"], batch["prompt_lengths_B"], batch["completions_BxN"],
+            batch["completion_lengths_B"])
+        temperature = self.rollout.temperature
+
+        def score(micro):
+            logp, entropy = common.sequence_logprobs(self.model, state.params, *micro,
+                                                     temperature)
+            if state.ref_params is None:
+                return entropy, None
+            ref_logp = common.sequence_logprobs(self.model, state.ref_params, *micro,
+                                                temperature)[0]
+            return entropy, common.kl_k3(logp, ref_logp)
+
+        entropy, kl = common.map_micro_batches(score, (tokens, positions, segments),
+                                               self.rollout.micro_batch_size)
+        out = {"entropy": common.masked_mean(entropy, mask)}
+        if kl is not None:
+            out["kl"] = common.masked_mean(kl, mask)
+        return out
+
+    def train_step(self, state: RLState, batch: dict[str, jax.Array],
+                   rng: jax.Array) -> tuple[RLState, dict[str, jax.Array]]:
+        """The policy's stats, then an SFT step on each non-empty batch (empty ones are skipped,
+        so the optimizer sees only real updates). `loss`/`grad_norm`: means over the updates made
+        (0 when nothing was kept)."""
+        stats = self._policy_stats(state, batch)
+        sft_UxBxL = {k: jnp.swapaxes(batch[f"sft/{k}"], 0, 1) for k in SFT_KEYS}
+        skipped = jax.eval_shape(self._sft, state.policy, jax.tree.map(lambda x: x[0], sft_UxBxL),
+                                 rng)[1]
+
+        def body(policy: TrainState, sft_batch):
+            nonempty = jnp.sum(sft_batch["loss_mask"]) > 0
+            policy, metrics = jax.lax.cond(
+                nonempty, lambda p: self._sft(p, sft_batch, rng),
+                lambda p: (p, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), skipped)),
+                policy)
+            return policy, (metrics, nonempty)
+
+        policy, (metrics, nonempty_U) = jax.lax.scan(body, state.policy, sft_UxBxL)
+        updates = jnp.maximum(jnp.sum(nonempty_U), 1)
+        mean = lambda m: jnp.sum(jnp.where(nonempty_U, m, 0.0)) / updates  # noqa: E731
+        return state.with_policy(policy), {**stats, "loss": mean(metrics["loss"]),
+                                           "grad_norm": mean(metrics["grad_norm"])}

@@ -12,16 +12,20 @@ Variants by config: `advantage="dr_grpo"` drops the division by the group std an
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import Transformer
-from echo_jax.lm.pretrain import TrainState
-from echo_jax.lm.rl import common
+from echo_jax.lm.rl import algorithm, common, policy_gradient
+from echo_jax.lm.rl.algorithm import RLState
 from echo_jax.lm.rl.common import OptimConfig, PolicyLossConfig, Rollout, RolloutConfig
+
 
 @common.register("advantage", "grpo")
 def grpo_advantages(r_QxG: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -41,7 +45,7 @@ def dr_grpo_advantages(r_QxG: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """The study's GRPO runs (OpenRLHF `group_norm`, `use_kl_loss`, k3): see `RolloutConfig`
-    for the sampling and batch sizes; actor lr 1e-6; KL coefficient from `common.KL_COEFS`."""
+    for the sampling and batch sizes; actor lr 1e-6; KL coefficient 0, 1e-3 or 1e-2."""
 
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
@@ -72,7 +76,7 @@ def make_prepare_fn(model: Transformer, cfg: GRPOConfig) -> Callable:
     advantage_fn = common.get("advantage", cfg.advantage)
     rc = cfg.rollout
 
-    def prepare(state: TrainState, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
+    def prepare(state: TrainState | RLState, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
                 completion_lengths_B, rewards_B) -> tuple[Rollout, dict[str, jax.Array]]:
         if (ref_params is not None) != cfg.uses_reference:
             raise ValueError(f"ref_params must be given exactly when kl_coef > 0 "
@@ -123,8 +127,34 @@ def make_update_step(model: Transformer, tx: optax.GradientTransformation, cfg: 
     return grpo_update_step
 
 
-def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-    """The policy's train state from a copy of (pretrained) `params`: the update step donates the
-    state, and the caller's arrays (often also the reference) must survive that."""
-    params = jax.tree.map(jnp.array, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+@algorithm.register("grpo")
+class GRPO(policy_gradient.PolicyGradient):
+    """GRPO from the `rl` block: `advantage` ("grpo" or "dr_grpo"), `kl_coef`, `kl_estimator`,
+    the clipped loss's `eps_low`/`eps_high`/`aggregation`, `lr` and its schedule."""
+
+    def make_config(self, rl: ml_collections.ConfigDict) -> GRPOConfig:
+        return GRPOConfig(rollout=self.rollout, loss=policy_gradient.loss_config(rl),
+                          optim=policy_gradient.optim_config(rl, rl.lr), advantage=rl.advantage,
+                          kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
+
+    @functools.cached_property
+    def tx(self) -> optax.GradientTransformation:
+        return self.cfg.optim.make(self.num_updates)
+
+    def make_prepare(self) -> Callable:
+        return make_prepare_fn(self.model, self.cfg)
+
+    def make_update(self) -> Callable:
+        update = make_update_step(self.model, self.tx, self.cfg)
+
+        def rl_update(state: RLState, minibatch: Rollout, rng: jax.Array):
+            policy, metrics = update(state.policy, minibatch, rng)
+            return state.with_policy(policy), metrics
+
+        return rl_update
+
+    def init_state(self, rng: jax.Array) -> RLState:
+        params = self.model.init(rng, *algorithm.dummy_inputs())["params"]
+        return RLState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=self.tx.init(params),
+                       ref_params=params if self.uses_reference else None)

@@ -14,17 +14,19 @@ states (e.g. a `return_hidden=True` flag); model.py does not offer that yet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import linen as nn
 
+from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import Block, ModelConfig, Norm, Transformer
-from echo_jax.lm.pretrain import TrainState
-from echo_jax.lm.rl import common
+from echo_jax.lm.rl import algorithm, common, policy_gradient
+from echo_jax.lm.rl.algorithm import RLState
 from echo_jax.lm.rl.common import OptimConfig, PolicyLossConfig, Rollout, RolloutConfig
 
 
@@ -45,7 +47,7 @@ class ValueModel(nn.Module):
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.n_layers):
             x_BxLxD, _ = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
-        x_BxLxD = Norm(cfg.norm, cfg.norm_kernel, name="final_norm")(x_BxLxD)
+        x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         head = self.param("value_head", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                      ("embed",)),
                           (cfg.d_model,), jnp.float32)
@@ -112,7 +114,7 @@ def clipped_value_loss(values_BxT: jax.Array, old_values_BxT: jax.Array, returns
 class PPOConfig:
     """The study's PPO runs (OpenRLHF `gae`, k1 in the reward): gamma 1, lambda 0.95, clip 0.2,
     value clip 0.2, actor lr 1e-6, critic lr 7e-6, advantages whitened over the rollout; KL
-    coefficient from `common.KL_COEFS`."""
+    coefficient 0, 1e-3 or 1e-2."""
 
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
@@ -137,23 +139,6 @@ class PPOConfig:
         return self.kl_coef > 0
 
 
-@flax.struct.dataclass
-class PPOState:
-    actor: TrainState
-    critic: TrainState
-
-
-def init_state(policy_params: Any, critic_params: Any, actor_tx: optax.GradientTransformation,
-               critic_tx: optax.GradientTransformation) -> PPOState:
-    """Actor from a copy of the policy (the update step donates the state); critic trunk copied
-    from the policy too, value head as initialised (zero)."""
-    critic_params = critic_params_from_policy(policy_params, critic_params)
-    policy_params = jax.tree.map(jnp.array, policy_params)
-    zero = lambda: jnp.zeros((), jnp.int32)  # one buffer each: the state is donated
-    return PPOState(TrainState(zero(), policy_params, actor_tx.init(policy_params)),
-                    TrainState(zero(), critic_params, critic_tx.init(critic_params)))
-
-
 def make_prepare_fn(model: Transformer, critic: ValueModel, cfg: PPOConfig) -> Callable:
     """`prepare(state, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
     completion_lengths_B, scores_B) -> (Rollout, metrics)`: old log-probs, values and (if
@@ -162,7 +147,7 @@ def make_prepare_fn(model: Transformer, critic: ValueModel, cfg: PPOConfig) -> C
     kl_fn = common.get("kl", cfg.kl_estimator)
     rc = cfg.rollout
 
-    def prepare(state: PPOState, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
+    def prepare(state: RLState, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
                 completion_lengths_B, scores_B) -> tuple[Rollout, dict[str, jax.Array]]:
         if (ref_params is not None) != cfg.uses_reference:
             raise ValueError(f"ref_params must be given exactly when kl_coef > 0 "
@@ -172,7 +157,7 @@ def make_prepare_fn(model: Transformer, critic: ValueModel, cfg: PPOConfig) -> C
 
         def score(micro):
             logp = lambda p: common.sequence_logprobs(model, p, *micro, rc.temperature)[0]
-            old_logp = logp(state.actor.params)
+            old_logp = logp(state.params)
             kl = jnp.zeros_like(old_logp) if ref_params is None else kl_fn(old_logp,
                                                                            logp(ref_params))
             return old_logp, kl, token_values(critic, state.critic.params, *micro)
@@ -224,11 +209,11 @@ def make_update_step(model: Transformer, critic: ValueModel, actor_tx: optax.Gra
         return TrainState(step=train_state.step + 1, opt_state=opt_state,
                           params=optax.apply_updates(train_state.params, updates))
 
-    def ppo_update_step(state: PPOState, minibatch: Rollout,
-                        rng: jax.Array) -> tuple[PPOState, dict[str, jax.Array]]:
+    def ppo_update_step(state: RLState, minibatch: Rollout,
+                        rng: jax.Array) -> tuple[RLState, dict[str, jax.Array]]:
         del rng  # the losses are deterministic given the rollout
         actor_grads, actor_stats = common.accumulate_gradients(
-            actor_loss, state.actor.params, minibatch, micro)
+            actor_loss, state.params, minibatch, micro)
         critic_grads, critic_stats = common.accumulate_gradients(
             value_loss, state.critic.params, minibatch, micro)
         metrics = {**common.finish_stats(actor_stats),
@@ -236,8 +221,55 @@ def make_update_step(model: Transformer, critic: ValueModel, actor_tx: optax.Gra
                                                                     1e-9),
                    "grad_norm": optax.tree.norm(actor_grads),
                    "critic_grad_norm": optax.tree.norm(critic_grads)}
-        new_state = PPOState(apply(state.actor, actor_tx, actor_grads),
-                             apply(state.critic, critic_tx, critic_grads))
-        return new_state, metrics
+        new_state = state.with_policy(apply(state.policy, actor_tx, actor_grads))
+        return new_state.replace(critic=apply(state.critic, critic_tx, critic_grads)), metrics
 
     return ppo_update_step
+
+
+@algorithm.register("ppo")
+class PPO(policy_gradient.PolicyGradient):
+    """PPO from the `rl` block: the policy loss's settings as GRPO's, plus `critic_lr`, `gamma`,
+    `lam`, `value_clip`; the KL (`kl_coef`, `kl_estimator`) is a per-token reward penalty."""
+
+    def make_config(self, rl: ml_collections.ConfigDict) -> PPOConfig:
+        return PPOConfig(rollout=self.rollout, loss=policy_gradient.loss_config(rl),
+                         actor_optim=policy_gradient.optim_config(rl, rl.lr),
+                         critic_optim=policy_gradient.optim_config(rl, rl.critic_lr),
+                         kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator, gamma=rl.gamma,
+                         lam=rl.lam, value_clip=rl.value_clip)
+
+    @functools.cached_property
+    def critic(self) -> ValueModel:
+        return ValueModel(self.model_cfg)
+
+    @functools.cached_property
+    def actor_tx(self) -> optax.GradientTransformation:
+        return self.cfg.actor_optim.make(self.num_updates)
+
+    @functools.cached_property
+    def critic_tx(self) -> optax.GradientTransformation:
+        return self.cfg.critic_optim.make(self.num_updates)
+
+    def make_prepare(self) -> Callable:
+        return make_prepare_fn(self.model, self.critic, self.cfg)
+
+    def make_update(self) -> Callable:
+        return make_update_step(self.model, self.critic, self.actor_tx, self.critic_tx, self.cfg)
+
+    def init_state(self, rng: jax.Array) -> RLState:
+        policy_rng, critic_rng = jax.random.split(rng)
+        params = self.model.init(policy_rng, *algorithm.dummy_inputs())["params"]
+        critic_params = self.critic.init(critic_rng, *algorithm.dummy_inputs())["params"]
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (one buffer each: donated)
+        return RLState(step=zero(), params=params, opt_state=self.actor_tx.init(params),
+                       critic=TrainState(zero(), critic_params,
+                                         self.critic_tx.init(critic_params)),
+                       ref_params=params if self.uses_reference else None)
+
+    def warm_start(self, state: RLState, pretrained: Any) -> RLState:
+        """The policy (and reference) as every algorithm's; the critic's trunk from the
+        pretrained policy too, its value head as initialised (OpenRLHF)."""
+        state = super().warm_start(state, pretrained)
+        critic = critic_params_from_policy(pretrained, state.critic.params)
+        return state.replace(critic=state.critic.replace(params=critic))
