@@ -47,6 +47,18 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def config_mesh(sizes: dict[str, int]) -> Mesh:
+    """The mesh of a config's `mesh` block over the first devices it needs (all of them when an
+    axis is -1); too few devices is a ConfigError that says how to fake them on a CPU."""
+    devices = jax.devices()
+    needed = math.prod(int(v) for v in sizes.values())
+    if -1 not in sizes.values() and needed > len(devices):
+        raise ConfigError(
+            f"mesh {dict(sizes)} needs {needed} devices, {len(devices)} available (on a CPU, "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} fakes them)")
+    return make_mesh(sizes, devices if -1 in sizes.values() else devices[:needed])
+
+
 def logical_to_sharding(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """Maps a tree holding `nn.LogicallyPartitioned` leaves (e.g. an `eval_shape` of an init) to
     NamedShardings; leaves without annotations are replicated."""

@@ -108,16 +108,22 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def initial_state(task: TrainTask, mesh: Mesh, rules, rng: jax.Array) -> tuple[State, Any]:
-    """Builds the sharded initial state; returns it with its abstract (shape+sharding) twin."""
+def abstract_state(task: TrainTask, mesh: Mesh, rules, rng: jax.Array) -> Any:
+    """The state's shapes, dtypes and shardings (from its logical axes), allocating nothing."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         boxed = jax.eval_shape(task.init_state, rng)
         state_sharding = sharding.logical_to_sharding(boxed, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(boxed), state_sharding)
+
+
+def initial_state(task: TrainTask, mesh: Mesh, rules, rng: jax.Array) -> tuple[State, Any]:
+    """Builds the sharded initial state; returns it with its abstract (shape+sharding) twin."""
+    abstract = abstract_state(task, mesh, rules, rng)
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         init = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)), out_shardings=state_sharding)
         state = init(rng)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(boxed), state_sharding)
     return state, abstract
 
 

@@ -67,3 +67,42 @@ def test_cli_unknown_variant_names_the_valid_ones(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "echo_jax: error: unknown variant 'huge' for configs/lm_pretrain.py; "
         "valid: tiny, small, base, 150m, 1b"]
+
+
+def _shape_checked(config):
+    """(block, config) pairs whose train state `echo_jax.plan` can build by shape."""
+    if config.kind == "echo_chamber":
+        rl = config.rl.copy_and_resolve_references()
+        rl.model = config.pretrain.model
+        return [("pretrain", config.pretrain), ("rl", rl)]
+    return [("", config)] if config.kind in ("lm_pretrain", "lm_rl") else []
+
+
+@pytest.mark.parametrize(
+    "path,variant", [(p, v) for p in CONFIG_FILES for v in _variants(p)],
+    ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x)
+def test_every_variant_initialises_by_shape(path, variant):
+    """`jax.eval_shape` of the init of every trainable variant, sharded on its own mesh (the 8
+    fake devices cover the TPU variants' fsdp=8): shapes, dtypes and shardings, no allocation."""
+    import jax
+
+    from echo_jax import plan
+    from echo_jax.core import sharding
+    from echo_jax.core.train_loop import abstract_state
+
+    blocks = _shape_checked(load_config(f"{path}:{variant}"))
+    if not blocks:
+        pytest.skip("no train state of its own (evaluation, or the recommender's data-built "
+                    "tables: covered by tests/recsys)")
+    for name, config in blocks:
+        mesh = sharding.config_mesh(config.mesh.to_dict())
+        task, _, _ = plan.task_for(config, mesh)
+        state = abstract_state(task, mesh, config.sharding.rules, jax.random.key(0))
+        leaves = jax.tree.leaves(state.params)
+        assert leaves and all(x.sharding is not None for x in leaves), name
+        per_device, total = plan.bytes_per_device(state.params), sum(
+            x.size * x.dtype.itemsize for x in leaves)
+        assert plan.bytes_per_device(state) > per_device > 0
+        model_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+        assert total / model_shards <= per_device <= total
+        assert (per_device < total) == (model_shards > 1), name  # sharded exactly when it can be

@@ -19,7 +19,6 @@ Files written to the workdir:
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from typing import Any, Sequence
 
@@ -31,7 +30,7 @@ import numpy as np
 from echo_jax.core import sharding
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
-from echo_jax.lm import report, restore
+from echo_jax.lm import cpu, report, restore
 from echo_jax.lm.data import generators, real, vocab
 from echo_jax.lm.model import ModelConfig, config_meta
 from echo_jax.lm.rl import algorithm, rollout
@@ -127,12 +126,24 @@ def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm
     return host_stage
 
 
+def placeholder_sample(rc: Any) -> rollout.Sample:
+    """A graded rollout of the right shapes with nothing in it (for planning)."""
+    rows = rc.rollout_size
+    zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    info = rollout.RolloutInfo(questions=("",) * rows, texts=("",) * rows, styles=("",) * rows,
+                               rewards=np.zeros(rows, np.float32), correct=np.zeros(rows, bool),
+                               lengths=zeros(rows))
+    return rollout.Sample(zeros(rows, rc.max_prompt_len), zeros(rows) + 1,
+                          zeros(rows, rc.max_new_tokens), zeros(rows), info, 0.0, 0.0)
+
+
 def make_task(config: ml_collections.ConfigDict, mesh: Any, *,
               for_planning: bool = False) -> tuple[TrainTask, algorithm.Algorithm, Sampler]:
     """The RL job as a `TrainTask` for the shared loop, with its algorithm and sampler. For
     planning (`python -m echo_jax.plan`) nothing is read: no prompts, checkpoint or evaluation."""
     model_cfg, vocabulary = model_and_vocabulary(config)
     algo = build_algorithm(config, model_cfg, vocabulary)
+    cpu.prepare(model_cfg, mesh)
     sampler = make_sampler(config, model_cfg, vocabulary, mesh)
     task = TrainTask(init_state=algo.init_state, train_step=algo.train_step, train_iter=None,
                      meta={**config_meta(model_cfg), "algo": config.algo},
@@ -161,15 +172,6 @@ def make_task(config: ml_collections.ConfigDict, mesh: Any, *,
         evaluate=evaluate, evaluate_at_start=True), algo, sampler
 
 
-def make_rl_mesh(config: ml_collections.ConfigDict):
-    """The config's mesh over the first devices it needs (all of them when an axis is -1)."""
-    sizes = config.mesh.to_dict()
-    devices = jax.devices()
-    if -1 not in sizes.values():
-        devices = devices[:math.prod(sizes.values())]
-    return sharding.make_mesh(sizes, devices)
-
-
 def is_finished(workdir: str, num_steps: int) -> bool:
     """Whether `workdir` holds the final checkpoint of a run of `num_steps` RL steps."""
     try:
@@ -190,7 +192,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
         print(f"[rl] {workdir} already finished {num_steps} steps", file=sys.stderr)
         report.plot_rl(workdir)
         return
-    mesh = make_rl_mesh(config)
+    mesh = sharding.config_mesh(config.mesh.to_dict())
     task, _, _ = make_task(config, mesh)
     loop = LoopConfig(num_steps=num_steps, log_every=config.train.log_every,
                       checkpoint_every=config.train.checkpoint_every,
