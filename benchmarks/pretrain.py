@@ -32,7 +32,7 @@ from benchmarks.flops import matmul_rates_gflops  # noqa: E402
 from echo_jax.core import sharding  # noqa: E402
 from echo_jax.core.config import load_config  # noqa: E402
 from echo_jax.core.train_loop import TrainTask, initial_state, jit_train_step  # noqa: E402
-from echo_jax.lm import pretrain  # noqa: E402
+from echo_jax.lm import cpu, pretrain  # noqa: E402
 from echo_jax.lm.model import Transformer  # noqa: E402
 
 
@@ -46,6 +46,7 @@ def production_step(config):
     task = TrainTask(init_state=pretrain.make_init_state(model, tx, seq_len),
                      train_step=pretrain.make_train_step(model, tx), train_iter=iter(()))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    cpu.prepare(cfg, mesh)
     state, abstract = initial_state(task, mesh, config.sharding.rules, jax.random.key(0))
     step = jit_train_step(task, mesh, config.sharding.rules, abstract)
     batch = {k: v.numpy() for k, v in torch_reference.random_batch(

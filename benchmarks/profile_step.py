@@ -41,8 +41,8 @@ from echo_jax.core.config import load_config  # noqa: E402
 from echo_jax.lm import pretrain  # noqa: E402
 
 # Model parts by a substring of the op's HLO metadata, first match wins.
-PARTS = (("_smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
-         ("/attn/dot_general", "q/k/v projections"),  # lm/dense.py's `project` (x @ w)
+PARTS = (("smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
+         ("/attn/dot_general", "q/k/v projections"),  # lm/cpu/dense.py's `project` (x @ w)
          ("BLHK,HKD", "attention output projection"),
          ("/attn/", "attention core (RoPE, scores, softmax)"), ("/mlp/", "MLP"),
          ("_norm", "norms"), ("BLD,VD", "logits + loss"), ("BLD,DV", "logits + loss"),

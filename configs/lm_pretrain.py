@@ -56,26 +56,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "bfloat16" if study_scale else "float32"
     c.model.remat = study_scale
-    # Where training attention runs through XLA (several devices, or attention_kernel="xla"):
-    # query blocks of 128 that skip the masked upper triangle (lm/attention.py's
-    # `blocked_attention`, with its hand-written backward pass), the fastest block size measured
-    # for tiny and small on the 2-core CPU (benchmarks/RESULTS.md); 0 (dense) for the TPU shapes.
+    # Where training attention runs through XLA (several devices, or kernels="xla"): query
+    # blocks of 128 that skip the masked upper triangle (lm/attention.py's `blocked_attention`,
+    # with its hand-written backward pass), the fastest block size measured for tiny and small on
+    # the 2-core CPU (benchmarks/RESULTS.md); 0 (dense) for the TPU shapes.
     c.model.attention_block = 0 if study_scale else 128
-    # "auto": on a single CPU device, training attention runs through the fused C++ kernel
-    # (lm/cpu_attention.py, built with the host's compiler on first use by lm/cpu_kernels.py;
-    # a tiny train step ~150 -> ~115 ms, small ~1.5 -> ~1.07 s, benchmarks/RESULTS.md);
-    # elsewhere through XLA as above. "xla" / "cpu" force one.
-    c.model.attention_kernel = "auto"
-    # "auto": on a single CPU device, the MLP's and q/k/v's backward passes run through
-    # lm/dense.py's custom VJPs (weight gradients as row-major matmuls that XLA:CPU gives to
-    # YNNPACK; a tiny step ~111 -> ~105 ms, benchmarks/RESULTS.md). "xla" / "cpu" force one.
-    c.model.dense_grads = "auto"
-    # "auto": on a single CPU device in float32, RMSNorm runs as one C++ kernel per pass
-    # (lm/cpu_norm.py; a tiny step ~105 -> ~100 ms, benchmarks/RESULTS.md). "xla" / "cpu" force.
-    c.model.norm_kernel = "auto"
-    # "auto": where the dense VJPs run, in float32, SwiGLU's elementwise part runs as one C++
-    # kernel per pass (lm/cpu_swiglu.py, benchmarks/RESULTS.md). "xla" / "cpu" force one.
-    c.model.mlp_kernel = "auto"
+    # "auto": a one-device CPU step runs lm/cpu's C++ kernels and custom VJPs (faster on CPU,
+    # benchmarks/RESULTS.md); "xla": never. Single ops: kernel_overrides, see lm/cpu/ops.py.
+    c.model.kernels = "auto"
+    c.model.kernel_overrides = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = steps

@@ -1,4 +1,5 @@
-"""Softmax attention over packed rows: the mask, the dense path, and the blocked training path.
+"""Softmax attention over packed rows: RoPE, smeared keys, the mask, the dense path, and the
+blocked training path.
 
 Shape legend: B batch, H heads, L query length, S key length, K head dim, Q rows of one block.
 """
@@ -9,6 +10,61 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+# The logit of a masked key: finite, so that a query that sees no key (padding) gets a uniform
+# softmax rather than NaNs, and far below any real logit, so that it weighs exactly 0 otherwise.
+MASKED_LOGIT = -1e30
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    half = head_dim // 2
+    return theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention on pairs (i, i + K/2)."""
+    half = x_BxLxHxK.shape[-1] // 2
+    angle = positions_BxL[..., None, None].astype(jnp.float32) * rope_frequencies(
+        x_BxLxHxK.shape[-1], theta)  # B L 1 K/2
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of `rope`'s angles for positions [0, length), [length, K/2] each."""
+    angle = jnp.arange(length, dtype=jnp.float32)[:, None] * rope_frequencies(head_dim, theta)
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def smear_keys(k_BxLxHxK: jax.Array, positions_BxL: jax.Array, s_H: jax.Array,
+               first_Bx1xHxK: jax.Array | None = None) -> jax.Array:
+    """k_j + s * (k_{j-1} - k_j) per head where position j > 0; `first` stands in for the key
+    before the row's first (default: that key itself, i.e. no mixing)."""
+    first = k_BxLxHxK[:, :1] if first_Bx1xHxK is None else first_Bx1xHxK
+    prev = jnp.concatenate([first, k_BxLxHxK[:, :-1]], axis=1)
+    prev = jnp.where((positions_BxL > 0)[..., None, None], prev, k_BxLxHxK)
+    return k_BxLxHxK + s_H[:, None].astype(k_BxLxHxK.dtype) * (prev - k_BxLxHxK)
+
+
+def self_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+                   positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+                   smear_gate_H: jax.Array | None, rope_theta: float, block: int) -> jax.Array:
+    """Training attention of a packed sequence over itself from the raw projections: keys
+    smeared by `smear_gate_H` (None: not smeared), RoPE on queries and keys, then
+    `blocked_attention` with query blocks of `block` where 0 < block < L, else
+    `dense_attention`."""
+    if smear_gate_H is not None:
+        with jax.named_scope("smear_keys"):  # names the ops for benchmarks/profile_step.py
+            k_BxLxHxK = smear_keys(k_BxLxHxK, positions_BxL, smear_gate_H)
+    q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, rope_theta)
+    k_BxHxLxK = rope(k_BxLxHxK, positions_BxL, rope_theta).transpose(0, 2, 1, 3)
+    v_BxHxLxK = v_BxLxHxK.transpose(0, 2, 1, 3)
+    if 0 < block < q_BxLxHxK.shape[1]:
+        return blocked_attention(q_BxLxHxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL,
+                                 block)
+    return dense_attention(q_BxLxHxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids_BxL,
+                           positions_BxL, segment_ids_BxL)
 
 
 def attention_mask(q_pos_BxL: jax.Array, q_seg_BxL: jax.Array, k_pos_BxS: jax.Array,
@@ -25,7 +81,7 @@ def dense_attention(q_BxLxHxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.A
     """Softmax attention of every query over every key slot, masked by `attention_mask`."""
     mask_Bx1xLxS = attention_mask(positions_BxL, segment_ids_BxL, k_pos_BxS, k_seg_BxS)
     logits = jnp.einsum("BLHK,BHSK->BHLS", q_BxLxHxK, k_BxHxSxK) * (q_BxLxHxK.shape[-1] ** -0.5)
-    logits = jnp.where(mask_Bx1xLxS, logits.astype(jnp.float32), -1e30)
+    logits = jnp.where(mask_Bx1xLxS, logits.astype(jnp.float32), MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxHxSxK.dtype)
     return jnp.einsum("BHLS,BHSK->BLHK", probs, v_BxHxSxK)
 
@@ -73,7 +129,7 @@ def _blocked_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, positions_BxL, segment_ids
         logits_BxHxQxS = jnp.einsum("BHQK,BHSK->BHQS", q_BxHxLxK[:, :, start:end],
                                     k_BxHxLxK[:, :, :end]) * scale
         mask = _block_mask(positions_BxL, segment_ids_BxL, start, end)
-        logits_BxHxQxS = jnp.where(mask, logits_BxHxQxS.astype(jnp.float32), -1e30)
+        logits_BxHxQxS = jnp.where(mask, logits_BxHxQxS.astype(jnp.float32), MASKED_LOGIT)
         probs_BxHxQxS = jax.nn.softmax(logits_BxHxQxS, axis=-1).astype(v_BxHxLxK.dtype)
         probs.append(probs_BxHxQxS)
         outs.append(jnp.einsum("BHQS,BHSK->BHQK", probs_BxHxQxS, v_BxHxLxK[:, :, :end]))

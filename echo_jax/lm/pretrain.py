@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import flax
@@ -107,13 +106,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         + cfg.d_model * 3 * cfg.mlp_dim
     matmul_params = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.d_model
-
-
-def config_meta(cfg: ModelConfig) -> dict:
-    """What a checkpoint records of the model: everything but the choices of how the step runs,
-    not what it computes (`attention_kernel`, `dense_grads`, `norm_kernel`, `mlp_kernel`): a
-    resume or a restore may pick others."""
-    meta = dataclasses.asdict(cfg)
-    for choice in ("attention_kernel", "dense_grads", "norm_kernel", "mlp_kernel"):
-        del meta[choice]
-    return {"model": meta}

@@ -77,14 +77,14 @@ def test_blocked_attention_equals_dense(block, remat):
         logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segments)
         return (jnp.where(real[..., None], logits, 0.0) ** 2).sum(), logits
 
-    (dense_loss, dense), dense_grads = jax.value_and_grad(loss, has_aux=True)(params, dense_cfg)
+    (dense_loss, dense), want_grads = jax.value_and_grad(loss, has_aux=True)(params, dense_cfg)
     (loss_, blocked), grads = jax.value_and_grad(loss, has_aux=True)(params, blocked_cfg)
     # Padding queries see no key either way; only real tokens' outputs are defined.
     np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], atol=1e-5)
     np.testing.assert_allclose(loss_, dense_loss, rtol=1e-5)
     # Summation order differs, so tolerances are float32 roundoff relative to each tensor's scale.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
-                 grads, dense_grads)
+                 grads, want_grads)
 
 
 @pytest.mark.parametrize("block", [4, 6, 8])  # 6: a shorter last block of 4

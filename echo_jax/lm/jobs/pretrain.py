@@ -16,9 +16,9 @@ import ml_collections
 from echo_jax.core import plots, sharding
 from echo_jax.core.config import ConfigError, flat_keys, to_json
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
-from echo_jax.lm import pretrain
+from echo_jax.lm import cpu, pretrain
 from echo_jax.lm.data import mixtures, pipeline, vocab
-from echo_jax.lm.model import Transformer
+from echo_jax.lm.model import Transformer, config_meta
 
 
 def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
@@ -32,6 +32,7 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
     if global_batch % sharding.batch_divisor(mesh):
         raise ConfigError(f"train.batch_size {global_batch} is not divisible by the "
                           f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
+    cpu.prepare(cfg, mesh)
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
     data = config.data
     train_iter = pipeline.make_train_iterator(
@@ -51,7 +52,7 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
         train_step=pretrain.make_train_step(model, tx),
         train_iter=train_iter,
         evaluate=pretrain.make_eval_fn(model, eval_batches),
-        meta=pretrain.config_meta(cfg),
+        meta=config_meta(cfg),
         tokens_per_step=global_batch * data.seq_len,
     )
 

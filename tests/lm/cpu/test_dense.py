@@ -1,5 +1,5 @@
-"""lm/dense.py's custom VJPs compute the plain expressions' values and gradients, alone and in
-the model, with SwiGLU's elementwise part in XLA or in the C++ kernel (lm/cpu_swiglu.py), and
+"""lm/cpu/dense.py's custom VJPs compute the plain expressions' values and gradients, alone and
+in the model, with SwiGLU's elementwise part in XLA or in the C++ kernel (lm/cpu/swiglu.py), and
 "auto" uses them on one CPU device only."""
 
 import dataclasses
@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_jax.lm import cpu_kernels, dense, pretrain
-from echo_jax.lm.model import ModelConfig
-from tests.lm.model_checks import assert_same_loss_and_grads, lowered_text
+from echo_jax.lm.cpu import build, dense
+from echo_jax.lm.model import ModelConfig, config_meta
+from tests.lm.cpu.model_checks import assert_same_loss_and_grads, lowered_text, with_choices
 
 
 def _normal(rng, *shape):
@@ -44,7 +44,7 @@ def test_project_equals_its_matmuls():
 @pytest.mark.parametrize("rows,hidden,kernel", [(41, 50, False), (41, 50, True), (97, 83, True)])
 def test_swiglu_equals_its_expression(rows, hidden, kernel):
     if kernel:
-        cpu_kernels.require()
+        build.require()
     rng = np.random.default_rng(rows)
     x, w_gate, w_up, w_out = (_normal(rng, rows, 16) * 4, _normal(rng, 16, hidden),
                               _normal(rng, 16, hidden), _normal(rng, hidden, 16))
@@ -61,59 +61,60 @@ def test_swiglu_equals_its_expression(rows, hidden, kernel):
 
 def test_model_with_dense_vjps_equals_autodiff():
     """Loss and every parameter gradient of a rematerialised model, SwiGLU in XLA or the kernel."""
-    cpu_kernels.require()
+    build.require()
     xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
-                          max_len=32, smear_keys=True, remat=True, attention_kernel="xla",
-                          dense_grads="xla", mlp_kernel="xla")
-    for mlp_kernel in ("xla", "cpu"):
+                          max_len=32, smear_keys=True, remat=True,
+                          kernel_overrides=(("attention", "xla"), ("dense_vjps", "xla"),
+                                            ("swiglu", "xla")))
+    for swiglu in ("xla", "cpu"):
         assert_same_loss_and_grads(
-            xla_cfg, dataclasses.replace(xla_cfg, dense_grads="cpu", mlp_kernel=mlp_kernel),
-            seed=3)
+            xla_cfg, with_choices(xla_cfg, dense_vjps="cpu", swiglu=swiglu), seed=3)
 
 
 def _uses(cfg, mesh=None) -> tuple[bool, bool]:
-    """(lm/dense.py's barriers, the SwiGLU kernel) in the model's gradient."""
+    """(lm/cpu/dense.py's barriers, the SwiGLU kernel) in the model's gradient."""
     hlo = lowered_text(cfg, mesh, gradient=True)
     return "optimization_barrier" in hlo, "echo_swiglu_bwd" in hlo
 
 
-def test_auto_uses_dense_vjps_and_the_mlp_kernel_on_one_cpu_device_only():
-    cpu_kernels.require()
+def test_auto_uses_dense_vjps_and_the_swiglu_kernel_on_one_cpu_device_only():
+    build.require()
     cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=16,
-                      attention_kernel="xla")
+                      kernel_overrides=(("attention", "xla"),))
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     four_devices = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
     assert _uses(cfg, one_device) == (True, True)
     assert _uses(cfg, four_devices) == (False, False)
     assert _uses(cfg) == (False, False)  # no mesh: the tests' 8 devices
-    assert _uses(dataclasses.replace(cfg, mlp_kernel="xla"), one_device) == (True, False)
-    assert _uses(dataclasses.replace(cfg, dense_grads="xla"), one_device) == (False, False)
-    assert _uses(dataclasses.replace(cfg, dense_grads="cpu"), four_devices) == (True, False)
-    assert _uses(dataclasses.replace(cfg, dense_grads="cpu", mlp_kernel="cpu"),
-                 four_devices) == (True, True)
+    assert _uses(with_choices(cfg, swiglu="xla"), one_device) == (True, False)
+    assert _uses(with_choices(cfg, dense_vjps="xla"), one_device) == (False, False)
+    assert _uses(dataclasses.replace(cfg, kernels="xla"), one_device) == (False, False)
+    assert _uses(with_choices(cfg, dense_vjps="cpu"), four_devices) == (True, False)
+    assert _uses(with_choices(cfg, dense_vjps="cpu", swiglu="cpu"), four_devices) == (True, True)
 
 
 def test_choices_are_validated_and_not_recorded_in_checkpoints():
     sizes = dict(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8)
-    for name in ("dense_grads", "mlp_kernel"):
-        with pytest.raises(ValueError, match=f"{name} must be 'auto', 'cpu' or 'xla'"):
-            ModelConfig(**sizes, **{name: "fast"})
-    with pytest.raises(ValueError, match="mlp_kernel='cpu' runs inside dense_grads' custom VJPs"):
-        ModelConfig(**sizes, dense_grads="xla", mlp_kernel="cpu")
+    for op in ("dense_vjps", "swiglu"):
+        with pytest.raises(ValueError, match=r"choice one of \('auto', 'cpu', 'xla'\)"):
+            ModelConfig(**sizes, kernel_overrides=((op, "fast"),))
+    with pytest.raises(ValueError, match="kernel_overrides holds"):
+        ModelConfig(**sizes, kernel_overrides=(("mlp", "xla"),))
+    with pytest.raises(ValueError, match="swiglu='cpu' runs inside the dense_vjps custom VJPs"):
+        ModelConfig(**sizes, kernel_overrides=(("dense_vjps", "xla"), ("swiglu", "cpu")))
+    with pytest.raises(ValueError, match="swiglu='cpu' runs inside the dense_vjps custom VJPs"):
+        ModelConfig(**sizes, kernels="xla", kernel_overrides=(("swiglu", "cpu"),))
     cfg = ModelConfig(**sizes)
-    assert pretrain.config_meta(cfg) == pretrain.config_meta(
-        dataclasses.replace(cfg, dense_grads="xla", mlp_kernel="xla"))
+    assert config_meta(cfg) == config_meta(with_choices(cfg, dense_vjps="xla", swiglu="xla"))
 
 
 def test_all_auto_paths_on_one_cpu_device_equal_xla():
     """What a single-device CPU run gets by default (the attention, norm and SwiGLU kernels and
     the dense VJPs together) against XLA everywhere: loss and every gradient."""
-    cpu_kernels.require()
+    build.require()
     xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
-                          max_len=32, smear_keys=True, attention_block=16, attention_kernel="xla",
-                          dense_grads="xla", norm_kernel="xla", mlp_kernel="xla")
-    auto_cfg = dataclasses.replace(xla_cfg, attention_kernel="auto", dense_grads="auto",
-                                   norm_kernel="auto", mlp_kernel="auto")
+                          max_len=32, smear_keys=True, attention_block=16, kernels="xla")
+    auto_cfg = dataclasses.replace(xla_cfg, kernels="auto")
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     hlo = lowered_text(auto_cfg, one_device, gradient=True)
     for target in ("echo_attention_bwd", "echo_rms_norm_bwd", "echo_swiglu_bwd",

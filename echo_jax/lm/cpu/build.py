@@ -1,11 +1,11 @@
-"""The C++ CPU kernels (`kernels/*.cc`: attention, RMSNorm, SwiGLU): built, cached, registered.
+"""The C++ kernels (`kernels/*.cc`: attention, RMSNorm, SwiGLU): built, cached, registered.
 
-The sources are compiled together with the host's C++ compiler on first use (`-O3
--march=native`, ~5 s) into one library in a cache keyed by the sources, the compiler, jaxlib and
-its FFI headers, and what `-march=native` means on this CPU, so a checkout needs no build step.
-`available()` says whether that worked, `require()` raises why not. The kernels run as XLA FFI
-custom calls on XLA:CPU's own thread pool; lm/cpu_attention.py, lm/cpu_norm.py and
-lm/cpu_swiglu.py wrap them.
+The sources are compiled together with the host's C++ compiler (`-O3 -march=native`, ~5 s) into
+one library in a cache keyed by the sources, the compiler, jaxlib and its FFI headers, and what
+`-march=native` means on this CPU, so a checkout needs no build step. `require()` builds (or
+finds) and registers it once per process, or raises why not; `available()` says whether that
+worked. The kernels run as XLA FFI custom calls on XLA:CPU's own thread pool; attention.py,
+rms_norm.py and swiglu.py wrap them.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def _load() -> None:
 
 
 def require() -> None:
-    """Builds and registers the kernels, or raises `KernelUnavailable` saying why."""
+    """Builds and registers the kernels (once per process), or raises `KernelUnavailable` saying
+    why."""
     try:
         _load()
     except KernelUnavailable:
@@ -130,3 +131,8 @@ def available() -> bool:
     except KernelUnavailable as e:
         logging.warning("CPU kernels unavailable, using XLA ops instead: %s", e)
         return False
+
+
+def tried() -> bool:
+    """Whether this process has built or tried to build the kernels (`require`, `available`)."""
+    return _load.cache_info().currsize > 0 or available.cache_info().currsize > 0

@@ -9,10 +9,10 @@
 // itself) and recomputes the probabilities in the backward pass from the saved log-sum-exp, as
 // flash attention does.
 //
-// Semantics (lm/model.py's XLA path): keys are smeared, k_j + gate * (k_{j-1} - k_j) where
-// position j > 0, then queries and keys are rotated (RoPE, rotate-half); query q attends to key j
-// iff seg[q] > 0, seg[j] == seg[q] and pos[j] <= pos[q] (lm/attention.py `attention_mask`). A
-// query that sees no key (padding) gets a zero output and zero gradients. Layout: q, k, v, out
+// Semantics (lm/attention.py `self_attention`): keys are smeared, k_j + gate * (k_{j-1} - k_j)
+// where position j > 0, then queries and keys are rotated (RoPE, rotate-half); query q attends to
+// key j iff seg[q] > 0, seg[j] == seg[q] and pos[j] <= pos[q] (lm/attention.py `attention_mask`).
+// A query that sees no key (padding) gets a zero output and zero gradients. Layout: q, k, v, out
 // and their gradients [B, L, H, K] float32 (the projections' own layout), pos/seg [B, L] int32,
 // lse [B, H, L], RoPE tables [P, K / 2], gate [H]. K (head dim) must be 32, 64 or 128.
 
@@ -211,7 +211,8 @@ inline void rotate(const float* in, const Rope& rope, int32_t p, float sign, flo
   }
 }
 
-// Whether key j is mixed with key j - 1 (lm/model.py `_smear`: not at an example's first token).
+// Whether key j is mixed with key j - 1 (lm/attention.py `smear_keys`: not at an example's
+// first token).
 inline bool smeared(const Scratch& s, int64_t j) { return j > 0 && s.pos[j] > 0; }
 
 // qr, kr and kt from the raw rows: k_j + gate * (k_{j-1} - k_j), then RoPE on queries and keys.

@@ -1,11 +1,11 @@
-"""The fused CPU attention kernel (`kernels/cpu_attention.cc`) as a JAX function.
+"""The fused CPU attention kernel (`kernels/attention.cc`) as a JAX function.
 
 XLA:CPU runs training attention as separate ops that stream [Q, S] tensors through memory, at a
 fraction of its matmul rate for head dims of 32 (benchmarks/RESULTS.md). The kernel is an XLA
 FFI custom call: one task per (row, head) on XLA's own thread pool, only the keys each query
 can see (its own packed example, up to itself), the probabilities recomputed in the backward
-pass from the saved log-sum-exp as flash attention does. lm/cpu_kernels.py builds and registers
-it. Shape legend: B batch, L length, H heads, K head dim.
+pass from the saved log-sum-exp as flash attention does. build.py builds and registers it.
+Shape legend: B batch, L length, H heads, K head dim.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ def supports(q_BxLxHxK: jax.Array) -> bool:
 def attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
               positions_BxL: jax.Array, segment_ids_BxL: jax.Array, rope_cos_PxK2: jax.Array,
               rope_sin_PxK2: jax.Array, smear_gate_H: jax.Array) -> jax.Array:
-    """Causal softmax attention of a packed sequence over itself from the raw projections: keys
-    smeared by `smear_gate_H` (zeros: none), queries and keys rotated by RoPE (tables indexed by
-    position, as `model.rope_tables`), then `attention_mask`'s semantics (lm/attention.py); a
-    query that sees no key (padding) outputs zeros. Positions must index the tables. Reverse-mode
-    differentiable (not in the tables). Call `cpu_kernels.require()` first."""
+    """lm/attention.py's `self_attention` from the raw projections: keys smeared by
+    `smear_gate_H` (zeros: none), queries and keys rotated by RoPE (tables indexed by position,
+    as `attention.rope_tables`), then `attention_mask`'s semantics; a query that sees no key
+    (padding) outputs zeros. Positions must index the tables. Reverse-mode differentiable (not in
+    the tables). Call `build.require()` first."""
     return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL.astype(jnp.int32),
                       segment_ids_BxL.astype(jnp.int32), rope_cos_PxK2, rope_sin_PxK2,
                       smear_gate_H.astype(jnp.float32))

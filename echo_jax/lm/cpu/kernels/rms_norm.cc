@@ -5,10 +5,11 @@
 // pass is one op, rows split into fixed chunks on XLA's own thread pool: a tiny train step
 // ~105 -> ~100 ms (benchmarks/RESULTS.md).
 //
-// Semantics (lm/model.py `Norm`, kind "rms"): y = x * rsqrt(mean(x^2) + eps) * scale over the
-// last dimension. Layout: x, y, dy, dx [N, D] float32 (any leading dims flattened), scale and
-// dscale [D], rstd [N] (the saved rsqrt). D must be a multiple of 16. The scale gradient sums
-// per-chunk partials in chunk order, so it does not depend on how threads took the chunks.
+// Semantics (lm/cpu/ops.py `rms_norm` with a scale): y = x * rsqrt(mean(x^2) + eps) * scale over
+// the last dimension, eps the forward call's attribute (ops.NORM_EPS, the one definition).
+// Layout: x, y, dy, dx [N, D] float32 (any leading dims flattened), scale and dscale [D], rstd [N]
+// (the saved rsqrt). D must be a multiple of 16. The scale gradient sums per-chunk partials in
+// chunk order, so it does not depend on how threads took the chunks.
 
 #include <cmath>
 #include <cstdint>
@@ -28,7 +29,6 @@ using echo_kernels::splat;
 using echo_kernels::store;
 using echo_kernels::vf;
 
-constexpr float kEps = 1e-6f;
 constexpr int64_t kChunkRows = 64;
 
 ffi::Error check(const ffi::Buffer<ffi::F32>& x, int64_t D) {
@@ -41,7 +41,7 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& x, int64_t D) {
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> rstd) {
+                   float eps, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> rstd) {
   const int64_t D = scale.element_count();
   if (auto e = check(x, D); e.failure()) return e;
   const int64_t N = x.element_count() / D;
@@ -53,7 +53,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       const float* row = xs + n * D;
       vf sq = {};
       for (int64_t c = 0; c < D; c += kLanes) { vf v = load(row + c); sq += v * v; }
-      const float r = 1.0f / std::sqrt(hsum(sq) / D + kEps);
+      const float r = 1.0f / std::sqrt(hsum(sq) / D + eps);
       rs[n] = r;
       for (int64_t c = 0; c < D; c += kLanes)
         store(ys + n * D + c, load(row + c) * r * load(s + c));
@@ -106,6 +106,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoRmsNormForward, Forward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x
                                   .Arg<ffi::Buffer<ffi::F32>>()    // scale
+                                  .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>()    // y
                                   .Ret<ffi::Buffer<ffi::F32>>());  // rstd
 

@@ -1,4 +1,4 @@
-"""Checks shared by the tests of the model's alternative paths (C++ kernels, custom VJPs)."""
+"""Checks shared by the tests of the model's CPU paths (C++ kernels, custom VJPs)."""
 
 import dataclasses
 
@@ -10,7 +10,12 @@ from flax import linen as nn
 from echo_jax.lm.model import ModelConfig, Transformer
 from tests.lm.packing import ragged_packed
 
-_ALL_XLA = dict(attention_kernel="xla", dense_grads="xla", norm_kernel="xla", mlp_kernel="xla")
+
+
+def with_choices(cfg: ModelConfig, **choices: str) -> ModelConfig:
+    """`cfg` with `kernel_overrides` also setting these ops (lm/cpu/ops.py), e.g. attention="cpu"."""
+    return dataclasses.replace(
+        cfg, kernel_overrides=tuple({**dict(cfg.kernel_overrides), **choices}.items()))
 
 
 def assert_same_loss_and_grads(reference: ModelConfig, other: ModelConfig, seed: int,
@@ -45,7 +50,7 @@ def assert_same_loss_and_grads(reference: ModelConfig, other: ModelConfig, seed:
 def lowered_text(cfg: ModelConfig, mesh=None, gradient: bool = False) -> str:
     """The model's forward pass (or its gradient) lowered under `mesh` (None: no mesh), as text."""
     tokens = jnp.zeros((1, 16), jnp.int32)
-    params = Transformer(dataclasses.replace(cfg, **_ALL_XLA)).init(
+    params = Transformer(dataclasses.replace(cfg, kernels="xla", kernel_overrides=())).init(
         jax.random.key(0), tokens, tokens, tokens + 1)
 
     def forward(p):

@@ -7,9 +7,8 @@ minor dimension; this one it ran through Eigen, ~30 % slower and in a lump no ot
 explicitly, behind `optimization_barrier` so that XLA cannot fold the transpose back into the
 dot, and every weight gradient is a row-major matmul. The SwiGLU MLP saves its gate and up
 pre-activations and its output h, and its backward recomputes the gate's sigmoid (optionally in
-lm/cpu_swiglu.py's C++ kernel) rather than saving it. The values and gradients are those of the
-plain expressions (up to float rounding); the model uses them on one CPU device
-(`model.dense_grads`).
+swiglu.py's C++ kernel) rather than saving it. The values and gradients are those of the plain
+expressions (up to float rounding); ops.py uses them on one CPU device (op "dense_vjps").
 
 Reverse mode only (`jax.custom_vjp`): no `jax.jvp` through them.
 """
@@ -21,7 +20,7 @@ import functools
 import jax
 from jax import lax
 
-from echo_jax.lm import cpu_swiglu
+from echo_jax.lm.cpu import swiglu as cpu_swiglu
 
 
 def _transposed(x_NxD: jax.Array) -> jax.Array:
@@ -53,7 +52,7 @@ project.defvjp(_project_fwd, _project_bwd)
 def swiglu(x_NxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
            w_out_FxD: jax.Array, kernel: bool = False) -> jax.Array:
     """`(silu(x @ w_gate) * (x @ w_up)) @ w_out`; `kernel`: the elementwise part through
-    lm/cpu_swiglu.py's C++ kernel (float32, CPU, after `cpu_kernels.require()`)."""
+    swiglu.py's C++ kernel (float32, CPU, after `build.require()`)."""
     return _swiglu_fwd(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, kernel)[0]
 
 
