@@ -13,18 +13,12 @@ import numpy as np
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from echo_jax.core.files import read_jsonl
+
 
 def _scalar(value: Any) -> float | int:
     value = np.asarray(value).item()
     return value if isinstance(value, int) else float(value)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a metrics.jsonl file ([] when it does not exist)."""
-    path = epath.Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class MetricWriter:

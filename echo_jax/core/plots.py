@@ -10,7 +10,7 @@ from etils import epath
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from echo_jax.core.metrics import read_jsonl  # noqa: E402
+from echo_jax.core.files import read_jsonl  # noqa: E402
 
 
 def plot_curves(workdir: str, prefixes: Sequence[str], filename: str, title: str,

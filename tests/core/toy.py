@@ -10,7 +10,7 @@ import optax
 from flax import linen as nn
 
 from echo_jax.core.train_loop import TrainTask
-from echo_jax.lm.pretrain import TrainState
+from echo_jax.core.train_state import TrainState
 
 
 class _Source:
