@@ -107,7 +107,7 @@ def _study_scale(c: ml_collections.ConfigDict) -> None:
     r.prompts_per_step, r.samples_per_prompt = 64, 8
     r.temperature, r.max_new_tokens, r.max_prompt_len = 0.7, 1024, 1024
     r.train_batch_size, r.micro_batch_size = 64, 8  # 8 optimizer steps per rollout
-    r.sampler_batch_size = 128
+    r.sampler_batch_size = 64  # rows sampled at once: bounds the KV cache per device
     r.lr, r.critic_lr = 1e-6, 7e-6
     r.warmup_ratio, r.min_lr_ratio = 0.03, 0.1
     c.data.prompts = "gsm8k"

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import Transformer
@@ -266,12 +267,23 @@ def finish_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _split_micro(batch: Any, micro_batch_size: int) -> Any:
+    """[B, ...] -> [B / m, m, ...] with strided micro-batches (row r in micro-batch r mod B / m).
+    Every loss here is a sum over rows, so the grouping changes nothing but the summation order;
+    striding keeps each micro-batch spread over the batch-sharded devices (a contiguous split would
+    put a micro-batch on one device, and the SPMD partitioner then computes it everywhere)."""
     def split(x):
         if x.shape[0] % micro_batch_size:
             raise ValueError(f"batch of {x.shape[0]} rows is not divisible into micro-batches "
                              f"of {micro_batch_size}")
-        return x.reshape(x.shape[0] // micro_batch_size, micro_batch_size, *x.shape[1:])
+        x = x.reshape(micro_batch_size, x.shape[0] // micro_batch_size, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
     return jax.tree.map(split, batch)
+
+
+def _join_micro(x: jax.Array) -> jax.Array:
+    """The inverse of `_split_micro` for one array: [B / m, m, ...] -> [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any,
@@ -297,7 +309,7 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any,
 def map_micro_batches(fn: Callable, batch: Any, micro_batch_size: int) -> Any:
     """`fn` applied to micro-batches of `batch` in sequence (bounded memory), outputs re-joined."""
     out = jax.lax.map(fn, _split_micro(batch, micro_batch_size))
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+    return jax.tree.map(_join_micro, out)
 
 
 @dataclasses.dataclass(frozen=True)
