@@ -2,8 +2,9 @@
 
 - plain: one jitted prefill + a `lax.scan` of greedy KV-cache decode steps over the same model
   (no stop logic, no logprobs): the simplest correct KV-cache sampler;
-- naive: `recompute_greedy`, a full forward pass over the (P + N) buffer for every new token; at
-  large sizes it runs `--naive-steps` steps and is extrapolated (its cost per step is constant);
+- naive: `reference_sampler.recompute_greedy`, a full forward pass over the (P + N) buffer for
+  every new token; at large sizes it runs `--naive-steps` steps and is extrapolated (its cost per
+  step is constant);
 - tunix: google-tunix's `Sampler` on its Llama-3 model of the same shape (random weights, tied
   embeddings, as many KV heads as heads); skipped when tunix does not import.
 
@@ -34,6 +35,7 @@ from flax import linen as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.flops import matmul_peak_gflops  # noqa: E402
+from benchmarks.reference_sampler import recompute_greedy  # noqa: E402
 from echo_jax.lm import sampler as sampler_lib  # noqa: E402
 from echo_jax.lm.model import ModelConfig, Transformer, init_cache, param_count  # noqa: E402
 
@@ -149,7 +151,7 @@ def bench_size(params, batch: int, new: int, repeats: int, naive_steps: int) -> 
     prefill = jax.jit(lambda p, x, n: ours.prefill(p, x, n, key, greedy).tokens_BxN)
     plain = make_plain(model, new)
     steps = new if batch * new <= 16 * 64 else min(new, naive_steps)
-    naive = jax.jit(lambda p, x, n: sampler_lib.recompute_greedy(model, p, x, n, new, steps))
+    naive = jax.jit(lambda p, x, n: recompute_greedy(model, p, x, n, new, steps))
     fns = {"ours": lambda: ours(params, prompts_BxP, lengths_B, key, greedy).tokens_BxN,
            "ours_prefill": lambda: prefill(params, prompts_BxP, lengths_B),
            "plain": lambda: plain(params, prompts_BxP, lengths_B),

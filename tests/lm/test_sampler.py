@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from benchmarks import reference_sampler
 from echo_jax.core import sharding
 from echo_jax.lm import sampler as sampler_lib
 from echo_jax.lm.model import ModelConfig, Transformer
@@ -33,8 +34,8 @@ def setup():
     return params["params"], jnp.asarray(prompts_BxP), jnp.asarray(lengths_B)
 
 
-_score_jit = jax.jit(sampler_lib.score, static_argnums=0)
-_recompute_jit = jax.jit(sampler_lib.recompute_greedy, static_argnums=(0, 4))
+_score_jit = jax.jit(reference_sampler.score, static_argnums=0)
+_recompute_jit = jax.jit(reference_sampler.recompute_greedy, static_argnums=(0, 4))
 
 
 def _score(params, prompts, lengths, out, temperature=1.0):
