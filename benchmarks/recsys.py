@@ -30,12 +30,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from echo_jax.core import sharding
+from echo_jax.core import files, sharding
 from echo_jax.core.config import load_config
-from echo_jax.core.metrics import read_jsonl
 from echo_jax.core.train_loop import LoopConfig, train
-from echo_jax.recsys import data, metrics
-from echo_jax.recsys.jobs import build_task, prepare
+from echo_jax.recsys import metrics
+from echo_jax.recsys.jobs.train import build_task, prepare
 from echo_jax.recsys.text_encoder import embed_texts
 from echo_jax.recsys.train import Scorer
 
@@ -64,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prep = prepare(config, os.path.join(tmp, "cache"))  # encodes every text once
         texts, num_items, eval_arrays = prep.texts, len(prep.rows.items), prep.eval_arrays
-        model_dir = data.data_root() / "minilm"
+        model_dir = files.data_dir() / "minilm"
         encode_s = _best_of(lambda: embed_texts(texts, model_dir))
         mesh = sharding.make_mesh(config.mesh.to_dict())
         task, _ = build_task(config, mesh, prep)
@@ -75,8 +74,8 @@ def main() -> None:
         batch_encode_s = _best_of(lambda: embed_texts(batch_texts, model_dir))
         state = train(task, LoopConfig.from_config(config.train), mesh, config.sharding.rules,
                       os.path.join(tmp, "run"), config.seed, label="bench")
-        rates = [r["perf/steps_per_s"] for r in read_jsonl(os.path.join(tmp, "run",
-                                                                        "metrics.jsonl"))]
+        rows = files.read_jsonl(os.path.join(tmp, "run", "metrics.jsonl"))
+        rates = [r["perf/steps_per_s"] for r in rows]
         steps_per_s = float(np.median(rates[1:]))  # the first interval includes compilation
 
         scorer = Scorer(prep.model, prep.table)

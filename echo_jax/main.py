@@ -26,12 +26,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it 
 # config.kind -> (module, function); imported lazily so one track's imports stay out of the other
 _RUNNERS = {
     "lm_pretrain": ("echo_jax.lm.jobs.pretrain", "run_pretrain"),
-    "lm_eval": ("echo_jax.lm.eval", "run_eval"),
+    "lm_eval": ("echo_jax.lm.jobs.eval", "run_eval"),
     "lm_rl": ("echo_jax.lm.jobs.rl", "run_rl"),
-    "echo_chamber": ("echo_jax.lm.jobs.pretrain", "run_echo_chamber"),
-    "recsys_train": ("echo_jax.recsys.jobs", "run_train"),
-    "source_bias_phases": ("echo_jax.recsys.phases", "run_phases"),
-    "source_bias_study": ("echo_jax.recsys.study", "run_study"),
+    "echo_chamber": ("echo_jax.lm.jobs.echo_chamber", "run_echo_chamber"),
+    "recsys_train": ("echo_jax.recsys.jobs.train", "run_train"),
+    "source_bias_phases": ("echo_jax.recsys.jobs.phases", "run_phases"),
+    "source_bias_study": ("echo_jax.recsys.jobs.study", "run_study"),
 }
 
 

@@ -22,9 +22,9 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture
 def shared_data() -> pathlib.Path:
     """$ECHO_JAX_DATA (or ../shared/data); a test that needs it is skipped where it is absent."""
-    from echo_jax.lm.data import real
+    from echo_jax.core.files import data_dir
 
     try:
-        return real.data_dir()
+        return data_dir()
     except FileNotFoundError:
         pytest.skip("shared data not found; set ECHO_JAX_DATA")

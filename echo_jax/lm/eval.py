@@ -1,39 +1,22 @@
-"""Evaluating a checkpoint on a math dataset the way study A does (STUDIES.md A, "Evaluation").
+"""The evaluation metrics of study A (STUDIES.md A, "Evaluation"), from graded completions; the
+job that samples and grades them is `echo_jax.lm.jobs.eval`.
 
-Prompts are `question + "\\n\\n"` (the pretraining format, no chat template); generation stops at
-EOS or after `sampling.max_new_tokens`. Each prompt gets one greedy completion and n sampled ones.
-
-Files written to the workdir:
-- `samples.jsonl`: one line per prompt: id, question, answer, level (synthetic), `greedy` and
-  `samples` (each completion: text, pred, style, correct, length, stopped). Prompts are appended a
-  chunk at a time; a rerun skips those already there (resume after a cut-off run).
-- `eval_meta.json`: what the samples were drawn with; a rerun with another setup is refused.
-- `eval.json`: the keys in `METRIC_KEYS`: greedy pass@1; unbiased pass@k and maj@k for
-  k = 1, 2, 4, ..., n (maj@k votes on the extracted answer strings of the first k samples);
-  per-style count, share and accuracy (greedy and sampled); mean completion length in tokens (EOS
-  excluded); the share of completions cut off by the token budget; and for `synthetic` the same
-  metrics per difficulty level under `by_level`.
+`summarize` gives the keys of `eval.json` in `METRIC_KEYS` that depend on the records only:
+greedy pass@1; unbiased pass@k and maj@k for k = 1, 2, 4, ..., n (maj@k votes on the extracted
+answer strings of the first k samples); per-style count, share and accuracy (greedy and
+sampled); mean completion length in tokens (EOS excluded); the share of completions cut off by
+the token budget.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import math
-import os
-import sys
 from typing import Any, Sequence
 
-import jax
-import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from echo_jax.core import sharding
-from echo_jax.core.config import ConfigError, save_config
-from echo_jax.lm import grading, restore
-from echo_jax.lm import sampler as sampler_lib
-from echo_jax.lm.data import generators, real, vocab
+from echo_jax.lm import grading
 
 METRIC_KEYS = ("dataset", "checkpoint", "step", "num_prompts", "num_samples", "sampling",
                "greedy_pass@1", "pass@k", "maj@k", "styles", "mean_length", "truncated")
@@ -94,181 +77,3 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "truncated": {"greedy": mean([not g["stopped"] for g in greedy]),
                       "sampled": mean([not c["stopped"] for c in sampled])},
     }
-
-
-def load_examples(config: ml_collections.ConfigDict) -> list[dict]:
-    """The prompts of `config.dataset`: dicts with id, question, answer (str) and maybe level."""
-    name = config.dataset
-    if name == "synthetic":
-        examples = [{"id": f"L{level}-{item['uid']}", "question": item["question"],
-                     "answer": str(item["answer"]), "level": level}
-                    for level in config.synthetic.levels
-                    for item in generators.ProblemSource("test", config.seed, (level,),
-                                                         config.synthetic.per_level)]
-    elif name == "gsm8k":
-        examples = real.load_gsm8k("test")
-    elif name == "math500":
-        examples = real.load_math500()
-    elif name in real.AIME_SETS:
-        examples = real.load_aime(name)
-    else:
-        raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(grading.DATASETS)}")
-    examples = [{k: e[k] for k in ("id", "question", "answer", "level") if k in e}
-                for e in examples]
-    return examples[:config.num_examples] if config.num_examples else examples
-
-
-def _read_records(path: str) -> list[dict]:
-    """Complete lines of samples.jsonl; a line cut off by a kill is dropped from the file.
-
-    A last line without its newline counts as cut off even when it parses, so the next append
-    cannot run two records together on one line.
-    """
-    if not os.path.exists(path):
-        return []
-    records, good = [], 0
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good += len(line.encode())
-    if good != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return records
-
-
-def eval_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What an eval's results depend on (`eval_meta.json`): `run_eval` refuses to resume a
-    workdir written with other values."""
-    meta = {"dataset": config.dataset, "checkpoint": str(restore.checkpoint_dir(config.checkpoint)),
-            "step": config.checkpoint_step or restore.latest_step(config.checkpoint),
-            "vocab": restore.vocab_name(config.checkpoint), "seed": config.seed,
-            "sampling": config.sampling.to_dict(), "chunk_prompts": config.chunk_prompts,
-            "synthetic": config.synthetic.to_dict() if config.dataset == "synthetic" else None}
-    return json.loads(json.dumps(meta))  # tuples as lists, as they come back from the file
-
-
-def reuse_or_move_aside(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    """True if `workdir` holds a finished eval that `config` would produce now.
-
-    Otherwise an eval there (finished or not) of other settings or of an older checkpoint step,
-    as after RL was extended, is renamed to `<workdir>.old<N>`, so the next `run_eval` starts
-    afresh and nothing is lost. Single-host, like the echo_chamber pipeline that calls it.
-    """
-    path = os.path.join(workdir, "eval_meta.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        if json.load(f) == eval_meta(config):
-            return os.path.exists(os.path.join(workdir, "eval.json"))
-    n = 1
-    while os.path.exists(f"{workdir}.old{n}"):
-        n += 1
-    os.replace(workdir, f"{workdir}.old{n}")
-    print(f"[eval] {workdir} held an eval of other settings or another checkpoint step; moved "
-          f"to {workdir}.old{n}", file=sys.stderr)
-    return False
-
-
-def _check_meta(workdir: str, meta: dict) -> None:
-    path = os.path.join(workdir, "eval_meta.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        for key in sorted(set(saved) | set(meta)):
-            if saved.get(key) != meta.get(key):
-                raise ConfigError(
-                    f"{workdir} holds an eval with {key}={saved.get(key)!r}, this run has "
-                    f"{meta.get(key)!r}; use a fresh --workdir")
-    with open(path, "w") as f:
-        json.dump(meta, f, indent=2)
-
-
-def _generate(sampler, params, prompts: list[list[int]], width: int, batch_size: int,
-              sampling: sampler_lib.SamplingParams, rng: jax.Array) -> list[tuple[list[int], bool]]:
-    """(tokens without the EOS, stopped) per prompt, in fixed-shape batches (one compile)."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        prompts_BxP, lengths_B = sampler_lib.pad_prompts(batch, width, batch_size)
-        res = jax.device_get(sampler(params, prompts_BxP, lengths_B,
-                                     jax.random.fold_in(rng, start), sampling))
-        for i in range(len(batch)):
-            stopped = bool(res.stopped_B[i])
-            out.append((res.tokens_BxN[i, :res.lengths_B[i] - stopped].tolist(), stopped))
-    return out
-
-
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    if not config.checkpoint:
-        raise ConfigError("config.checkpoint is required: a pretraining workdir")
-    examples = load_examples(config)  # before the model: a missing data file fails fast
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    if config.batch_size % sharding.batch_divisor(mesh):
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the "
-                          f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
-    meta = eval_meta(config)
-    step, vocab_name, sp = meta["step"], meta["vocab"], config.sampling
-    os.makedirs(workdir, exist_ok=True)
-    _check_meta(workdir, meta)
-    save_config(config, workdir)
-
-    cfg, params = restore.load_params(config.checkpoint, step, mesh)
-    vocabulary = vocab.get_vocabulary(vocab_name)
-    sampler = sampler_lib.Sampler(cfg, eos_id=vocabulary.eos_id, pad_id=vocabulary.pad_id,
-                                  mesh=mesh, rules=config.sharding.rules)
-    max_new = sp.max_new_tokens or cfg.max_len
-    greedy = sampler_lib.SamplingParams(max_new)
-    sampled = sampler_lib.SamplingParams(max_new, sp.temperature, sp.top_k, sp.top_p)
-    prompts = {e["id"]: list(vocabulary.encode(e["question"] + "\n\n")) for e in examples}
-    width = -(-max(len(p) for p in prompts.values()) // 64) * 64
-    key = jax.random.key(config.seed)
-
-    path = os.path.join(workdir, "samples.jsonl")
-    done = {r["id"] for r in _read_records(path)}
-    todo = [(i, e) for i, e in enumerate(examples) if e["id"] not in done]
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="prompt",
-               desc=f"eval {config.dataset}", file=sys.stderr)
-    for start in range(0, len(todo), config.chunk_prompts):
-        chunk = todo[start:start + config.chunk_prompts]
-        rng = jax.random.fold_in(key, chunk[0][0])
-        ids = [prompts[e["id"]] for _, e in chunk]
-        outputs = _generate(sampler, params, ids, width, config.batch_size, greedy, rng)
-        if sp.num_samples:
-            repeated = [p for p in ids for _ in range(sp.num_samples)]
-            outputs += _generate(sampler, params, repeated, width, config.batch_size, sampled, rng)
-        texts = [vocabulary.decode(tokens) for tokens, _ in outputs]
-        refs = [e["answer"] for _, e in chunk]
-        refs += [r for r in refs for _ in range(sp.num_samples)]
-        graded = grading.grade_batch(texts, refs, dataset=config.dataset,
-                                     timeout_s=config.grading_timeout_s)
-        completions = [{"text": t, "pred": g.answer, "style": g.style, "correct": g.correct,
-                        "length": len(tokens), "stopped": stopped}
-                       for t, g, (tokens, stopped) in zip(texts, graded, outputs)]
-        with open(path, "a") as f:
-            for j, (_, e) in enumerate(chunk):
-                first = len(chunk) + j * sp.num_samples
-                record = {**e, "greedy": completions[j],
-                          "samples": completions[first:first + sp.num_samples]}
-                f.write(json.dumps(record) + "\n")
-        bar.update(len(chunk))
-    bar.close()
-
-    wanted = {e["id"] for e in examples}
-    records = [r for r in _read_records(path) if r["id"] in wanted]
-    metrics = {"dataset": config.dataset, "checkpoint": meta["checkpoint"], "step": step,
-               "sampling": {**sp.to_dict(), "max_new_tokens": max_new}, **summarize(records)}
-    if config.dataset == "synthetic":
-        metrics["by_level"] = {str(level): summarize([r for r in records if r["level"] == level])
-                               for level in config.synthetic.levels}
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(f"[eval] {config.dataset} step {step}: greedy pass@1 {metrics['greedy_pass@1']:.3f}, "
-          + ", ".join(f"pass@{k} {v:.3f}" for k, v in metrics["pass@k"].items()),
-          file=sys.stderr)
-    return metrics

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
+from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import ModelConfig, Transformer
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -44,7 +37,7 @@ def make_init_state(model: Transformer, tx: optax.GradientTransformation, seq_le
     def init_state(rng: jax.Array) -> TrainState:
         dummy = jnp.zeros((1, seq_len), jnp.int32)
         params = model.init(rng, dummy, dummy, dummy + 1)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState.create(params, tx)
     return init_state
 
 
@@ -71,10 +64,8 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation):
     def train_step(state: TrainState, batch, rng: jax.Array) -> tuple[TrainState, dict]:
         del rng  # Pretraining is deterministic given the batch (no dropout).
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.apply_gradients(grads, tx), metrics
 
     return train_step
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from echo_jax.core.metrics import read_jsonl
+from echo_jax.core.files import read_jsonl
 from echo_jax.core.plots import plt, save_figure
 from echo_jax.lm.grading import STYLE_LABELS
 

@@ -17,9 +17,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from echo_jax.core.files import DATA_ENV, data_dir
+
 log = logging.getLogger(__name__)
 
-DATA_ENV = "ECHO_JAX_DATA"
 HGC = "hgc"
 MISTRAL = "Mistral-7B-Instruct-v0.2"
 LLM_SOURCES = (MISTRAL, "gemini-pro", "gpt-3.5-turbo-0613", "llama")
@@ -32,21 +33,6 @@ BEAUTY_SPLITS = {
     "dev": "dev/behaviors.tsv",
 }
 NEWS_COLUMNS = 5  # id, category, subcategory, title, abstract
-
-
-def data_root(path: str | os.PathLike | None = None) -> Path:
-    """The shared data directory: ``path``, else ``$ECHO_JAX_DATA``, else ``../shared/data``."""
-    if path is not None:
-        root = Path(path)
-    elif os.environ.get(DATA_ENV):
-        root = Path(os.environ[DATA_ENV])
-    else:
-        root = Path("..") / "shared" / "data"
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"data directory {str(root)!r} not found; set {DATA_ENV} to the shared data directory"
-        )
-    return root
 
 
 class ItemRef(NamedTuple):
@@ -244,14 +230,15 @@ def build_beauty637(
 ) -> RecDataset:
     """Full Beauty logs restricted to the items that have both HGC and Mistral text.
 
-    ``root`` is the ``rec_source_bias`` directory (default: under :func:`data_root`). Impressions
+    ``root`` is the ``rec_source_bias`` directory (default: under the shared data folder,
+    ``echo_jax.core.files.data_dir``). Impressions
     whose positive lacks either text are dropped, history items without both texts are removed
     (rows left with no history are dropped) and the negatives are resampled from the pool,
     excluding the positive and the history. The loop halves `train1`/`train2` lose the rows that
     repeat a dev click. The candidate order is shuffled. Deterministic per
     ``seed``; each split draws from its own generator.
     """
-    root = Path(root) if root is not None else data_root() / "rec_source_bias"
+    root = Path(root) if root is not None else data_dir() / "rec_source_bias"
     if not root.is_dir():
         raise FileNotFoundError(f"{root} not found; set {DATA_ENV} to the shared data directory")
     sources = tuple(dict.fromkeys((HGC, MISTRAL, *sources)))

@@ -8,6 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The logit of a masked-out candidate, the recommender's one masking value: finite, so a row's
+# log-softmax and its gradient stay finite, and so far below any real score that its
+# probability underflows to exactly 0 in float32.
 NEG_INF = -1e9
 
 

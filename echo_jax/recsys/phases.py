@@ -1,27 +1,19 @@
-"""Phases 1 and 2 of the source-bias study, as one resumable job (`source_bias_phases`).
+"""Phases 1 and 2 of the source-bias study: their sub-runs, tables and figure (the job that runs
+them is `echo_jax.recsys.jobs.phases`).
 
 Phase 1 (HGC dominant): train on human-text histories for every user encoder and rank paired
 lists (each candidate in both sources). Phase 2 (coexisting): swap a share rho of history slots
-to their AIGC text (train and dev histories alike) and retrain one encoder per rho. Each
-(encoder, rho, seed) trains through the shared loop in `WORKDIR/runs/<name>` and leaves a
-`result.json`; finished runs are skipped, interrupted ones resume from their checkpoints.
-Writes `source_bias.md`, `results.json` and `plots/phase2.png` into the workdir.
+to their AIGC text (train and dev histories alike) and retrain one encoder per rho.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-import jax
-import matplotlib
 import ml_collections
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from echo_jax.recsys.jobs import train_and_evaluate  # noqa: E402
+from echo_jax.core.plots import plt
 
 TABLE_KS = (1, 3, 5)
 
@@ -30,51 +22,11 @@ def run_name(encoder: str, rho: float, seed: int) -> str:
     return f"{encoder}-rho{rho:.2f}-seed{seed}"
 
 
-def sub_config(config: ml_collections.ConfigDict, encoder: str, rho: float,
-               seed: int) -> ml_collections.ConfigDict:
-    """The `recsys_train` config of one sub-run."""
-    sub = ml_collections.ConfigDict(config.to_dict())
-    del sub["phases"]
-    sub.kind = "recsys_train"
-    sub.seed = seed
-    sub.model.user_encoder = encoder
-    sub.data.aigc_share = float(rho)
-    return sub
-
-
 def plan(phases: ml_collections.ConfigDict) -> list[tuple[str, float, int]]:
     """Phase 1: every encoder at rho 0; phase 2: `rho_encoder` at every rho (rho 0 shared)."""
     runs = [(e, 0.0, s) for s in phases.seeds for e in phases.encoders]
     runs += [(phases.rho_encoder, float(r), s) for s in phases.seeds for r in phases.rhos]
     return list(dict.fromkeys(runs))
-
-
-def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or skips) every sub-run, then writes the tables and the phase-2 figure."""
-    cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
-    results = {}
-    for encoder, rho, seed in plan(config.phases):
-        name = run_name(encoder, rho, seed)
-        sub_dir = os.path.join(workdir, "runs", name)
-        path = os.path.join(sub_dir, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[name] = json.load(f)
-            continue
-        result = train_and_evaluate(sub_config(config, encoder, rho, seed), sub_dir, cache_dir,
-                                    evaluate_in_loop=False, label=name)
-        if jax.process_index() == 0:
-            with open(path, "w") as f:
-                json.dump(result, f, indent=1, sort_keys=True)
-        results[name] = result
-    summary = summarise(config.phases, results)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1, sort_keys=True)
-        with open(os.path.join(workdir, "source_bias.md"), "w") as f:
-            f.write(markdown(summary))
-        plot_phase2(summary, os.path.join(workdir, "plots", "phase2.png"))
-    return summary
 
 
 def _mean_std(rows: list[dict]) -> dict[str, list[float]]:

@@ -1,4 +1,4 @@
-"""Train state, the pure train step and the host-driven evaluation of the recommender.
+"""The recommender's pure train step and its host-driven evaluation.
 
 The item feature table (frozen text vectors, or token ids for the small tower) is a constant of
 the step: batches carry row indices into it, so a frozen tower's vectors are never recomputed.
@@ -14,20 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
+from echo_jax.core.train_state import TrainState
 from echo_jax.recsys import debias as debiasing, losses, metrics
 from echo_jax.recsys.model import Recommender
 from echo_jax.recsys.pipeline import TRAIN_KEYS
 
 LOSSES = ("impression", "in_batch")
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
 
 
 def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
@@ -43,7 +36,7 @@ def make_init_state(model: Recommender, tx: optax.GradientTransformation,
 
     def init_state(rng: jax.Array) -> TrainState:
         params = model.init(rng, hist, jnp.ones((1, history_len), bool), cand)["params"]
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        return TrainState.create(params, tx)
 
     return init_state
 
@@ -122,10 +115,8 @@ def make_train_step(model: Recommender, tx: optax.GradientTransformation, table_
         rng = jax.random.fold_in(rng, state.step)
         batch = {k: batch[k] for k in TRAIN_KEYS}
         grads, step_metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         step_metrics["grad_norm"] = optax.tree.norm(grads)
-        return TrainState(state.step + 1, params, opt_state), step_metrics
+        return state.apply_gradients(grads, tx), step_metrics
 
     return train_step
 

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from echo_jax.core import files
 from echo_jax.lm.data import download, generators, mixtures, real, templates
 
 N_PROBLEMS = 2400  # 400 per level, enough to hit every template at every level
@@ -189,15 +190,15 @@ def test_real_loaders_parse_the_shared_data(shared_data):
 
 
 def test_real_loader_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv(real.ENV_VAR, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(files.DATA_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError) as err:
-        real.data_dir()
-    assert real.ENV_VAR in str(err.value) and "nowhere" in str(err.value)
-    monkeypatch.setenv(real.ENV_VAR, str(tmp_path))
+        files.data_dir()
+    assert files.DATA_ENV in str(err.value) and "nowhere" in str(err.value)
+    monkeypatch.setenv(files.DATA_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError) as err:
         real.load_math500()
     assert str(tmp_path / "math500" / "test.jsonl") in str(err.value)
-    assert real.ENV_VAR in str(err.value)
+    assert files.DATA_ENV in str(err.value)
     (tmp_path / "gsm8k").mkdir()
     good = json.dumps({"question": "q?", "answer": "1 + 1 = 2\n#### 1,234"})
     (tmp_path / "gsm8k" / "test.jsonl").write_text(f"{good}\n\n{good}\n{{oops\n")

@@ -19,7 +19,7 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config, save_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.lm import grading
-from echo_jax.lm.jobs import pretrain as jobs, rl as rl_job
+from echo_jax.lm.jobs import echo_chamber, rl as rl_job
 from tests.conftest import REPO
 from tests.notebooks import execute_notebook
 
@@ -117,7 +117,7 @@ def test_a_rerun_may_extend_rl_but_not_change_the_experiment(tmp_path, override,
     save_config(load_config(f"{REPO}/configs/echo_chamber.py:smoke"), str(tmp_path))
     rerun = load_config(f"{REPO}/configs/echo_chamber.py:smoke", [override])
     if refused is None:
-        jobs._check_rerun(rerun, str(tmp_path))
+        echo_chamber.check_rerun(rerun, str(tmp_path))
     else:
         with pytest.raises(ConfigError, match=f"another {refused}"):
-            jobs._check_rerun(rerun, str(tmp_path))
+            echo_chamber.check_rerun(rerun, str(tmp_path))

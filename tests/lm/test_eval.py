@@ -1,5 +1,6 @@
 """Evaluation: the pass@k estimator, maj@k, the CLI job end to end on a tiny checkpoint, resume
-after a cut-off run, and the one-line error for a missing data file."""
+after a cut-off run, and the one-line error for a missing data file. (The reader that drops a
+cut-off last line of samples.jsonl is tested in tests/core/test_files.py.)"""
 
 import itertools
 import json
@@ -13,6 +14,7 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.lm import eval as eval_lib
 from echo_jax.lm import restore
+from echo_jax.lm.jobs import eval as eval_job
 from tests.conftest import REPO
 
 PRETRAIN = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
@@ -65,7 +67,7 @@ def _config(pretrained, *overrides):
 
 def test_eval_end_to_end_then_resume_after_cut_off(pretrained, tmp_path):
     workdir = tmp_path / "eval"
-    eval_lib.run_eval(_config(pretrained), str(workdir))
+    eval_job.run_eval(_config(pretrained), str(workdir))
     metrics = json.loads((workdir / "eval.json").read_text())
     assert set(eval_lib.METRIC_KEYS) <= set(metrics)
     assert metrics["step"] == 2 and metrics["num_prompts"] == 4 and metrics["num_samples"] == 2
@@ -81,13 +83,13 @@ def test_eval_end_to_end_then_resume_after_cut_off(pretrained, tmp_path):
     kept = [json.dumps(first), lines[1]]
     (workdir / "samples.jsonl").write_text("\n".join(kept) + "\n" + lines[2][:40])
     os.remove(workdir / "eval.json")
-    metrics = eval_lib.run_eval(_config(pretrained), str(workdir))
+    metrics = eval_job.run_eval(_config(pretrained), str(workdir))
     records = [json.loads(x) for x in (workdir / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [json.loads(x)["id"] for x in lines]
     assert records[0]["greedy"]["text"] == "KEPT"
     assert metrics["num_prompts"] == 4 and (workdir / "eval.json").exists()
     with pytest.raises(ConfigError, match="sampling"):  # another setup in the same workdir
-        eval_lib.run_eval(_config(pretrained, "sampling.temperature=1.0"), str(workdir))
+        eval_job.run_eval(_config(pretrained, "sampling.temperature=1.0"), str(workdir))
 
 
 def test_load_params_reads_the_workdir_or_its_checkpoints(pretrained):
@@ -120,14 +122,14 @@ def test_an_eval_of_an_older_step_is_moved_aside_so_the_stage_runs_again(tmp_pat
     (run / "config.json").write_text(json.dumps({"data": {"vocab": "spm"}}))
     config = load_config(f"{REPO}/configs/lm_eval.py:synthetic", [f"checkpoint={run}"])
     workdir = tmp_path / "eval"
-    assert not eval_lib.reuse_or_move_aside(config, str(workdir))
+    assert not eval_job.reuse_or_move_aside(config, str(workdir))
     workdir.mkdir()
-    (workdir / "eval_meta.json").write_text(json.dumps(eval_lib.eval_meta(config)))
-    assert not eval_lib.reuse_or_move_aside(config, str(workdir))  # started, not finished: resume it
+    (workdir / "eval_meta.json").write_text(json.dumps(eval_job.eval_meta(config)))
+    assert not eval_job.reuse_or_move_aside(config, str(workdir))  # started, unfinished: resume it
     (workdir / "eval.json").write_text("{}")
-    assert eval_lib.reuse_or_move_aside(config, str(workdir))
+    assert eval_job.reuse_or_move_aside(config, str(workdir))
     (run / "checkpoints" / "4").mkdir()  # RL extended to more steps
-    assert not eval_lib.reuse_or_move_aside(config, str(workdir))
+    assert not eval_job.reuse_or_move_aside(config, str(workdir))
     assert not workdir.exists()
     assert json.loads((tmp_path / "eval.old1" / "eval_meta.json").read_text())["step"] == 2
 
@@ -140,15 +142,3 @@ def test_missing_data_file_is_one_line_error(tmp_path):
     assert len(errors) == 1 and str(tmp_path / "gsm8k" / "test.jsonl") in errors[0]
     assert "ECHO_JAX_DATA" in errors[0]
     assert not (tmp_path / "w").exists()
-
-
-def test_samples_file_drops_a_cut_off_last_line(tmp_path):
-    from echo_jax.lm.eval import _read_records
-
-    path = tmp_path / "samples.jsonl"
-    complete = '{"id": 1}\n{"id": 2}\n'
-    for tail in ('{"id": 3', '{"id": 3}'):  # cut inside the record, or just before its newline
-        path.write_text(complete + tail)
-        assert _read_records(str(path)) == [{"id": 1}, {"id": 2}]
-        assert path.read_text() == complete
-    assert _read_records(str(tmp_path / "absent.jsonl")) == []

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from echo_jax.recsys.data import data_root
+from echo_jax.core import files
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     try:
-        return data_root()
+        return files.data_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 

@@ -8,7 +8,7 @@ import pytest
 from echo_jax.recsys.catalogue import (
     SIM_LLM, SIM_LLM_REWRITE, make_controlled_catalogue, simulate_llm_rewrite)
 from echo_jax.recsys.data import (
-    HGC, MISTRAL, ItemRef, build_beauty637, clean_text, data_root, load_texts, paired_candidates,
+    HGC, MISTRAL, ItemRef, build_beauty637, clean_text, load_texts, paired_candidates,
     read_behaviors, read_item_texts)
 
 
@@ -55,16 +55,6 @@ def test_read_behaviors_parses_and_reports_bad_rows(tmp_path):
     bad = _write(tmp_path / "bad.tsv", good + "8\tU2\t1\tB1\tC1-1 C2-2\n")
     with pytest.raises(ValueError, match=r"bad\.tsv:2:.*C2-2"):
         read_behaviors(bad)
-
-
-def test_missing_data_dir_names_env_var(tmp_path, monkeypatch):
-    monkeypatch.setenv("ECHO_JAX_DATA", str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="ECHO_JAX_DATA"):
-        data_root()
-    monkeypatch.delenv("ECHO_JAX_DATA")
-    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
-    with pytest.raises(FileNotFoundError, match="ECHO_JAX_DATA"):
-        data_root()
 
 
 def test_clean_text():

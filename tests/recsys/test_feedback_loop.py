@@ -14,9 +14,10 @@ from flax import linen as nn
 
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
-from echo_jax.recsys import debias, loop
+from echo_jax.core.train_state import TrainState
+from echo_jax.recsys import debias, feedback_loop as loop
 from echo_jax.recsys.model import ModelConfig, Recommender
-from echo_jax.recsys.train import TrainState, make_optimizer, make_train_step
+from echo_jax.recsys.train import make_optimizer, make_train_step
 from tests.notebooks import execute_notebook
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

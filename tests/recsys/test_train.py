@@ -11,8 +11,8 @@ from echo_jax.core.config import load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.recsys import item_cache, metrics
 from echo_jax.recsys.catalogue import make_controlled_catalogue
-from echo_jax.recsys.jobs import run_train
-from echo_jax.recsys.phases import run_phases
+from echo_jax.recsys.jobs.phases import run_phases
+from echo_jax.recsys.jobs.train import run_train
 from echo_jax.recsys.pipeline import TextRows, encode_impressions, make_train_iterator
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_phases_run_on_paired_lists_and_skip_finished_runs(tmp_path, monkeypatch
     assert 0.0 <= m["bias/llm_ratio"][0] <= 1.0 and "bias/rela_delta/ndcg@5" in m
     assert "| mean | Human |" in (tmp_path / "source_bias.md").read_text()
     assert (tmp_path / "plots" / "phase2.png").stat().st_size > 0
-    monkeypatch.setattr("echo_jax.recsys.phases.train_and_evaluate",
+    monkeypatch.setattr("echo_jax.recsys.jobs.phases.train_and_evaluate",
                         lambda *a, **k: pytest.fail("a finished sub-run was trained again"))
     again = run_phases(config, str(tmp_path))
     assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)

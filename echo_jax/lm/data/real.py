@@ -1,50 +1,19 @@
 """Loaders for the real evaluation / RL-prompt sets: GSM8K, MATH-500 and AIME (jsonl files).
 
-The files live outside the repository, under `$ECHO_JAX_DATA` (default: `../shared/data` relative to
-the working directory); see that folder's README.md for provenance. Every loader returns a list of
-dicts with at least `question` and `answer` (both str), plus the source's other useful fields.
+The files live outside the repository, in the shared data folder (`$ECHO_JAX_DATA`, default
+`../shared/data`: `echo_jax.core.files.data_dir`); see that folder's README.md for provenance.
+Every loader returns a list of dicts with at least `question` and `answer` (both str), plus the
+source's other useful fields.
 """
 
-import json
 import os
-import pathlib
 
-ENV_VAR = "ECHO_JAX_DATA"
+from echo_jax.core.files import data_file, read_jsonl
+
 AIME_SETS = ("aime24", "aime25", "aime_all")
-_DEFAULT = pathlib.Path("..") / "shared" / "data"
 
 
-def data_dir() -> pathlib.Path:
-    """The data folder: $ECHO_JAX_DATA, else ../shared/data from the working directory."""
-    path = pathlib.Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else _DEFAULT
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"data directory {path.resolve()} not found; set {ENV_VAR} to the folder holding "
-            "gsm8k/, math500/ and aime/")
-    return path.resolve()
-
-
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-    """Rows of a jsonl file; a bad line raises ValueError naming the file and its 1-based line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path.resolve()} not found (data folder: ${ENV_VAR})")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _require(row: dict, keys: tuple[str, ...], path: pathlib.Path, lineno: int) -> None:
+def _require(row: dict, keys: tuple[str, ...], path: os.PathLike, lineno: int) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
         raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
@@ -61,7 +30,7 @@ def load_gsm8k(split: str) -> list[dict]:
     """GSM8K train (7473) or test (1319): question, answer, solution (with <<calc>> notes)."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown GSM8K split {split!r}; valid splits: ('train', 'test')")
-    path = data_dir() / "gsm8k" / f"{split}.jsonl"
+    path = data_file("gsm8k", f"{split}.jsonl")
     out = []
     for i, row in enumerate(read_jsonl(path), start=1):
         _require(row, ("question", "answer"), path, i)
@@ -72,7 +41,7 @@ def load_gsm8k(split: str) -> list[dict]:
 
 def load_math500() -> list[dict]:
     """MATH-500: question, answer (a LaTeX string), solution, subject, level, id."""
-    path = data_dir() / "math500" / "test.jsonl"
+    path = data_file("math500", "test.jsonl")
     out = []
     for i, row in enumerate(read_jsonl(path), start=1):
         _require(row, ("problem", "answer"), path, i)
@@ -96,7 +65,7 @@ def load_aime(name: str) -> list[dict]:
              "aime_all": ["aime_1983_2024.jsonl", "aime25.jsonl"]}[name]
     out = []
     for filename in files:
-        path = data_dir() / "aime" / filename
+        path = data_file("aime", filename)
         for i, row in enumerate(read_jsonl(path), start=1):
             _require(row, ("problem", "answer"), path, i)
             rid = row.get("id", i - 1)

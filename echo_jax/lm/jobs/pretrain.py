@@ -1,20 +1,12 @@
-"""LM-track jobs started by `echo_jax.main` (one function per `config.kind`)."""
+"""The `lm_pretrain` job: next-token pretraining on the style mixture through the shared loop."""
 
 from __future__ import annotations
-
-import copy
-import functools
-import json
-import os
-import sys
-import time
-from typing import Callable
 
 import jax
 import ml_collections
 
 from echo_jax.core import plots, sharding
-from echo_jax.core.config import ConfigError, flat_keys, to_json
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.lm import cpu, pretrain
 from echo_jax.lm.data import mixtures, pipeline, vocab
@@ -66,89 +58,3 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str):
         plots.plot_curves(workdir, ["train/loss", "val/loss/"], "pretrain_loss.png",
                           "pretraining loss (per style on validation)")
     return state
-
-
-def _stage(name: str, index: int, done: bool, run: Callable[[], object]) -> float:
-    """Runs one stage of `run_echo_chamber` unless it is done; returns its wall time."""
-    header = f"[echo_chamber] stage {index}/4: {name}"
-    if done:
-        print(f"{header}: finished earlier, skipped", file=sys.stderr, flush=True)
-        return 0.0
-    print(f"{header}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    print(f"{header}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return seconds
-
-
-# Keys a rerun may change: how often a stage logs and saves, the mesh, and RL's step count
-# (RL resumes and the evaluation after it runs again).
-_RERUN_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "async_checkpoints")
-
-
-def _check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """A rerun may extend RL or change the evaluation (those stages run again). Another seed,
-    pretraining or RL setting would mix two experiments in one workdir: refused."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    current = json.loads(to_json(config))
-    lookup = lambda tree, key: functools.reduce(
-        lambda node, part: node.get(part) if isinstance(node, dict) else None, key.split("."), tree)
-    fixed = lambda key: ((key == "seed" or key.startswith(("pretrain.", "rl.")))
-                         and key != "rl.train.num_steps" and ".mesh." not in key
-                         and key.rsplit(".", 1)[-1] not in _RERUN_MAY_CHANGE)
-    changed = [key for key in flat_keys(config)
-               if fixed(key) and lookup(saved, key) != lookup(current, key)]
-    if changed:
-        key = changed[0]
-        raise ConfigError(f"{workdir} holds a run with another {key} ({lookup(saved, key)!r}, "
-                          f"now {lookup(current, key)!r}); use a fresh --workdir")
-
-
-def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """`configs/echo_chamber.py`: pretrain -> eval_before -> rl -> eval_after -> report.md, each
-    stage in its own sub-workdir; returns the report's path."""
-    from echo_jax.core.config import save_config
-    from echo_jax.lm import eval as eval_lib, report, restore
-    from echo_jax.lm.jobs import rl as rl_job
-
-    dirs = {name: os.path.join(workdir, name)
-            for name in ("pretrain", "eval_before", "rl", "eval_after")}
-    stages = {name: copy.deepcopy(config[block]) for name, block in
-              (("pretrain", "pretrain"), ("eval_before", "eval"), ("rl", "rl"),
-               ("eval_after", "eval"))}
-    for stage in stages.values():
-        stage.seed = config.seed
-    stages["eval_before"].checkpoint = stages["rl"].init_from = dirs["pretrain"]
-    stages["eval_after"].checkpoint = dirs["rl"]
-    _check_rerun(config, workdir)
-    save_config(config, workdir)
-
-    def pretrained() -> bool:
-        try:
-            return restore.latest_step(dirs["pretrain"]) >= stages["pretrain"].train.num_steps
-        except FileNotFoundError:
-            return False
-
-    evaluated = lambda name: eval_lib.reuse_or_move_aside(stages[name], dirs[name])
-    seconds = {
-        "pretrain": _stage("pretrain", 1, pretrained(),
-                           lambda: run_pretrain(stages["pretrain"], dirs["pretrain"])),
-        "eval_before": _stage("eval before RL", 2, evaluated("eval_before"),
-                              lambda: eval_lib.run_eval(stages["eval_before"],
-                                                        dirs["eval_before"])),
-        "rl": _stage(f"RL ({stages['rl'].algo})", 3,
-                     rl_job.is_finished(dirs["rl"], stages["rl"].train.num_steps),
-                     lambda: rl_job.run_rl(stages["rl"], dirs["rl"])),
-        "eval_after": _stage("eval after RL", 4, evaluated("eval_after"),
-                             lambda: eval_lib.run_eval(stages["eval_after"], dirs["eval_after"])),
-    }
-    path = report.write_report(workdir, config)
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-    print(f"[echo_chamber] report: {path} ({timing})", file=sys.stderr, flush=True)
-    return path

@@ -26,6 +26,7 @@ one object per finished iteration, `seed<s>/loop_settings.json` the settings a r
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -34,12 +35,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from echo_jax.core import sharding
+from echo_jax.core import rng, sharding
 from echo_jax.core.config import ConfigError
+from echo_jax.core.stages import check_workdir, run_stage
 from echo_jax.core.train_loop import LoopConfig, train
-from echo_jax.recsys import jobs
+from echo_jax.core.train_state import TrainState
+from echo_jax.recsys.jobs.train import (
+    Prepared, build_task, feature_table, load_dataset, model_config)
+from echo_jax.recsys.model import Recommender
 from echo_jax.recsys.pipeline import encode_impressions
-from echo_jax.recsys.train import Scorer, TrainState
+from echo_jax.recsys.train import Scorer
 
 HALVES = ("train1", "train2")
 UNDEBIASED = "undebiased"
@@ -112,9 +117,9 @@ class LoopData:
 
     def __init__(self, config: ml_collections.ConfigDict, cache_dir: str):
         d = config.data
-        ds, self.rows = jobs.load_dataset(d, with_rewrite=True)
-        self.table, vocab_size = jobs.feature_table(config, ds, self.rows, cache_dir)
-        self.model = jobs.Recommender(jobs.model_config(config, vocab_size))
+        ds, self.rows = load_dataset(d, with_rewrite=True)
+        self.table, vocab_size = feature_table(config, ds, self.rows, cache_dir)
+        self.model = Recommender(model_config(config, vocab_size))
         self.num_items = len(self.rows.items)
         self.halves = [encode_impressions(ds.splits[h], self.rows, d.history_len) for h in HALVES]
         for half in self.halves:
@@ -122,13 +127,9 @@ class LoopData:
         self.dev = encode_impressions(ds.splits[d.eval_split], self.rows, d.history_len)
         self.texts = self.rows.texts(ds)
 
-    def prepared(self, train_arrays: dict, eval_arrays: dict) -> jobs.Prepared:
-        return jobs.Prepared(self.rows, self.texts, self.table, self.model, train_arrays,
+    def prepared(self, train_arrays: dict, eval_arrays: dict) -> Prepared:
+        return Prepared(self.rows, self.texts, self.table, self.model, train_arrays,
                              eval_arrays)
-
-
-def _rng(seed: int, iteration: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([seed, iteration, purpose])
 
 
 def _save_interactions(path: str, arrays: dict, num_items: int, sources: tuple) -> None:
@@ -152,13 +153,15 @@ def _next_interactions(data: LoopData, state: TrainState, iteration: int, share:
                        eta: float) -> dict[str, np.ndarray]:
     """Iteration `iteration`'s training data, clicked under the recommender `state`."""
     half = swap_histories(data.halves[iteration % 2], share, data.num_items,
-                          _rng(seed, iteration, 0))
+                          rng.loop_stream(seed, iteration, rng.LoopPurpose.TRAIN_SWAP))
     scorer = Scorer(data.model, data.table)
     users = scorer.user_vectors(state.params, half["history"], half["history_mask"])
     items = scorer.item_vectors(state.params)
     scores = np.einsum("md,mcsd->mcs", users, items[half["paired"]])
-    clicked = simulate_clicks(scores, half["labels"], eta, _rng(seed, iteration, 1))
-    return clicked_impressions(half, clicked, _rng(seed, iteration, 2))
+    clicked = simulate_clicks(scores, half["labels"], eta,
+                              rng.loop_stream(seed, iteration, rng.LoopPurpose.CLICKS))
+    return clicked_impressions(half, clicked,
+                               rng.loop_stream(seed, iteration, rng.LoopPurpose.NEGATIVES))
 
 
 def iteration_record(iteration: int, arrays: dict, result: dict, num_items: int) -> dict:
@@ -210,31 +213,6 @@ def _settings(config: ml_collections.ConfigDict) -> dict:
                                   "train": config.train.to_dict()}))
 
 
-def _check_workdir(workdir: str, settings: dict) -> None:
-    """A workdir belongs to one set of loop settings: a rerun with other settings would mix
-    iterations of two experiments, so it is refused."""
-    path = os.path.join(workdir, "loop_settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        changed = sorted(f"{group}.{key}" for group in settings for key in settings[group]
-                         if saved.get(group, {}).get(key) != settings[group][key])
-        if changed:
-            raise ConfigError(f"{workdir} holds a loop run with other settings ({', '.join(changed)}"
-                              f"); use a new --workdir")
-    elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-
-
-def _write_record(iter_dir: str, record: dict) -> None:
-    path = os.path.join(iter_dir, "record.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
 def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workdir: str,
              label: str = "loop") -> list[dict]:
     """The whole loop for one seed in `workdir`; finished iterations are read, not rerun.
@@ -245,7 +223,7 @@ def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workd
     """
     loop = config.loop
     check_settings(loop)
-    _check_workdir(workdir, _settings(config))
+    check_workdir(workdir, _settings(config), filename="loop_settings.json", what="a loop run")
     mesh = sharding.make_mesh(config.mesh.to_dict())
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.seed = seed
@@ -253,37 +231,42 @@ def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workd
     is_chief = jax.process_index() == 0
     records: list[dict] = []
     arrays = data.halves[0]
-    for t in range(loop.iterations + 1):
-        iter_dir = os.path.join(workdir, f"iter{t:02d}")
-        record_path = os.path.join(iter_dir, "record.json")
-        if os.path.exists(record_path):
-            with open(record_path) as f:
-                records.append(json.load(f))
-            arrays = None
-            continue
+
+    def iteration(t: int, iter_dir: str) -> dict:
+        nonlocal arrays
         if arrays is None:  # resumed: this iteration's data were saved by the previous one
             arrays = _load_interactions(os.path.join(iter_dir, "interactions.npz"))
         elif t == 0 and is_chief:
             _save_interactions(os.path.join(iter_dir, "interactions.npz"), arrays,
                                data.num_items, data.rows.sources)
         click_share = float(source_of(arrays["positive"], data.num_items).mean())
-        dev = swap_histories(data.dev, click_share, data.num_items, _rng(seed, t, 3))
-        task, evaluate = jobs.build_task(sub, mesh, data.prepared(arrays, dev))
+        dev = swap_histories(data.dev, click_share, data.num_items,
+                             rng.loop_stream(seed, t, rng.LoopPurpose.DEV_SWAP))
+        task, evaluate = build_task(sub, mesh, data.prepared(arrays, dev))
         state = train(task, LoopConfig.from_config(sub.train), mesh, sub.sharding.rules,
-                      iter_dir, seed * 1000 + t, config=sub, label=f"{label} iter {t}")
+                      iter_dir, rng.loop_train_seed(seed, t), config=sub,
+                      label=f"{label} iter {t}")
         record = iteration_record(t, arrays, evaluate(state), data.num_items)
         arrays = _next_interactions(data, state, t + 1, click_share, seed, loop.click_eta)
-        if is_chief:
+        if is_chief:  # before the record that marks iteration t finished
             _save_interactions(os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),
                                arrays, data.num_items, data.rows.sources)
-            _write_record(iter_dir, record)
-        records.append(record)
-        if is_chief:
-            _write_metrics(os.path.join(workdir, "metrics.jsonl"), records)
         print(f"[{label}] iteration {t}: AIGC click share {record['aigc_click_share']:.3f}, "
               f"llm_ratio {record['llm_ratio']:.3f}, RelaΔ NDCG@5 "
               f"{record['rela_delta_ndcg@5']:.1f} %, NDCG@5 (dev) {record['ndcg@5']:.3f}, "
               f"history AIGC share {record['history_aigc_share']:.3f}", file=sys.stderr)
+        return record
+
+    for t in range(loop.iterations + 1):
+        iter_dir = os.path.join(workdir, f"iter{t:02d}")
+        stage = run_stage(functools.partial(iteration, t, iter_dir), label=label, index=t + 1,
+                          total=loop.iterations + 1, name=f"iteration {t}",
+                          result_file=os.path.join(iter_dir, "record.json"))
+        records.append(stage.result)
+        if stage.skipped:
+            arrays = None
+        elif is_chief:
+            _write_metrics(os.path.join(workdir, "metrics.jsonl"), records)
     return records
 
 

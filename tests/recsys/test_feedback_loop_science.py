@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from echo_jax.core.config import load_config
-from echo_jax.recsys.study import UNDEBIASED, run_study
+from echo_jax.recsys.jobs.study import UNDEBIASED, run_study
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # measured (seeds 0, 1): undebiased |share - 0.5| grows by 0.21 and 0.23 from iteration 1 to 5

@@ -1,5 +1,5 @@
-"""Recommender jobs started by `echo_jax.main`: dataset and feature table from a config, the
-`TrainTask` for the shared loop, and the `recsys_train` kind (one training run)."""
+"""The `recsys_train` job (one training run) and what every recommender job builds from its
+config: the dataset and its feature table, the model, and the `TrainTask` of the shared loop."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from echo_jax.core import plots, sharding
+from echo_jax.core import files, plots, rng, sharding
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.recsys import catalogue, data, train as rtrain
@@ -61,7 +61,7 @@ def feature_table(config: ml_collections.ConfigDict, ds: data.RecDataset, rows: 
     """`[R, F]` item features and the vocabulary size (0 for frozen vectors)."""
     texts = rows.texts(ds)
     if config.model.item_tower == "minilm":
-        model_dir = config.model.minilm_dir or str(data.data_root() / "minilm")
+        model_dir = config.model.minilm_dir or str(files.data_dir() / "minilm")
         return minilm_vectors(texts, model_dir, cache_dir), 0
     vocab = WordVocab.build(texts)
     return vocab.encode(texts, config.model.max_text_len)[0], len(vocab)
@@ -96,9 +96,9 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str) -> Prepared:
         rows=rows, texts=rows.texts(ds), table=table,
         model=Recommender(model_config(config, vocab_size)),
         train_arrays=encode_impressions(ds.splits[d.train_split], rows, d.history_len,
-                                        d.aigc_share, swap_seed=config.seed),
+                                        d.aigc_share, swap_seed=config.seed + rng.TRAIN_SWAP),
         eval_arrays=encode_impressions(ds.splits[d.eval_split], rows, d.history_len,
-                                       d.aigc_share, swap_seed=config.seed + 1))
+                                       d.aigc_share, swap_seed=config.seed + rng.EVAL_SWAP))
 
 
 def build_task(config: ml_collections.ConfigDict, mesh, prep: Prepared

@@ -1,28 +1,25 @@
-"""The whole source-bias study as one resumable job (`source_bias_study`).
+"""The `source_bias_study` job: the whole source-bias study, resumable.
 
-Phases 1 and 2 (`phases.py`, into `WORKDIR/phases`), then phase 3, the feedback loop
-(`loop.py`), once without the debiaser and, unless `debias.alpha` and `debias.beta` are both 0,
-once with it (`WORKDIR/loop/<arm>/seed<s>`). Writes `WORKDIR/report.md` (tables and figures),
-`WORKDIR/results.json` and `WORKDIR/plots/loop.png` (mean over seeds, the band spans min to max).
+Phases 1 and 2 (`jobs/phases.py`, into `WORKDIR/phases`), then phase 3, the feedback loop
+(`recsys/feedback_loop.py`), once without the debiaser and, unless `debias.alpha` and
+`debias.beta` are both 0, once with it (`WORKDIR/loop/<arm>/seed<s>`). Writes `WORKDIR/report.md`
+(tables and figures), `WORKDIR/results.json` and `WORKDIR/plots/loop.png` (mean over seeds, the
+band spans min to max).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from echo_jax.core.plots import save_figure  # noqa: E402
-from echo_jax.recsys import phases  # noqa: E402
-from echo_jax.recsys.loop import (  # noqa: E402
-    UNDEBIASED, LoopData, arm_name, check_settings, run_arm)
+from echo_jax.core.files import write_json
+from echo_jax.core.plots import plt, save_figure
+from echo_jax.recsys import phases
+from echo_jax.recsys.feedback_loop import UNDEBIASED, LoopData, arm_name, check_settings, run_arm
+from echo_jax.recsys.jobs.phases import run_phases
 
 LOOP_COLUMNS = ("aigc_click_share", "llm_ratio", "rela_delta_ndcg@5", "ndcg@5/human_target",
                 "ndcg@5/llm_target", "ndcg@5")
@@ -66,15 +63,14 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.loop.with_phases:
         sub = phase_config(config)
         sub.model.cache_dir = cache_dir
-        phase_summary = phases.run_phases(sub, os.path.join(workdir, "phases"))
+        phase_summary = run_phases(sub, os.path.join(workdir, "phases"))
     data = LoopData(config, cache_dir)  # the arms differ only in the debiaser
     results = {arm: run_arm(cfg, os.path.join(workdir, "loop", arm), data, label=arm)
                for arm, cfg in arm_configs(config).items()}
     summary = {"seeds": list(config.loop.seeds), "loop": summarise_loop(results),
                "phases": phase_summary}
+    write_json(os.path.join(workdir, "results.json"), summary)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1, sort_keys=True)
         plot_loop(summary["loop"], workdir)
         with open(os.path.join(workdir, "report.md"), "w") as f:
             f.write(report(config, summary))

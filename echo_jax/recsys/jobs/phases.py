@@ -1,0 +1,55 @@
+"""The `source_bias_phases` job: phases 1 and 2 of the source-bias study (`recsys/phases.py`),
+resumable.
+
+Each (encoder, rho, seed) sub-run of `phases.plan` trains through the shared loop in
+`WORKDIR/runs/<name>` and leaves a `result.json`; finished sub-runs are skipped, interrupted ones
+resume from their checkpoints. Writes `source_bias.md`, `results.json` and `plots/phase2.png`
+into the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import ml_collections
+
+from echo_jax.core.files import write_json
+from echo_jax.core.stages import run_stage
+from echo_jax.recsys import phases
+from echo_jax.recsys.jobs.train import train_and_evaluate
+
+
+def sub_config(config: ml_collections.ConfigDict, encoder: str, rho: float,
+               seed: int) -> ml_collections.ConfigDict:
+    """The `recsys_train` config of one sub-run."""
+    sub = ml_collections.ConfigDict(config.to_dict())
+    del sub["phases"]
+    sub.kind = "recsys_train"
+    sub.seed = seed
+    sub.model.user_encoder = encoder
+    sub.data.aigc_share = float(rho)
+    return sub
+
+
+def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or skips) every sub-run, then writes the tables and the phase-2 figure."""
+    cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
+    runs = phases.plan(config.phases)
+    results = {}
+    for index, (encoder, rho, seed) in enumerate(runs, start=1):
+        name = phases.run_name(encoder, rho, seed)
+        sub_dir = os.path.join(workdir, "runs", name)
+        train = functools.partial(train_and_evaluate, sub_config(config, encoder, rho, seed),
+                                  sub_dir, cache_dir, evaluate_in_loop=False, label=name)
+        results[name] = run_stage(train, label="phases", index=index, total=len(runs),
+                                  name=name, result_file=os.path.join(sub_dir, "result.json")
+                                  ).result
+    summary = phases.summarise(config.phases, results)
+    write_json(os.path.join(workdir, "results.json"), summary)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "source_bias.md"), "w") as f:
+            f.write(phases.markdown(summary))
+        phases.plot_phase2(summary, os.path.join(workdir, "plots", "phase2.png"))
+    return summary
