@@ -11,6 +11,12 @@ import enum
 
 import numpy as np
 
+# --- RL post-training (echo_jax/lm/rl/policy_eval.py) -------------------------------------------
+# Evaluation during RL samples with `jax.random.key(seed + RL_EVAL)`, apart from the run's stream
+# (`key(seed)`, split by the training loop), and the same key at every evaluation.
+RL_EVAL = 1
+
+
 # --- the recommender (echo_jax/recsys/jobs/train.py) -------------------------------------------
 # Which history items of an impression show their AIGC text (`encode_impressions(swap_seed=)`):
 # the training impressions use `seed + TRAIN_SWAP`, the evaluation impressions `seed + EVAL_SWAP`.

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from echo_jax.core import sharding
+from echo_jax.core import sharding, stages
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.lm import cpu, report, restore
@@ -172,14 +172,6 @@ def make_task(config: ml_collections.ConfigDict, mesh: Any, *,
         evaluate=evaluate, evaluate_at_start=True), algo, sampler
 
 
-def is_finished(workdir: str, num_steps: int) -> bool:
-    """Whether `workdir` holds the final checkpoint of a run of `num_steps` RL steps."""
-    try:
-        return restore.latest_step(workdir) >= num_steps
-    except FileNotFoundError:
-        return False
-
-
 def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs (or resumes) RL to `train.num_steps`."""
     if config.algo not in algorithm.names():
@@ -188,7 +180,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ConfigError("config.init_from is required: a pretraining workdir")
     prompt_dataset(config)
     num_steps = config.train.num_steps
-    if is_finished(workdir, num_steps):
+    if stages.reached_step(workdir, num_steps):
         print(f"[rl] {workdir} already finished {num_steps} steps", file=sys.stderr)
         report.plot_rl(workdir)
         return

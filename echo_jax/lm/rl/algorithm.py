@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import ModelConfig, Transformer
@@ -73,6 +74,15 @@ def get(name: str) -> type[Algorithm]:
     if name not in _ALGORITHMS:
         raise ValueError(f"unknown RL algorithm {name!r}; valid: {', '.join(names())}")
     return _ALGORITHMS[name]
+
+
+def init_policy_state(algo: Algorithm, rng: jax.Array,
+                      tx: optax.GradientTransformation) -> RLState:
+    """A freshly initialised policy with `tx`'s optimizer state and, if the algorithm uses one,
+    the reference (the same initial values: `warm_start` gives each its own buffers)."""
+    policy = TrainState.create(algo.model.init(rng, *dummy_inputs())["params"], tx)
+    return RLState(step=policy.step, params=policy.params, opt_state=policy.opt_state,
+                   ref_params=policy.params if algo.uses_reference else None)
 
 
 def dummy_inputs(length: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:

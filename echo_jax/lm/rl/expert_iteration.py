@@ -110,11 +110,9 @@ def make_sft_step(model: Transformer, tx: optax.GradientTransformation, micro_ba
     def sft_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         del rng  # deterministic given the batch
         grads, stats = common.accumulate_gradients(loss_fn, state.params, batch, micro_batch_size)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = {"loss": stats["loss"] / jnp.maximum(stats["normaliser"], 1.0),
                    "grad_norm": optax.tree.norm(grads), "target_tokens": stats["normaliser"]}
-        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state), metrics
+        return state.apply_gradients(grads, tx), metrics
 
     return sft_step
 
@@ -159,10 +157,7 @@ class ExpertIteration(algorithm.Algorithm):
         return self.cfg.optim.make(updates)
 
     def init_state(self, rng: jax.Array) -> RLState:
-        params = self.model.init(rng, *algorithm.dummy_inputs())["params"]
-        return RLState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=self.tx.init(params),
-                       ref_params=params if self.uses_reference else None)
+        return algorithm.init_policy_state(self, rng, self.tx)
 
     def batch(self, sample: Sample, rng: np.random.Generator
               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -119,10 +119,8 @@ def make_update_step(model: Transformer, tx: optax.GradientTransformation, cfg: 
         del rng  # the loss is deterministic given the rollout
         grads, stats = common.accumulate_gradients(loss_fn, state.params, minibatch,
                                                    cfg.rollout.micro_batch_size)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {**common.finish_stats(stats), "grad_norm": optax.tree.norm(grads)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.apply_gradients(grads, tx), metrics
 
     return grpo_update_step
 
@@ -154,7 +152,4 @@ class GRPO(policy_gradient.PolicyGradient):
         return rl_update
 
     def init_state(self, rng: jax.Array) -> RLState:
-        params = self.model.init(rng, *algorithm.dummy_inputs())["params"]
-        return RLState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=self.tx.init(params),
-                       ref_params=params if self.uses_reference else None)
+        return algorithm.init_policy_state(self, rng, self.tx)

@@ -13,10 +13,8 @@ from echo_jax.lm import eval as eval_lib
 from echo_jax.lm import grading
 from echo_jax.lm.data import generators
 from echo_jax.lm.rl import common, rollout
-from echo_jax.lm.sampler import SamplingParams
-
-PROMPT_WIDTH_MULTIPLE = 64
-
+from echo_jax.core import rng as rng_streams
+from echo_jax.lm.sampler import SamplingParams, prompt_width
 
 class PolicyEval:
     """On `eval.per_level` held-out test problems per level: greedy pass@1 and the greedy style
@@ -34,12 +32,12 @@ class PolicyEval:
         self.train_levels = [lv for lv in e.levels if lv in config.data.levels]
         longest = max(len(vocabulary.encode(p["question"] + "\n\n"))
                       for ps in self.problems.values() for p in ps)
-        self.width = -(-longest // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        self.width = prompt_width(longest)
         self.greedy = SamplingParams(e.max_new_tokens)
         self.sampled = SamplingParams(e.max_new_tokens, e.temperature, top_p=e.top_p)
         self.greedy_rows = min(e.batch_size, e.per_level)
         self.sampled_prompts = max(e.batch_size // max(e.num_samples, 1), 1)
-        self.rng = jax.random.key(config.seed + 1)
+        self.rng = jax.random.key(config.seed + rng_streams.RL_EVAL)
 
     def _run(self, params, problems: list[dict], sampling: SamplingParams, samples: int,
              prompts_per_call: int) -> common.RolloutInfo:

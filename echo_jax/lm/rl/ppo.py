@@ -204,11 +204,6 @@ def make_update_step(model: Transformer, critic: ValueModel, actor_tx: optax.Gra
     value_loss = make_value_loss_fn(critic, cfg)
     micro = cfg.rollout.micro_batch_size
 
-    def apply(train_state: TrainState, tx, grads) -> TrainState:
-        updates, opt_state = tx.update(grads, train_state.opt_state, train_state.params)
-        return TrainState(step=train_state.step + 1, opt_state=opt_state,
-                          params=optax.apply_updates(train_state.params, updates))
-
     def ppo_update_step(state: RLState, minibatch: Rollout,
                         rng: jax.Array) -> tuple[RLState, dict[str, jax.Array]]:
         del rng  # the losses are deterministic given the rollout
@@ -221,8 +216,9 @@ def make_update_step(model: Transformer, critic: ValueModel, actor_tx: optax.Gra
                                                                     1e-9),
                    "grad_norm": optax.tree.norm(actor_grads),
                    "critic_grad_norm": optax.tree.norm(critic_grads)}
-        new_state = state.with_policy(apply(state.policy, actor_tx, actor_grads))
-        return new_state.replace(critic=apply(state.critic, critic_tx, critic_grads)), metrics
+        new_state = state.with_policy(state.policy.apply_gradients(actor_grads, actor_tx))
+        return new_state.replace(critic=state.critic.apply_gradients(critic_grads, critic_tx)), \
+            metrics
 
     return ppo_update_step
 
@@ -259,13 +255,9 @@ class PPO(policy_gradient.PolicyGradient):
 
     def init_state(self, rng: jax.Array) -> RLState:
         policy_rng, critic_rng = jax.random.split(rng)
-        params = self.model.init(policy_rng, *algorithm.dummy_inputs())["params"]
         critic_params = self.critic.init(critic_rng, *algorithm.dummy_inputs())["params"]
-        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (one buffer each: donated)
-        return RLState(step=zero(), params=params, opt_state=self.actor_tx.init(params),
-                       critic=TrainState(zero(), critic_params,
-                                         self.critic_tx.init(critic_params)),
-                       ref_params=params if self.uses_reference else None)
+        return algorithm.init_policy_state(self, policy_rng, self.actor_tx).replace(
+            critic=TrainState.create(critic_params, self.critic_tx))
 
     def warm_start(self, state: RLState, pretrained: Any) -> RLState:
         """The policy (and reference) as every algorithm's; the critic's trunk from the
