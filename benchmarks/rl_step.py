@@ -52,34 +52,42 @@ def _model(name: str, init_from: str | None):
     return cfg, params, "random"
 
 
-def _pure_sampler_tokens_per_s(trainer, params, problems, vocabulary, rng) -> float:
-    rc = trainer.cfg.rollout
-    prompts = loop.encode_prompts([p["question"] for p in problems], vocabulary,
+def _pure_sampler_tokens_per_s(algo, sampler, params, problems, rng) -> float:
+    rc = algo.rollout
+    prompts = loop.encode_prompts([p["question"] for p in problems], algo.vocabulary,
                                   rc.max_prompt_len)
     prompts = [p for p in prompts for _ in range(rc.samples_per_prompt)]
     prompts_BxP, lengths_B = pad_prompts(prompts, length_multiple=rc.max_prompt_len)
     start = time.perf_counter()
-    out = trainer.sampler(params, prompts_BxP, lengths_B, rng, trainer.sampling)
+    out = sampler(params, prompts_BxP, lengths_B, rng, rl_job.sampling_params(rc))
     tokens = int(jax.device_get(out.lengths_B).sum())
     return tokens / (time.perf_counter() - start)
 
 
 def bench(name: str, init_from: str | None, steps: int) -> dict:
+    """GRPO steps as the training loop runs them: the host stage (sample, grade), then the jitted
+    train step (every update of the rollout), each timed."""
     cfg, params, weights = _model(name, init_from)
     config = load_config(f"{REPO}/configs/lm_rl.py:grpo", ["rl.log_kl=False"])
     vocabulary = vocab.get_vocabulary("spm")
-    trainer = rl_job.make_trainer(config, cfg, vocabulary, None)
-    state = trainer.init_state(params, jax.random.key(0))
-    source = rl_job.load_prompts(config, vocabulary)
-    per = config.rl.prompts_per_step
+    algo = rl_job.build_algorithm(config, cfg, vocabulary)
+    sampler = rl_job.make_sampler(config, cfg, vocabulary, None)
+    host_stage = rl_job.make_host_stage(config, algo, sampler)
+    state = jax.jit(lambda rng: nn.meta.unbox(algo.init_state(rng)))(jax.random.key(0))
+    state = algo.warm_start(state, params)
+    train_step = jax.jit(algo.train_step, donate_argnums=0)
+    stream = rl_job.prompt_stream(rl_job.load_prompts(config, vocabulary), 0,
+                                  algo.rollout.prompts_per_step)
     rows, sampler_rates = [], []
     for step in range(steps + 1):
-        problems = rl_job.prompt_batch(source, 0, step * per, per)
-        rng = jax.random.key(step)
-        sampler_rates.append(_pure_sampler_tokens_per_s(trainer, trainer.policy(state),
-                                                        problems, vocabulary, rng))
-        state, row = trainer.step(state, None, problems, rng)
-        rows.append(row)
+        problems, rng = next(stream), jax.random.key(step)
+        sampler_rates.append(_pure_sampler_tokens_per_s(algo, sampler, state.params, problems,
+                                                        rng))
+        batch, row = host_stage(state, problems, rng)
+        start = time.perf_counter()
+        state, metrics = train_step(state, batch, rng)
+        jax.block_until_ready(metrics)
+        rows.append({**row, "time/update": time.perf_counter() - start})
     rows, sampler_rates = rows[1:], sampler_rates[1:]  # the first step compiles
     mean = lambda key: float(np.mean([r[key] for r in rows]))
     split = {k: mean(f"time/{k}") for k in ("rollout", "reward", "update")}
