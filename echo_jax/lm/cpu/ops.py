@@ -80,10 +80,10 @@ def _runs_cpu_path(cfg: ModelConfig, op: str, supported: bool, needs: str) -> bo
         return False
     native = op in NATIVE_OPS
     if chosen == "cpu":
-        if native and jax.default_backend() != "cpu":
-            raise ValueError(f"{op}='cpu' runs on CPU only; the default backend is "
-                             f"{jax.default_backend()} (use 'auto' or 'xla')")
         if native:
+            if jax.default_backend() != "cpu":
+                raise ValueError(f"{op}='cpu' runs on CPU only; the default backend is "
+                                 f"{jax.default_backend()} (use 'auto' or 'xla')")
             _warn_if_unprepared()
             build.require()
         if not supported:
