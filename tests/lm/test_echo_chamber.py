@@ -72,7 +72,7 @@ def test_rl_collapses_onto_one_style_and_raises_accuracy(algo, pretrained_capabl
     assert top != "omi2", summary
     assert greedy_rise >= min_greedy and sampled_rise >= min_sampled, summary
     assert pass1_rise >= min_pass1 and accuracy_rise >= min_accuracy, summary
-    assert {"kl", "entropy", "time/update"} <= set(after)
+    assert {"kl", "entropy", "time/train_step"} <= set(after)
     assert ("value_loss" in after) == (algo == "ppo") and ("kept" in after) == (algo == "ei")
 
 
