@@ -23,13 +23,13 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
 from echo_jax.core.config import ConfigError
 from echo_jax.core.files import read_json, write_json
-
 
 # --- skip if done, timing, header lines ----------------------------------------------------------
 

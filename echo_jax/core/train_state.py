@@ -19,11 +19,11 @@ class TrainState:
     opt_state: Any
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
         """Step 0 with `tx`'s initial state for `params`."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> "TrainState":
+    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
         """One optimizer update of `params` by `grads`; the step advances by one."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),

@@ -41,7 +41,12 @@ from echo_jax.core.stages import check_workdir, run_stage
 from echo_jax.core.train_loop import LoopConfig, train
 from echo_jax.core.train_state import TrainState
 from echo_jax.recsys.jobs.train import (
-    Prepared, build_task, feature_table, load_dataset, model_config)
+    Prepared,
+    build_task,
+    feature_table,
+    load_dataset,
+    model_config,
+)
 from echo_jax.recsys.model import Recommender
 from echo_jax.recsys.pipeline import encode_impressions
 from echo_jax.recsys.train import Scorer

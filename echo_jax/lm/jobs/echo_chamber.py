@@ -17,7 +17,9 @@ import ml_collections
 
 from echo_jax.core import stages
 from echo_jax.lm import report
-from echo_jax.lm.jobs import eval as eval_job, pretrain as pretrain_job, rl as rl_job
+from echo_jax.lm.jobs import eval as eval_job
+from echo_jax.lm.jobs import pretrain as pretrain_job
+from echo_jax.lm.jobs import rl as rl_job
 
 STAGES = ("pretrain", "eval_before", "rl", "eval_after")
 # The keys of the config a rerun may change (`fnmatch` patterns; see `check_rerun`).

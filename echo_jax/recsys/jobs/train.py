@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -14,12 +14,17 @@ import numpy as np
 from echo_jax.core import files, plots, rng, sharding
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
-from echo_jax.recsys import catalogue, data, train as rtrain
+from echo_jax.recsys import catalogue, data
+from echo_jax.recsys import train as rtrain
 from echo_jax.recsys.debias import Debias, rewrite_rows
 from echo_jax.recsys.item_cache import minilm_vectors
 from echo_jax.recsys.model import ModelConfig, Recommender
 from echo_jax.recsys.pipeline import (
-    TextRows, encode_impressions, make_train_iterator, positive_log_q)
+    TextRows,
+    encode_impressions,
+    make_train_iterator,
+    positive_log_q,
+)
 from echo_jax.recsys.text_encoder import WordVocab
 
 DATASETS = ("controlled", "beauty637")
