@@ -20,8 +20,7 @@ def matmul_rates_gflops(n: int = 2048, repeats: int = 20) -> dict[str, float]:
     b = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
     xa, xb = jnp.asarray(a), jnp.asarray(b)
     xla_matmul = jax.jit(lambda x, y: x @ y)
-    matmuls = {"numpy": lambda: a @ b,
-               "xla": lambda: xla_matmul(xa, xb).block_until_ready()}
+    matmuls = {"numpy": lambda: a @ b, "xla": lambda: xla_matmul(xa, xb).block_until_ready()}
     try:
         import torch
     except ImportError:

@@ -43,14 +43,19 @@ def production_step(config):
     cfg = pretrain.model_config(config)
     batch_size, seq_len = config.train.batch_size, config.data.seq_len
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
-    task = TrainTask(init_state=pretrain.make_init_state(model, tx, seq_len),
-                     train_step=pretrain.make_train_step(model, tx), train_iter=iter(()))
+    task = TrainTask(
+        init_state=pretrain.make_init_state(model, tx, seq_len),
+        train_step=pretrain.make_train_step(model, tx),
+        train_iter=iter(()),
+    )
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     cpu.prepare(cfg, mesh)
     state, abstract = initial_state(task, mesh, config.sharding.rules, jax.random.key(0))
     step = jit_train_step(task, mesh, config.sharding.rules, abstract)
-    batch = {k: v.numpy() for k, v in torch_reference.random_batch(
-        batch_size, seq_len, cfg.vocab_size).items()}
+    batch = {
+        k: v.numpy()
+        for k, v in torch_reference.random_batch(batch_size, seq_len, cfg.vocab_size).items()
+    }
     batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
     with jax.set_mesh(mesh):
         batch = sharding.shard_batch(batch, mesh)
@@ -79,17 +84,30 @@ def step_seconds(config, steps: int, repeats: int) -> tuple[list[float], list[fl
         with jax.set_mesh(mesh):
             seconds, state = time_steps(step, state, batch, steps)
         jax_s.append(seconds)
-        torch_s.append(torch_reference.time_train_steps(
-            torch_config(config), config.train.batch_size, config.data.seq_len,
-            steps=steps, warmup=3)["step_s"])
+        torch_s.append(
+            torch_reference.time_train_steps(
+                torch_config(config),
+                config.train.batch_size,
+                config.data.seq_len,
+                steps=steps,
+                warmup=3,
+            )["step_s"]
+        )
     return jax_s, torch_s
 
 
 def torch_config(config) -> dict:
     m = config.model
-    return dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, mlp_dim=m.mlp_dim,
-                vocab_size=m.vocab_size, norm=m.norm, tied=m.tied_embeddings,
-                smear_keys=m.smear_keys)
+    return dict(
+        d_model=m.d_model,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        mlp_dim=m.mlp_dim,
+        vocab_size=m.vocab_size,
+        norm=m.norm,
+        tied=m.tied_embeddings,
+        smear_keys=m.smear_keys,
+    )
 
 
 def main() -> None:
@@ -113,31 +131,55 @@ def main() -> None:
         matmul_flops = pretrain.flops_per_token(cfg, 0) * tokens
         jax_repeats, torch_repeats = step_seconds(config, args.steps, args.repeats)
         jax_s, torch_s = float(np.median(jax_repeats)), float(np.median(torch_repeats))
-        rows.append({
-            "variant": variant, "batch": config.train.batch_size, "seq_len": config.data.seq_len,
-            "params_m": round(sum(np.prod(s) for s in _param_shapes(cfg, config)) / 1e6, 2),
-            "jax_step_s_repeats": jax_repeats, "torch_step_s_repeats": torch_repeats,
-            "jax_tokens_per_s": tokens / jax_s, "torch_tokens_per_s": tokens / torch_s,
-            "ratio": torch_s / jax_s,
-            "jax_mfu": flops / jax_s / 1e9 / peak, "torch_mfu": flops / torch_s / 1e9 / peak,
-            "jax_mfu_without_attention": matmul_flops / jax_s / 1e9 / peak})
-    print(f"median of {args.repeats} repeats of {args.steps} steps; matmul peak (f32, 2048^3, "
-          "measured now): "
-          + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
-          + f" GFLOP/s; MFU is against {peak:.0f}\n")
-    print("| variant | params (M) | batch x seq | echo_jax tok/s | PyTorch eager tok/s | ratio "
-          "| echo_jax MFU | PyTorch MFU | echo_jax MFU without attention FLOPs |")
+        rows.append(
+            {
+                "variant": variant,
+                "batch": config.train.batch_size,
+                "seq_len": config.data.seq_len,
+                "params_m": round(sum(np.prod(s) for s in _param_shapes(cfg, config)) / 1e6, 2),
+                "jax_step_s_repeats": jax_repeats,
+                "torch_step_s_repeats": torch_repeats,
+                "jax_tokens_per_s": tokens / jax_s,
+                "torch_tokens_per_s": tokens / torch_s,
+                "ratio": torch_s / jax_s,
+                "jax_mfu": flops / jax_s / 1e9 / peak,
+                "torch_mfu": flops / torch_s / 1e9 / peak,
+                "jax_mfu_without_attention": matmul_flops / jax_s / 1e9 / peak,
+            }
+        )
+    print(
+        f"median of {args.repeats} repeats of {args.steps} steps; matmul peak (f32, 2048^3, "
+        "measured now): "
+        + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+        + f" GFLOP/s; MFU is against {peak:.0f}\n"
+    )
+    print(
+        "| variant | params (M) | batch x seq | echo_jax tok/s | PyTorch eager tok/s | ratio "
+        "| echo_jax MFU | PyTorch MFU | echo_jax MFU without attention FLOPs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['params_m']} | {r['batch']} x {r['seq_len']} | "
-              f"{r['jax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | "
-              f"{r['ratio']:.2f}x | {r['jax_mfu']:.0%} | {r['torch_mfu']:.0%} | "
-              f"{r['jax_mfu_without_attention']:.0%} |")
+        print(
+            f"| {r['variant']} | {r['params_m']} | {r['batch']} x {r['seq_len']} | "
+            f"{r['jax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | "
+            f"{r['ratio']:.2f}x | {r['jax_mfu']:.0%} | {r['torch_mfu']:.0%} | "
+            f"{r['jax_mfu_without_attention']:.0%} |"
+        )
     out = REPO / "benchmarks" / "results" / "pretrain.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"matmul_peak_gflops": peak, "matmul_rates_gflops": rates,
-                               "cpu_count": os.cpu_count(),
-                               "jax": jax.__version__, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "matmul_peak_gflops": peak,
+                "matmul_rates_gflops": rates,
+                "cpu_count": os.cpu_count(),
+                "jax": jax.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _param_shapes(cfg, config):

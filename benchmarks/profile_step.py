@@ -41,17 +41,25 @@ from echo_jax.core.config import load_config  # noqa: E402
 from echo_jax.lm import pretrain  # noqa: E402
 
 # Model parts by a substring of the op's HLO metadata, first match wins.
-PARTS = (("smear", "smeared keys"), ("attn/BLD,DHK", "q/k/v projections"),
-         ("/attn/dot_general", "q/k/v projections"),  # lm/cpu/dense.py's `project` (x @ w)
-         ("BLHK,HKD", "attention output projection"),
-         ("/attn/", "attention core (RoPE, scores, softmax)"), ("/mlp/", "MLP"),
-         ("_norm", "norms"), ("BLD,VD", "logits + loss"), ("BLD,DV", "logits + loss"),
-         ("jvp(loss)", "logits + loss"), ("log_softmax", "logits + loss"),
-         ("take_along_axis", "logits + loss"))
+PARTS = (
+    ("smear", "smeared keys"),
+    ("attn/BLD,DHK", "q/k/v projections"),
+    ("/attn/dot_general", "q/k/v projections"),  # lm/cpu/dense.py's `project` (x @ w)
+    ("BLHK,HKD", "attention output projection"),
+    ("/attn/", "attention core (RoPE, scores, softmax)"),
+    ("/mlp/", "MLP"),
+    ("_norm", "norms"),
+    ("BLD,VD", "logits + loss"),
+    ("BLD,DV", "logits + loss"),
+    ("jvp(loss)", "logits + loss"),
+    ("log_softmax", "logits + loss"),
+    ("take_along_axis", "logits + loss"),
+)
 # An instruction: its name, its array shape's dims (None for a tuple, e.g. a custom call's), its
 # opcode and the rest of the line.
 _INSTRUCTION = re.compile(
-    r"\s*(?:ROOT )?%([\w.\-]+) = (?:\w+\[([\d,]*)\]\S*|\(.*?\)) (\w[\w\-]*)\((.*)")
+    r"\s*(?:ROOT )?%([\w.\-]+) = (?:\w+\[([\d,]*)\]\S*|\(.*?\)) (\w[\w\-]*)\((.*)"
+)
 
 
 def parse_hlo(text: str) -> dict[str, tuple[str, float]]:
@@ -79,13 +87,21 @@ def parse_hlo(text: str) -> dict[str, tuple[str, float]]:
         if opcode == "dot":
             lhs = re.match(r"%([\w.\-]+)", rest).group(1)
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-            flops = 2.0 * math.prod(shape) * math.prod(
-                shapes[computation, lhs][int(d)]
-                for d in (contracting.group(1).split(",") if contracting else ()) if d)
+            flops = (
+                2.0
+                * math.prod(shape)
+                * math.prod(
+                    shapes[computation, lhs][int(d)]
+                    for d in (contracting.group(1).split(",") if contracting else ())
+                    if d
+                )
+            )
             own_flops[name] = flops
             computation_flops[computation] += flops
-    return {name: (op_name, own_flops.get(name) or computation_flops.get(called_by.get(name), 0.0))
-            for name, op_name in metadata.items()}
+    return {
+        name: (op_name, own_flops.get(name) or computation_flops.get(called_by.get(name), 0.0))
+        for name, op_name in metadata.items()
+    }
 
 
 def op_durations_ms(trace_dir: str) -> collections.Counter:
@@ -105,8 +121,10 @@ def op_durations_ms(trace_dir: str) -> collections.Counter:
                 if "::" not in name and not name.startswith("end:"):  # runtime bookkeeping
                     durations[name] += event.duration_ps / 1e9
     if not durations:
-        raise RuntimeError(f"no XLA:CPU op events (threads named tf_XLAEigen*) in {trace_dir}: "
-                           "this jax version's profiler names its threads differently")
+        raise RuntimeError(
+            f"no XLA:CPU op events (threads named tf_XLAEigen*) in {trace_dir}: "
+            "this jax version's profiler names its threads differently"
+        )
     return durations
 
 
@@ -139,8 +157,7 @@ def main() -> None:
             durations = op_durations_ms(trace_dir)
     hlo = parse_hlo(compiled.as_text())
     step_ms = step_s * 1e3
-    rows = collections.defaultdict(lambda: {"matmul_ms": 0.0, "matmul_gflop": 0.0,
-                                            "other_ms": 0.0})
+    rows = collections.defaultdict(lambda: {"matmul_ms": 0.0, "matmul_gflop": 0.0, "other_ms": 0.0})
     for op, total_ms in durations.items():
         op_name, op_flops = hlo.get(op, ("", 0.0))
         row = rows[part_of(op_name)]
@@ -149,24 +166,43 @@ def main() -> None:
             row["matmul_gflop"] += op_flops / 1e9
         else:
             row["other_ms"] += total_ms / args.steps
-    model_gflop = pretrain.flops_per_token(pretrain.model_config(config),
-                                           config.data.seq_len) * tokens / 1e9
-    print(f"{args.variant}: {step_ms:.1f} ms per step, {tokens / step_ms * 1e3:,.0f} tokens/s, "
-          f"{model_gflop:.1f} model GFLOP per step (PaLM count), {sys.argv[1:]}\n")
-    print("| part | pass | matmul thread-ms | matmul GFLOP | matmul GFLOP/s in the step "
-          "| other thread-ms |")
+    model_gflop = (
+        pretrain.flops_per_token(pretrain.model_config(config), config.data.seq_len) * tokens / 1e9
+    )
+    print(
+        f"{args.variant}: {step_ms:.1f} ms per step, {tokens / step_ms * 1e3:,.0f} tokens/s, "
+        f"{model_gflop:.1f} model GFLOP per step (PaLM count), {sys.argv[1:]}\n"
+    )
+    print(
+        "| part | pass | matmul thread-ms | matmul GFLOP | matmul GFLOP/s in the step "
+        "| other thread-ms |"
+    )
     print("|---|---|---|---|---|---|")
     table = []
-    for (part, direction), row in sorted(rows.items(), key=lambda kv: -sum(
-            (kv[1]["matmul_ms"], kv[1]["other_ms"]))):
+    for (part, direction), row in sorted(
+        rows.items(), key=lambda kv: -sum((kv[1]["matmul_ms"], kv[1]["other_ms"]))
+    ):
         rate = row["matmul_gflop"] / row["matmul_ms"] * 1e3 if row["matmul_ms"] else None
         table.append({"part": part, "pass": direction, **row, "matmul_gflops": rate})
-        print(f"| {part} | {direction} | {row['matmul_ms']:.1f} | {row['matmul_gflop']:.2f} | "
-              f"{'' if rate is None else f'{rate:.0f}'} | {row['other_ms']:.1f} |")
+        print(
+            f"| {part} | {direction} | {row['matmul_ms']:.1f} | {row['matmul_gflop']:.2f} | "
+            f"{'' if rate is None else f'{rate:.0f}'} | {row['other_ms']:.1f} |"
+        )
     out = REPO / "benchmarks" / "results" / f"profile_step_{args.variant}.json"
-    out.write_text(json.dumps({"variant": args.variant, "overrides": args.set,
-                               "step_ms": step_ms, "model_gflop_per_step": model_gflop,
-                               "jax": jax.__version__, "rows": table}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "overrides": args.set,
+                "step_ms": step_ms,
+                "model_gflop_per_step": model_gflop,
+                "jax": jax.__version__,
+                "rows": table,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -23,19 +23,27 @@ def _contiguous(prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengt
     lengths_Bx1 = prompt_lengths_B[:, None]
     from_prompt = jnp.take_along_axis(prompts_BxP, jnp.minimum(slot_BxT, P - 1), axis=1)
     from_completion = jnp.take_along_axis(
-        completions_BxN, jnp.clip(slot_BxT - lengths_Bx1, 0, completions_BxN.shape[1] - 1), 1)
+        completions_BxN, jnp.clip(slot_BxT - lengths_Bx1, 0, completions_BxN.shape[1] - 1), 1
+    )
     tokens_BxT = jnp.where(slot_BxT < lengths_Bx1, from_prompt, from_completion)
     segments_BxT = (slot_BxT < lengths_Bx1 + completion_lengths_B[:, None]).astype(jnp.int32)
     return tokens_BxT * segments_BxT, slot_BxT.astype(jnp.int32), segments_BxT
 
 
-def score(model: Transformer, params: Any, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
-          completions_BxN: jax.Array, completion_lengths_B: jax.Array,
-          temperature: float = 1.0) -> jax.Array:
+def score(
+    model: Transformer,
+    params: Any,
+    prompts_BxP: jax.Array,
+    prompt_lengths_B: jax.Array,
+    completions_BxN: jax.Array,
+    completion_lengths_B: jax.Array,
+    temperature: float = 1.0,
+) -> jax.Array:
     """Teacher-forced log-probabilities (B, N) of the completion tokens under
     softmax(logits / temperature), 0 past each completion's length: what RL recomputes."""
     tokens_BxT, positions_BxT, segments_BxT = _contiguous(
-        prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengths_B)
+        prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengths_B
+    )
     logits_BxTxV, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, segments_BxT)
     N = completions_BxN.shape[1]
     # Completion token j sits at slot len_b + j and is predicted at slot len_b + j - 1.
@@ -46,9 +54,14 @@ def score(model: Transformer, params: Any, prompts_BxP: jax.Array, prompt_length
     return jnp.where(jnp.arange(N) < completion_lengths_B[:, None], logp_BxN, 0.0)
 
 
-def recompute_greedy(model: Transformer, params: Any, prompts_BxP: jax.Array,
-                     prompt_lengths_B: jax.Array, max_new_tokens: int,
-                     num_steps: int | None = None) -> jax.Array:
+def recompute_greedy(
+    model: Transformer,
+    params: Any,
+    prompts_BxP: jax.Array,
+    prompt_lengths_B: jax.Array,
+    max_new_tokens: int,
+    num_steps: int | None = None,
+) -> jax.Array:
     """The naive baseline: greedy tokens (B, N) from a full forward pass over the whole (P + N)
     buffer at every step, no cache and no early stop (a reference for tests and benchmarks).
     `num_steps` < N draws only that many tokens at the same cost per step."""
@@ -56,8 +69,9 @@ def recompute_greedy(model: Transformer, params: Any, prompts_BxP: jax.Array,
 
     def body(j, completions_BxN):
         lengths_B = jnp.full((B,), j, jnp.int32)
-        tokens, positions, segments = _contiguous(prompts_BxP, prompt_lengths_B, completions_BxN,
-                                                  lengths_B)
+        tokens, positions, segments = _contiguous(
+            prompts_BxP, prompt_lengths_B, completions_BxN, lengths_B
+        )
         logits_BxTxV, _ = model.apply({"params": params}, tokens, positions, segments)
         last_B = prompt_lengths_B + j - 1
         logits_BxV = jnp.take_along_axis(logits_BxTxV, last_B[:, None, None], axis=1)[:, 0]

@@ -51,15 +51,21 @@ def tinygsm_program(i: int) -> tuple[str, str]:
         f"    lost = {i % 5}\n"
         "    total = boxes * pens_per_box - lost\n"
         "    result = total\n"
-        "    return result\n")
+        "    return result\n"
+    )
     return code, repr((i % 17 + 2) * (i % 11 + 3) - i % 5)
 
 
 def run_subprocess(code: str, timeout_s: float = 2.0, memory_mb: int = 256) -> str | None:
     proc = subprocess.run(
         [sys.executable, "-I", "-c", RUNNER, str(max(1, int(timeout_s))), str(memory_mb)],
-        input=code, capture_output=True, text=True, timeout=timeout_s,
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True)
+        input=code,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        start_new_session=True,
+    )
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -111,26 +117,48 @@ def main() -> None:
     if pool_wrong or sub_wrong:
         raise SystemExit(f"wrong values: pool {pool_wrong}, subprocess {sub_wrong}")
 
-    print(f"| runner ({workers} workers, {os.cpu_count()} CPUs) | programs | programs/s "
-          "| median latency (ms) |")
+    print(
+        f"| runner ({workers} workers, {os.cpu_count()} CPUs) | programs | programs/s "
+        "| median latency (ms) |"
+    )
     print("|---|---:|---:|---:|")
     print(f"| fork-server pool | {args.pool_programs} | {pool_rate:.0f} | {pool_latency:.1f} |")
-    print(f"| subprocess per program | {args.subprocess_programs} | {sub_rate:.0f} "
-          f"| {sub_latency:.1f} |")
-    print(f"| **ratio** | | **{pool_rate / sub_rate:.1f}x** | "
-          f"**{sub_latency / pool_latency:.1f}x** |")
+    print(
+        f"| subprocess per program | {args.subprocess_programs} | {sub_rate:.0f} "
+        f"| {sub_latency:.1f} |"
+    )
+    print(
+        f"| **ratio** | | **{pool_rate / sub_rate:.1f}x** | **{sub_latency / pool_latency:.1f}x** |"
+    )
     print(f"\npool start-up {startup_s:.2f} s; isolation: {isolation}")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "workers": workers, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "machine": platform.machine(), "kernel": platform.release(),
-        "pool": {"programs": args.pool_programs, "programs_per_s": pool_rate,
-                 "median_latency_ms": pool_latency, "startup_s": startup_s},
-        "subprocess": {"programs": args.subprocess_programs, "programs_per_s": sub_rate,
-                       "median_latency_ms": sub_latency},
-        "speedup": pool_rate / sub_rate, "isolation": isolation,
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "workers": workers,
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "kernel": platform.release(),
+                "pool": {
+                    "programs": args.pool_programs,
+                    "programs_per_s": pool_rate,
+                    "median_latency_ms": pool_latency,
+                    "startup_s": startup_s,
+                },
+                "subprocess": {
+                    "programs": args.subprocess_programs,
+                    "programs_per_s": sub_rate,
+                    "median_latency_ms": sub_latency,
+                },
+                "speedup": pool_rate / sub_rate,
+                "isolation": isolation,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -62,8 +62,9 @@ class Attention(nn.Module):
         self.w_out = _weight(d_model, d_model)
         self.smear_gate = nn.Parameter(torch.zeros(n_heads)) if smear_keys else None
 
-    def forward(self, x_BxLxD: torch.Tensor, positions_BxL: torch.Tensor,
-                mask_Bx1xLxL: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BxLxD: torch.Tensor, positions_BxL: torch.Tensor, mask_Bx1xLxL: torch.Tensor
+    ) -> torch.Tensor:
         B, L, _ = x_BxLxD.shape
         qkv = (x_BxLxD @ self.w_qkv).view(B, L, 3, self.n_heads, self.head_dim)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv.unbind(2)
@@ -72,7 +73,8 @@ class Attention(nn.Module):
         q_BxHxLxK = rope(q_BxLxHxK, positions_BxL).transpose(1, 2)
         k_BxHxLxK = rope(k_BxLxHxK, positions_BxL).transpose(1, 2)
         out_BxHxLxK = F.scaled_dot_product_attention(
-            q_BxHxLxK, k_BxHxLxK, v_BxLxHxK.transpose(1, 2), attn_mask=mask_Bx1xLxL)
+            q_BxHxLxK, k_BxHxLxK, v_BxLxHxK.transpose(1, 2), attn_mask=mask_Bx1xLxL
+        )
         return out_BxHxLxK.transpose(1, 2).reshape(B, L, -1) @ self.w_out
 
     def _smear(self, k_BxLxHxK: torch.Tensor, positions_BxL: torch.Tensor) -> torch.Tensor:
@@ -91,8 +93,9 @@ class Block(nn.Module):
         self.w_in = _weight(d_model, 2 * mlp_dim)  # gate and up, fused
         self.w_down = _weight(mlp_dim, d_model)
 
-    def forward(self, x_BxLxD: torch.Tensor, positions_BxL: torch.Tensor,
-                mask_Bx1xLxL: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BxLxD: torch.Tensor, positions_BxL: torch.Tensor, mask_Bx1xLxL: torch.Tensor
+    ) -> torch.Tensor:
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
         gate_BxLxF, up_BxLxF = (self.mlp_norm(x_BxLxD) @ self.w_in).chunk(2, dim=-1)
         return x_BxLxD + (F.silu(gate_BxLxF) * up_BxLxF) @ self.w_down
@@ -113,19 +116,30 @@ def attention_mask(positions_BxL: torch.Tensor, segment_ids_BxL: torch.Tensor) -
 class TorchLM(nn.Module):
     """`forward(tokens, positions, segment_ids) -> logits_BxLxV` (f32)."""
 
-    def __init__(self, d_model: int, n_layers: int, n_heads: int, mlp_dim: int, vocab_size: int,
-                 norm: str = "rms", tied: bool = True, smear_keys: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        mlp_dim: int,
+        vocab_size: int,
+        norm: str = "rms",
+        tied: bool = True,
+        smear_keys: bool = False,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.embedding = _weight(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_dim, norm, smear_keys)
-                                    for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, mlp_dim, norm, smear_keys) for _ in range(n_layers)
+        )
         self.final_norm = Norm(d_model, norm)
         self.unembed = None if tied else _weight(d_model, vocab_size)
 
-    def forward(self, tokens_BxL: torch.Tensor, positions_BxL: torch.Tensor,
-                segment_ids_BxL: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens_BxL: torch.Tensor, positions_BxL: torch.Tensor, segment_ids_BxL: torch.Tensor
+    ) -> torch.Tensor:
         mask_Bx1xLxL = attention_mask(positions_BxL, segment_ids_BxL)
         x_BxLxD = self.embedding[tokens_BxL]
         for block in self.blocks:
@@ -134,11 +148,13 @@ class TorchLM(nn.Module):
         return x_BxLxD @ (self.embedding.T if self.unembed is None else self.unembed)
 
 
-def loss_fn(logits_BxLxV: torch.Tensor, targets_BxL: torch.Tensor,
-            loss_mask_BxL: torch.Tensor) -> torch.Tensor:
+def loss_fn(
+    logits_BxLxV: torch.Tensor, targets_BxL: torch.Tensor, loss_mask_BxL: torch.Tensor
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the tokens the mask keeps."""
-    nll_BxL = F.cross_entropy(logits_BxLxV.flatten(0, 1), targets_BxL.flatten(),
-                              reduction="none").view_as(targets_BxL)
+    nll_BxL = F.cross_entropy(
+        logits_BxLxV.flatten(0, 1), targets_BxL.flatten(), reduction="none"
+    ).view_as(targets_BxL)
     mask = loss_mask_BxL.float()
     return (nll_BxL * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -147,20 +163,26 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def random_batch(batch_size: int, seq_len: int, vocab_size: int, segments: int = 4,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def random_batch(
+    batch_size: int, seq_len: int, vocab_size: int, segments: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random tokens packed as `segments` equal examples per row (positions restart in each)."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(vocab_size, (batch_size, seq_len + 1), generator=gen)
     seg_len = math.ceil(seq_len / segments)
     index = torch.arange(seq_len).expand(batch_size, seq_len)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": index % seg_len, "segment_ids": index // seg_len + 1,
-            "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": index % seg_len,
+        "segment_ids": index // seg_len + 1,
+        "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool),
+    }
 
 
-def time_train_steps(cfg: dict, batch_size: int, seq_len: int, steps: int,
-                     warmup: int) -> dict[str, float]:
+def time_train_steps(
+    cfg: dict, batch_size: int, seq_len: int, steps: int, warmup: int
+) -> dict[str, float]:
     """Times full AdamW steps (forward, backward, clipping, update) on one random batch.
 
     `cfg` holds TorchLM's keyword arguments. The optimizer mirrors the JAX one: global-norm
@@ -170,9 +192,14 @@ def time_train_steps(cfg: dict, batch_size: int, seq_len: int, steps: int,
     torch.manual_seed(0)
     model = TorchLM(**cfg)
     params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                            lr=3e-4, weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=3e-4,
+        weight_decay=0.1,
+    )
     batch = random_batch(batch_size, seq_len, cfg["vocab_size"])
 
     def step() -> None:

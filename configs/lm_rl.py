@@ -24,8 +24,9 @@ VARIANTS = ("grpo", "ppo", "ei", "grpo_1b", "ppo_1b")
 
 
 def _pretrain(variant: str) -> ml_collections.ConfigDict:
-    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         f"lm_pretrain.py:{variant}"))
+    return load_config_file(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), f"lm_pretrain.py:{variant}")
+    )
 
 
 def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:

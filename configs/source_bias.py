@@ -18,8 +18,15 @@ import ml_collections
 
 from echo_jax.core.config import check_variant, load_config_file
 
-VARIANTS = ("controlled", "beauty637", "beauty637_clean", "loop", "loop_small", "loop_smoke",
-            "beauty637_loop")
+VARIANTS = (
+    "controlled",
+    "beauty637",
+    "beauty637_clean",
+    "loop",
+    "loop_small",
+    "loop_smoke",
+    "beauty637_loop",
+)
 ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
 
 
@@ -53,8 +60,15 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     return c
 
 
-def _shrink(c: ml_collections.ConfigDict, users: int, items: int, steps: int, phase_steps: int,
-            iterations: int, seeds: tuple[int, ...]) -> None:
+def _shrink(
+    c: ml_collections.ConfigDict,
+    users: int,
+    items: int,
+    steps: int,
+    phase_steps: int,
+    iterations: int,
+    seeds: tuple[int, ...],
+) -> None:
     c.data.num_users, c.data.num_items = users, items
     c.loop.train_steps, c.loop.iterations, c.loop.seeds = steps, iterations, seeds
     c.train.num_steps = phase_steps

@@ -19,7 +19,9 @@ from ml_collections import config_flags
 
 from echo_jax.core.config import ConfigError, parse_flags_with_clear_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True, help_string="configs/X.py:variant")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", lock_config=True, help_string="configs/X.py:variant"
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it exists).")
 
 
@@ -50,9 +52,10 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if os.environ.get("ECHO_JAX_DISTRIBUTED") == "1":
         import jax
+
         jax.distributed.initialize()
-    from echo_jax.core.train_loop import NonFiniteLossError, Preempted
     from echo_jax.core.checkpoint import IncompatibleCheckpointError
+    from echo_jax.core.train_loop import NonFiniteLossError, Preempted
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; Orbax's INFO is noise

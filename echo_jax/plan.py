@@ -35,8 +35,9 @@ from echo_jax.core import sharding  # noqa: E402
 from echo_jax.core.config import ConfigError, parse_flags_with_clear_errors  # noqa: E402
 from echo_jax.core.train_loop import TrainTask, abstract_state, jit_train_step  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True,
-                                          help_string="configs/X.py:variant")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", lock_config=True, help_string="configs/X.py:variant"
+)
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -49,9 +50,10 @@ def bytes_per_device(tree: Any) -> int:
 
 
 def _abstract_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                    sharding=sharding.batch_sharding(mesh, v.ndim))
-            for k, v in batch.items()}
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
+        for k, v in batch.items()
+    }
 
 
 def _pretrain(config: ml_collections.ConfigDict, mesh) -> tuple[TrainTask, dict, dict]:
@@ -65,8 +67,11 @@ def _pretrain(config: ml_collections.ConfigDict, mesh) -> tuple[TrainTask, dict,
     tx = pretrain.make_optimizer(config.train)
     shape = (config.train.batch_size, config.data.seq_len)
     batch = {k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32) for k in FEATURES}
-    task = TrainTask(init_state=pretrain.make_init_state(model, tx, config.data.seq_len),
-                     train_step=pretrain.make_train_step(model, tx), train_iter=None)
+    task = TrainTask(
+        init_state=pretrain.make_init_state(model, tx, config.data.seq_len),
+        train_step=pretrain.make_train_step(model, tx),
+        train_iter=None,
+    )
     return task, _abstract_batch(batch, mesh), {}
 
 
@@ -98,16 +103,19 @@ def _compile_sampler(config, algo, sampler, params, mesh) -> dict[str, float]:
 
     rc = algo.rollout
     rows = config.rl.sampler_batch_size or rc.rollout_size
-    prompts = jax.ShapeDtypeStruct((rows, rc.max_prompt_len), np.int32,
-                                   sharding=sharding.batch_sharding(mesh, 2))
+    prompts = jax.ShapeDtypeStruct(
+        (rows, rc.max_prompt_len), np.int32, sharding=sharding.batch_sharding(mesh, 2)
+    )
     lengths = jax.ShapeDtypeStruct((rows,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(sampler.rules)):
         compiled = sampler_lib._generate.lower(
-            sampler, params, prompts, lengths, jax.random.key(0),
-            rl_job.sampling_params(rc)).compile()
-    return {"sampler_temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
-            "sampler_compile_s": round(time.perf_counter() - start, 1)}
+            sampler, params, prompts, lengths, jax.random.key(0), rl_job.sampling_params(rc)
+        ).compile()
+    return {
+        "sampler_temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+        "sampler_compile_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -118,16 +126,23 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state = abstract_state(task, mesh, rules, jax.random.key(0))
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = jit_train_step(task, mesh, rules, state).lower(
-            state, batch, jax.random.key(0)).compile()
-    result = {"config": config.kind, "devices": mesh.devices.size,
-              "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
-              "params_bytes_per_device": bytes_per_device(state.params),
-              "params_bytes_total": sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                                        for x in jax.tree.leaves(state.params)),
-              "state_bytes_per_device": bytes_per_device(state),
-              "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
-              "compile_s": round(time.perf_counter() - start, 1)}
+        compiled = (
+            jit_train_step(task, mesh, rules, state)
+            .lower(state, batch, jax.random.key(0))
+            .compile()
+        )
+    result = {
+        "config": config.kind,
+        "devices": mesh.devices.size,
+        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+        "params_bytes_per_device": bytes_per_device(state.params),
+        "params_bytes_total": sum(
+            math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state.params)
+        ),
+        "state_bytes_per_device": bytes_per_device(state),
+        "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+        "compile_s": round(time.perf_counter() - start, 1),
+    }
     if "sampler" in extra:
         result.update(_compile_sampler(config, *extra["sampler"], state.params, mesh))
     return result

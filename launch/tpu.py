@@ -52,8 +52,14 @@ def default_version(accelerator_type: str) -> str:
 
 def create_commands(args: argparse.Namespace) -> list[list[str]]:
     version = args.version or default_version(args.accelerator_type)
-    cmd = [*GCLOUD_TPU, "create", args.name, *_location(args),
-           f"--accelerator-type={args.accelerator_type}", f"--version={version}"]
+    cmd = [
+        *GCLOUD_TPU,
+        "create",
+        args.name,
+        *_location(args),
+        f"--accelerator-type={args.accelerator_type}",
+        f"--version={version}",
+    ]
     if args.spot:
         cmd.append("--spot")
     if args.preemptible:
@@ -70,14 +76,25 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     repo, venv = shlex.quote(args.remote_dir), shlex.quote(args.venv)
     commands = []
     if args.repo_url:
-        fetch = (f"rm -rf {repo} && git clone --quiet {shlex.quote(args.repo_url)} {repo}"
-                 f" && git -C {repo} checkout --quiet {shlex.quote(args.ref)}")
+        fetch = (
+            f"rm -rf {repo} && git clone --quiet {shlex.quote(args.repo_url)} {repo}"
+            f" && git -C {repo} checkout --quiet {shlex.quote(args.ref)}"
+        )
         commands.append(_ssh_all(args, fetch))
     else:
         # scp into an existing directory would nest the copy inside it, so clear it first.
         commands.append(_ssh_all(args, f"rm -rf {repo}"))
-        commands.append([*GCLOUD_TPU, "scp", "--recurse", args.local_dir,
-                         f"{args.name}:{args.remote_dir}", *_location(args), "--worker=all"])
+        commands.append(
+            [
+                *GCLOUD_TPU,
+                "scp",
+                "--recurse",
+                args.local_dir,
+                f"{args.name}:{args.remote_dir}",
+                *_location(args),
+                "--worker=all",
+            ]
+        )
     package = shlex.quote(f"./{args.remote_dir}[tpu]")
     install = (
         f"(test -x {UV} || curl -LsSf https://astral.sh/uv/install.sh | sh)"
@@ -93,12 +110,19 @@ def run_commands(args: argparse.Namespace) -> list[list[str]]:
     for override in args.overrides:
         if not override.startswith("--config."):
             raise ValueError(f"override {override!r} must look like --config.KEY=VALUE")
-    main = ["python", "-m", "echo_jax.main", f"--config={args.config}",
-            f"--workdir={args.workdir}", *args.overrides]
-    inner = (f"source {shlex.quote(args.venv)}/bin/activate && cd {shlex.quote(args.remote_dir)}"
-             f" && export ECHO_JAX_DISTRIBUTED=1 && exec {shlex.join(main)}")
-    remote = (f"nohup bash -c {shlex.quote(inner)} > {shlex.quote(args.log_file)} 2>&1"
-              " < /dev/null &")
+    main = [
+        "python",
+        "-m",
+        "echo_jax.main",
+        f"--config={args.config}",
+        f"--workdir={args.workdir}",
+        *args.overrides,
+    ]
+    inner = (
+        f"source {shlex.quote(args.venv)}/bin/activate && cd {shlex.quote(args.remote_dir)}"
+        f" && export ECHO_JAX_DISTRIBUTED=1 && exec {shlex.join(main)}"
+    )
+    remote = f"nohup bash -c {shlex.quote(inner)} > {shlex.quote(args.log_file)} 2>&1 < /dev/null &"
     return [_ssh_all(args, remote)]
 
 
@@ -110,8 +134,9 @@ def status_commands(args: argparse.Namespace) -> list[list[str]]:
     commands = [[*GCLOUD_TPU, "describe", args.name, *_location(args)]]
     if args.tail:
         remote = f"tail -n {args.tail} {shlex.quote(args.log_file)}"
-        commands.append([*GCLOUD_TPU, "ssh", args.name, *_location(args), "--worker=0",
-                         f"--command={remote}"])
+        commands.append(
+            [*GCLOUD_TPU, "ssh", args.name, *_location(args), "--worker=0", f"--command={remote}"]
+        )
     return commands
 
 
@@ -135,25 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     capacity.add_argument("--spot", action="store_true", help="spot capacity")
     capacity.add_argument("--preemptible", action="store_true", help="preemptible capacity")
 
-    setup = add("setup", "Copy or clone the repo on every worker and install it.",
-                setup_commands)
+    setup = add("setup", "Copy or clone the repo on every worker and install it.", setup_commands)
     source = setup.add_mutually_exclusive_group(required=True)
     source.add_argument("--repo-url", help="git URL to clone on every worker")
     source.add_argument("--local-dir", help="local checkout to copy with scp --recurse")
     setup.add_argument("--ref", default="main", help="git branch, tag or commit (--repo-url)")
     setup.add_argument("--python", default="3.11", help="Python version for the venv")
 
-    run = add("run", "Start echo_jax.main on all workers (ECHO_JAX_DISTRIBUTED=1).",
-              run_commands)
+    run = add("run", "Start echo_jax.main on all workers (ECHO_JAX_DISTRIBUTED=1).", run_commands)
     run.add_argument("--config", required=True, help="e.g. configs/lm_pretrain.py:150m")
     run.add_argument("--workdir", required=True, help="shared by all workers, e.g. gs://b/run1")
-    run.add_argument("overrides", nargs="*",
-                     help="config overrides after '--', e.g. -- --config.train.num_steps=1000")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides after '--', e.g. -- --config.train.num_steps=1000",
+    )
 
     add("delete", "Delete the TPU VM.", delete_commands)
 
-    status = add("status", "Describe the TPU VM; optionally tail worker 0's run log.",
-                 status_commands)
+    status = add(
+        "status", "Describe the TPU VM; optionally tail worker 0's run log.", status_commands
+    )
     status.add_argument("--tail", type=int, default=0, help="log lines to show (0: none)")
 
     for sub in (setup, run):
@@ -172,15 +199,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.subcommand == "run" and not args.workdir.startswith("gs://"):
-        print("warning: --workdir is not a gs:// path; on a multi-host slice every worker "
-              "writes its own local copy", file=sys.stderr)
+        print(
+            "warning: --workdir is not a gs:// path; on a multi-host slice every worker "
+            "writes its own local copy",
+            file=sys.stderr,
+        )
     if args.dry_run:
         for cmd in commands:
             print(shlex.join(cmd))
         return 0
     if shutil.which("gcloud") is None:
-        sys.exit("error: gcloud not found on PATH; install the Google Cloud CLI "
-                 "(https://cloud.google.com/sdk/docs/install) or use --dry-run")
+        sys.exit(
+            "error: gcloud not found on PATH; install the Google Cloud CLI "
+            "(https://cloud.google.com/sdk/docs/install) or use --dry-run"
+        )
     for cmd in commands:
         result = subprocess.run(cmd, check=False)
         if result.returncode:

@@ -3,13 +3,15 @@
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import echo_jax  # noqa: E402,F401  (first: its malloc settings precede any allocating thread)
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+import echo_jax  # noqa: E402,F401  (first: its malloc settings precede any allocating thread)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

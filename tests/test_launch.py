@@ -40,16 +40,25 @@ def test_create_passes_zone_accelerator_and_capacity(capsys):
 
 
 def test_create_v5e_defaults_image_and_takes_project(capsys):
-    (cmd,) = dry_run(capsys, "create", *BASE, "--accelerator-type", "v5litepod-32",
-                     "--project", "my-proj", "--preemptible")
+    (cmd,) = dry_run(
+        capsys,
+        "create",
+        *BASE,
+        "--accelerator-type",
+        "v5litepod-32",
+        "--project",
+        "my-proj",
+        "--preemptible",
+    )
     assert flag(cmd, "--version") == "v2-alpha-tpuv5-lite"
     assert flag(cmd, "--project") == "my-proj"
     assert "--preemptible" in cmd
 
 
 def test_setup_from_git_runs_on_all_workers(capsys):
-    cmds = dry_run(capsys, "setup", *BASE, "--repo-url", "https://example.com/o/echo_jax.git",
-                   "--ref", "v1.0")
+    cmds = dry_run(
+        capsys, "setup", *BASE, "--repo-url", "https://example.com/o/echo_jax.git", "--ref", "v1.0"
+    )
     assert len(cmds) == 2
     for cmd in cmds:
         assert cmd[4] == "ssh" and flag(cmd, "--worker") == "all"
@@ -69,10 +78,19 @@ def test_setup_from_local_dir_copies_with_scp(capsys):
 
 
 def test_run_quotes_config_workdir_and_overrides(capsys):
-    tricky = "--config.run_name=it's a \"test\" $HOME"
-    (cmd,) = dry_run(capsys, "run", *BASE, "--config", "configs/lm_pretrain.py:150m",
-                     "--workdir", "gs://bucket/run 1", "--",
-                     "--config.train.num_steps=1000", tricky)
+    tricky = '--config.run_name=it\'s a "test" $HOME'
+    (cmd,) = dry_run(
+        capsys,
+        "run",
+        *BASE,
+        "--config",
+        "configs/lm_pretrain.py:150m",
+        "--workdir",
+        "gs://bucket/run 1",
+        "--",
+        "--config.train.num_steps=1000",
+        tricky,
+    )
     assert cmd[4] == "ssh" and flag(cmd, "--worker") == "all"
     remote = shlex.split(flag(cmd, "--command"))
     assert remote[:3] == ["nohup", "bash", "-c"]
@@ -80,8 +98,15 @@ def test_run_quotes_config_workdir_and_overrides(capsys):
     inner = remote[3]
     assert "export ECHO_JAX_DISTRIBUTED=1" in inner
     main = shlex.split(inner.rsplit("exec ", 1)[1])
-    assert main == ["python", "-m", "echo_jax.main", "--config=configs/lm_pretrain.py:150m",
-                    "--workdir=gs://bucket/run 1", "--config.train.num_steps=1000", tricky]
+    assert main == [
+        "python",
+        "-m",
+        "echo_jax.main",
+        "--config=configs/lm_pretrain.py:150m",
+        "--workdir=gs://bucket/run 1",
+        "--config.train.num_steps=1000",
+        tricky,
+    ]
 
 
 def test_run_rejects_non_config_override(capsys):
@@ -101,8 +126,9 @@ def test_delete_and_status(capsys):
 
 def run_script(*argv: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PATH=path if path is not None else os.environ["PATH"])
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
-                          env=env, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env, check=False
+    )
 
 
 def test_script_dry_run_prints_commands():

@@ -7,23 +7,44 @@ import sys
 
 from tests.conftest import REPO
 
-SMALL = ["--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
-         "--config.model.mlp_dim=64", "--config.model.max_len=64", "--config.rl.max_prompt_len=16",
-         "--config.rl.max_new_tokens=8", "--config.rl.prompts_per_step=4",
-         "--config.rl.samples_per_prompt=2", "--config.rl.train_batch_size=4",
-         "--config.rl.micro_batch_size=4"]
+SMALL = [
+    "--config.model.d_model=32",
+    "--config.model.n_layers=1",
+    "--config.model.n_heads=2",
+    "--config.model.mlp_dim=64",
+    "--config.model.max_len=64",
+    "--config.rl.max_prompt_len=16",
+    "--config.rl.max_new_tokens=8",
+    "--config.rl.prompts_per_step=4",
+    "--config.rl.samples_per_prompt=2",
+    "--config.rl.train_batch_size=4",
+    "--config.rl.micro_batch_size=4",
+]
 
 
 def _plan(*args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "echo_jax.plan", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "echo_jax.plan", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_plan_shards_the_ppo_state_over_fsdp_and_tensor():
-    out = _plan("--config=configs/lm_rl.py:ppo", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                "--config.mesh.tensor=2", *SMALL)
+    out = _plan(
+        "--config=configs/lm_rl.py:ppo",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2",
+        *SMALL,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads(out.stdout.strip().splitlines()[-1])
     assert plan["devices"] == 8 and plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}

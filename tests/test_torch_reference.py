@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 
 from flax import linen as nn  # noqa: E402
 
-from echo_jax.lm.pretrain import flops_per_token  # noqa: E402
 from benchmarks.torch_reference import TorchLM, param_count, time_train_steps  # noqa: E402
 from echo_jax.lm.model import ModelConfig, Transformer  # noqa: E402
+from echo_jax.lm.pretrain import flops_per_token  # noqa: E402
 
 SMALL = dict(d_model=16, n_layers=2, n_heads=2, mlp_dim=32, vocab_size=23)
 
@@ -55,12 +55,17 @@ def test_closed_smear_gate_equals_plain_model():
     with torch.no_grad():
         for block in smeared.blocks:
             block.attn.smear_gate.fill_(-float("inf"))
-        torch.testing.assert_close(smeared(tokens, positions, segment_ids),
-                                   plain(tokens, positions, segment_ids), rtol=0, atol=0)
+        torch.testing.assert_close(
+            smeared(tokens, positions, segment_ids),
+            plain(tokens, positions, segment_ids),
+            rtol=0,
+            atol=0,
+        )
         for block in smeared.blocks:
             block.attn.smear_gate.fill_(2.0)
-        assert not torch.allclose(smeared(tokens, positions, segment_ids),
-                                  plain(tokens, positions, segment_ids))
+        assert not torch.allclose(
+            smeared(tokens, positions, segment_ids), plain(tokens, positions, segment_ids)
+        )
 
 
 def test_param_count_by_hand():
@@ -73,8 +78,16 @@ def test_param_count_by_hand():
 
 def torch_from_jax(params: dict, cfg: ModelConfig) -> TorchLM:
     """A TorchLM holding the JAX model's weights (q/k/v and gate/up fused into one matrix)."""
-    model = TorchLM(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_dim, cfg.vocab_size,
-                    cfg.norm, cfg.tied_embeddings, cfg.smear_keys)
+    model = TorchLM(
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+        cfg.norm,
+        cfg.tied_embeddings,
+        cfg.smear_keys,
+    )
     p = jax.tree.map(lambda x: torch.from_numpy(np.array(x)), params)
     state = {"embedding": p["embedding"]}
     if cfg.norm == "rms":
@@ -98,25 +111,32 @@ def torch_from_jax(params: dict, cfg: ModelConfig) -> TorchLM:
     return model
 
 
-@pytest.mark.parametrize("norm,tied,smear_keys",
-                         [("rms", True, False), ("layernorm", False, True), ("rms", True, True)])
+@pytest.mark.parametrize(
+    "norm,tied,smear_keys", [("rms", True, False), ("layernorm", False, True), ("rms", True, True)]
+)
 def test_matches_jax_model(norm, tied, smear_keys):
     cfg = ModelConfig(max_len=12, norm=norm, tied_embeddings=tied, smear_keys=smear_keys, **SMALL)
     tokens, positions, segment_ids = packed_row()
     jax_model = Transformer(cfg)
-    params = nn.unbox(jax_model.init(jax.random.key(0), tokens.numpy(), positions.numpy(),
-                                     segment_ids.numpy())["params"])
+    params = nn.unbox(
+        jax_model.init(jax.random.key(0), tokens.numpy(), positions.numpy(), segment_ids.numpy())[
+            "params"
+        ]
+    )
     # Open the smear gates (initialised at 0) so that the test sees them at work.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: np.asarray(x) + (1.5 if path[-1].key == "smear_gate" else 0.0), params)
+        lambda path, x: np.asarray(x) + (1.5 if path[-1].key == "smear_gate" else 0.0), params
+    )
     model = torch_from_jax(params, cfg)
-    jax_logits, _ = jax_model.apply({"params": params}, tokens.numpy(), positions.numpy(),
-                                    segment_ids.numpy())
+    jax_logits, _ = jax_model.apply(
+        {"params": params}, tokens.numpy(), positions.numpy(), segment_ids.numpy()
+    )
     with torch.no_grad():
         torch_logits = model(tokens, positions, segment_ids)
     real = segment_ids[0] > 0  # padding rows differ by design (see attention_mask)
-    np.testing.assert_allclose(torch_logits[0, real].numpy(), np.asarray(jax_logits)[0, real],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        torch_logits[0, real].numpy(), np.asarray(jax_logits)[0, real], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_time_train_steps_reports_throughput():

@@ -45,7 +45,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -58,8 +59,9 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
     def check_compatible(self, step: int, meta: dict) -> None:
         """Refuses a resume whose `meta` differs from what `step` was saved with: the model
@@ -68,13 +70,16 @@ class Checkpointer:
         for key in sorted(meta):
             old, new = saved.get(key), meta[key]
             if old != new:
-                detail = (_first_difference(old or {}, new)
-                          if isinstance(new, dict) and isinstance(old, (dict, type(None)))
-                          else f"checkpoint has {old!r}, config gives {new!r}")
+                detail = (
+                    _first_difference(old or {}, new)
+                    if isinstance(new, dict) and isinstance(old, (dict, type(None)))
+                    else f"checkpoint has {old!r}, config gives {new!r}"
+                )
                 raise IncompatibleCheckpointError(
                     f"{self.directory} step {step} was written with a different "
                     f"{_META_NAMES.get(key, key)} ({detail}); use a fresh --workdir or restore "
-                    "the original config")
+                    "the original config"
+                )
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
         """Restores the state (with the shardings of `abstract_state`) and the iterator in place."""

@@ -13,7 +13,8 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -28,7 +29,8 @@ def check_variant(variant: str | None, valid: Sequence[str], family: str) -> str
     """Used by every `get_config`: an unknown variant names the valid ones."""
     if variant not in valid:
         raise ConfigError(
-            f"unknown variant {variant!r} for configs/{family}.py; valid: {', '.join(valid)}")
+            f"unknown variant {variant!r} for configs/{family}.py; valid: {', '.join(valid)}"
+        )
     return variant
 
 
@@ -38,7 +40,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(
-        f"_echo_jax_config_{abs(hash(path))}", path)
+        f"_echo_jax_config_{abs(hash(path))}", path
+    )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -77,9 +80,9 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     except (ValueError, SyntaxError):
         raise ConfigError(f"config key {key!r}: cannot parse {text!r}") from None
     if isinstance(current, bool) != isinstance(value, bool) or not isinstance(
-            value, (type(current), int) if isinstance(current, float) else type(current)):
-        raise ConfigError(
-            f"config key {key!r} expects {type(current).__name__}, got {text!r}")
+        value, (type(current), int) if isinstance(current, float) else type(current)
+    ):
+        raise ConfigError(f"config key {key!r} expects {type(current).__name__}, got {text!r}")
     return float(value) if isinstance(current, float) else value
 
 
@@ -105,8 +108,11 @@ def parse_flags_with_clear_errors(argv: list[str]) -> list[str]:
     spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
     try:
         if spec is not None:
-            overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:]
-                         if a.startswith("--config.")]
+            overrides = [
+                a[len("--config.") :].split("=", 1)[0]
+                for a in argv[1:]
+                if a.startswith("--config.")
+            ]
             check_keys(load_config_file(spec), overrides)
         return flags.FLAGS(argv)
     except (ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

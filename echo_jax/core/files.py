@@ -27,8 +27,10 @@ def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
     else:
         root = DEFAULT_DATA_DIR
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {str(root.resolve())!r} not found; set "
-                                f"{DATA_ENV} to the shared data directory")
+        raise FileNotFoundError(
+            f"data directory {str(root.resolve())!r} not found; set "
+            f"{DATA_ENV} to the shared data directory"
+        )
     return root.resolve()
 
 
@@ -74,7 +76,8 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict[st
                 if repair:
                     break
                 raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             rows.append(row)
         start = len(data) if end < 0 else end + 1
     if repair and start < len(data):

@@ -45,14 +45,20 @@ def tune_malloc() -> bool:
     """Single arena, no mmap-backed chunks, no trimming. Returns whether it took effect: only on
     Linux with glibc, without an accelerator, before jax started its backends, and unless
     ECHO_JAX_TUNE_MALLOC=0."""
-    if (os.environ.get("ECHO_JAX_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux")
-            or _has_accelerator()):
+    if (
+        os.environ.get("ECHO_JAX_TUNE_MALLOC", "1") == "0"
+        or not sys.platform.startswith("linux")
+        or _has_accelerator()
+    ):
         return False
     if _backends_started():
-        warnings.warn("echo_jax was imported after jax started its backends, too late to keep "
-                      "XLA:CPU from page-faulting its temporaries on every step (~1.4x slower "
-                      "training on CPU): import echo_jax before jax runs anything",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "echo_jax was imported after jax started its backends, too late to keep "
+            "XLA:CPU from page-faulting its temporaries on every step (~1.4x slower "
+            "training on CPU): import echo_jax before jax runs anything",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own libc
@@ -60,5 +66,7 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # A trim threshold of -1 converts to SIZE_MAX inside glibc: never trim the heap top.
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    return all(
+        mallopt(param, value) == 1
+        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+    )

@@ -7,7 +7,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -61,10 +62,20 @@ class Progress:
     a log file on a TPU VM or in CI.
     """
 
-    def __init__(self, total_steps: int, start_step: int, tokens_per_step: int = 0,
-                 label: str = "train", stream=sys.stderr):
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        tokens_per_step: int = 0,
+        label: str = "train",
+        stream=sys.stderr,
+    ):
         self.total, self.tokens_per_step, self.label, self.stream = (
-            total_steps, tokens_per_step, label, stream)
+            total_steps,
+            tokens_per_step,
+            label,
+            stream,
+        )
         self._last_step, self._last_time = start_step, time.perf_counter()
 
     def rates(self, step: int) -> dict[str, float]:
@@ -77,8 +88,11 @@ class Progress:
         return rates
 
     def show(self, step: int, row: Mapping[str, Any]) -> None:
-        shown = [f"{k}={v:.4g}" for k, v in row.items()
-                 if k != "step" and not k.startswith("perf/") and isinstance(v, float)][:6]
+        shown = [
+            f"{k}={v:.4g}"
+            for k, v in row.items()
+            if k != "step" and not k.startswith("perf/") and isinstance(v, float)
+        ][:6]
         line = f"[{self.label}] step {step}/{self.total} {100 * step / self.total:5.1f}% | "
         line += " ".join(shown)
         if "perf/steps_per_s" in row:
@@ -89,6 +103,7 @@ class Progress:
                 line += f", {row['perf/tokens_per_s']:,.0f} tok/s"
             line += f" | eta {_duration(eta)}"
         print(line, file=self.stream, flush=True)
+
 
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 from etils import epath
@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from echo_jax.core.files import read_jsonl  # noqa: E402
 
 
-def plot_curves(workdir: str, prefixes: Sequence[str], filename: str, title: str,
-                logy: bool = False) -> str | None:
+def plot_curves(
+    workdir: str, prefixes: Sequence[str], filename: str, title: str, logy: bool = False
+) -> str | None:
     """Plots every metric whose name starts with one of `prefixes` against step."""
     rows = read_jsonl(epath.Path(workdir) / "metrics.jsonl")
     keys = sorted({k for r in rows for k in r if any(k.startswith(p) for p in prefixes)})

@@ -8,12 +8,14 @@ runs data-parallel, FSDP or tensor-parallel by changing the config only.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from echo_jax.core.config import ConfigError
 
@@ -36,7 +38,8 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     if math.prod(shape) != num_devices:
         raise ConfigError(
             f"mesh: axis sizes {dict(zip(MESH_AXES, shape))} need {math.prod(shape)} devices, "
-            f"but {num_devices} are available")
+            f"but {num_devices} are available"
+        )
     return tuple(shape)
 
 
@@ -55,7 +58,8 @@ def config_mesh(sizes: dict[str, int]) -> Mesh:
     if -1 not in sizes.values() and needed > len(devices):
         raise ConfigError(
             f"mesh {dict(sizes)} needs {needed} devices, {len(devices)} available (on a CPU, "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} fakes them)")
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} fakes them)"
+        )
     return make_mesh(sizes, devices if -1 in sizes.values() else devices[:needed])
 
 

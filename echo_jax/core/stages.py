@@ -33,6 +33,7 @@ from echo_jax.core.files import read_json, write_json
 
 # --- skip if done, timing, header lines ----------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StageRun:
     """What `run_stage` did: `result` is `run()`'s value, or a skipped stage's stored result
@@ -43,9 +44,17 @@ class StageRun:
     skipped: bool
 
 
-def run_stage(run: Callable[[], Any], *, label: str, index: int, total: int, name: str,
-              done: bool = False, result_file: str | os.PathLike | None = None,
-              stream=None) -> StageRun:
+def run_stage(
+    run: Callable[[], Any],
+    *,
+    label: str,
+    index: int,
+    total: int,
+    name: str,
+    done: bool = False,
+    result_file: str | os.PathLike | None = None,
+    stream=None,
+) -> StageRun:
     """Runs stage `index` of `total` unless it finished earlier; prints
     `[label] stage index/total: name` before it and `...: done in N s` after it, or
     `...: finished earlier, skipped` alone.
@@ -82,8 +91,9 @@ def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The newest checkpointed step of a run directory (or of its `checkpoints/`), or None."""
     directory = checkpoint_dir(workdir)
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] \
-        if directory.is_dir() else []
+    steps = (
+        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    )
     return max(steps, default=None)
 
 
@@ -95,6 +105,7 @@ def reached_step(workdir: str | os.PathLike, num_steps: int) -> bool:
 
 
 # --- the workdir guard ---------------------------------------------------------------------------
+
 
 def _plain(tree: Mapping | ml_collections.ConfigDict) -> dict:
     """As it comes back from a JSON file: tuples as lists, other objects as str."""
@@ -112,22 +123,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def first_difference(saved: Mapping, current: Mapping, may_change: Sequence[str] = ()
-                     ) -> tuple[str, Any, Any] | None:
+def first_difference(
+    saved: Mapping, current: Mapping, may_change: Sequence[str] = ()
+) -> tuple[str, Any, Any] | None:
     """(dotted key, saved value, current value) of the first key (sorted) whose value differs,
     ignoring the keys matched by a `may_change` pattern (`fnmatch`: `eval.*`, `*.log_every`);
     a key missing on one side has the value None. None when nothing else differs."""
     old, new = _flatten(_plain(saved)), _flatten(_plain(current))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not any(
-                fnmatch.fnmatchcase(key, pattern) for pattern in may_change):
+            fnmatch.fnmatchcase(key, pattern) for pattern in may_change
+        ):
             return key, old.get(key), new.get(key)
     return None
 
 
-def check_workdir(workdir: str | os.PathLike, current: Mapping | ml_collections.ConfigDict, *,
-                  may_change: Sequence[str] = (), filename: str = "config.json",
-                  what: str = "a run", save: bool = True) -> None:
+def check_workdir(
+    workdir: str | os.PathLike,
+    current: Mapping | ml_collections.ConfigDict,
+    *,
+    may_change: Sequence[str] = (),
+    filename: str = "config.json",
+    what: str = "a run",
+    save: bool = True,
+) -> None:
     """The workdir guard: refuses to reuse `workdir` for settings other than those a previous
     run saved in `workdir/filename`.
 
@@ -143,13 +162,16 @@ def check_workdir(workdir: str | os.PathLike, current: Mapping | ml_collections.
         difference = first_difference(saved, current, may_change)
         if difference is not None:
             key, old, new = difference
-            raise ConfigError(f"{workdir} holds {what} with another {key} ({old!r}, now "
-                              f"{new!r}); use a fresh --workdir")
+            raise ConfigError(
+                f"{workdir} holds {what} with another {key} ({old!r}, now "
+                f"{new!r}); use a fresh --workdir"
+            )
     if save:
         write_json(path, _plain(current), indent=2)
 
 
 # --- move aside ----------------------------------------------------------------------------------
+
 
 def move_aside(workdir: str | os.PathLike, *, label: str, why: str) -> str:
     """Renames `workdir` to the first free `<workdir>.old<N>` (N = 1, 2, ...) and says so on
@@ -163,9 +185,16 @@ def move_aside(workdir: str | os.PathLike, *, label: str, why: str) -> str:
     return f"{workdir}.old{n}"
 
 
-def reuse_or_move_aside(workdir: str | os.PathLike, current: Mapping, *, filename: str,
-                        done_file: str, label: str, why: str = "a run of other settings",
-                        may_change: Sequence[str] = ()) -> bool:
+def reuse_or_move_aside(
+    workdir: str | os.PathLike,
+    current: Mapping,
+    *,
+    filename: str,
+    done_file: str,
+    label: str,
+    why: str = "a run of other settings",
+    may_change: Sequence[str] = (),
+) -> bool:
     """True if `workdir` holds a finished stage (`done_file` exists) of the settings `current`
     (equal to `workdir/filename`, see `first_difference`).
 

@@ -17,7 +17,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -83,7 +84,7 @@ class LoopConfig:
     async_checkpoints: bool = True
 
     @classmethod
-    def from_config(cls, train_config: Any) -> "LoopConfig":
+    def from_config(cls, train_config: Any) -> LoopConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in train_config.items() if k in names})
 
@@ -113,8 +114,11 @@ def abstract_state(task: TrainTask, mesh: Mesh, rules, rng: jax.Array) -> Any:
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         boxed = jax.eval_shape(task.init_state, rng)
         state_sharding = sharding.logical_to_sharding(boxed, mesh, rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.meta.unbox(boxed), state_sharding)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        state_sharding,
+    )
 
 
 def initial_state(task: TrainTask, mesh: Mesh, rules, rng: jax.Array) -> tuple[State, Any]:
@@ -134,8 +138,12 @@ def jit_train_step(task: TrainTask, mesh: Mesh, rules, abstract_state: Any) -> C
         with nn.logical_axis_rules(list(rules)):
             return task.train_step(state, batch, rng)
 
-    return jax.jit(step, in_shardings=(state_sharding, None, None),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, None, None),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> None:
@@ -157,8 +165,16 @@ def _shown(row: Mapping[str, Any], keys: Sequence[str]) -> Mapping[str, Any]:
     return {k: row[k] for k in (*keys, "perf/steps_per_s", "perf/tokens_per_s") if k in row}
 
 
-def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, seed: int,
-          config: Any = None, label: str = "train") -> State:
+def train(
+    task: TrainTask,
+    loop: LoopConfig,
+    mesh: Mesh,
+    rules,
+    workdir: str,
+    seed: int,
+    config: Any = None,
+    label: str = "train",
+) -> State:
     """Trains `task` to `loop.num_steps`, resuming from `workdir/checkpoints` when possible.
 
     `config` (a ConfigDict) is written to `workdir/config.json` once the checkpoint, if any, is
@@ -167,10 +183,10 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
     init_rng, loop_rng = jax.random.split(jax.random.key(seed))
     state, abstract = initial_state(task, mesh, rules, init_rng)
     is_chief = jax.process_index() == 0
-    ckpt = Checkpointer(f"{workdir}/checkpoints", keep=loop.keep_checkpoints,
-                        async_save=loop.async_checkpoints)
-    meta = {**task.meta, "seed": seed,
-            "signature": tree_signature(abstract)}
+    ckpt = Checkpointer(
+        f"{workdir}/checkpoints", keep=loop.keep_checkpoints, async_save=loop.async_checkpoints
+    )
+    meta = {**task.meta, "seed": seed, "signature": tree_signature(abstract)}
     start = ckpt.latest_step() or 0
     if start:
         ckpt.check_compatible(start, meta)
@@ -208,7 +224,8 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
                 save = done or step % loop.checkpoint_every == 0 or sigterm.raised
                 log = done or step % loop.log_every == 0
                 evaluate = task.evaluate and (
-                    done or (loop.eval_every and step % loop.eval_every == 0))
+                    done or (loop.eval_every and step % loop.eval_every == 0)
+                )
                 if save or log:
                     pending = jax.device_get(pending)
                     _check_finite(pending)
@@ -229,7 +246,8 @@ def train(task: TrainTask, loop: LoopConfig, mesh: Mesh, rules, workdir: str, se
     except NonFiniteLossError as e:
         ckpt.wait()
         raise NonFiniteLossError(
-            f"{e}; stopped. Last good checkpoint: step {last_good} in {ckpt.directory}") from None
+            f"{e}; stopped. Last good checkpoint: step {last_good} in {ckpt.directory}"
+        ) from None
     finally:
         ckpt.close()
         writer.close()

@@ -26,5 +26,8 @@ class TrainState:
     def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
         """One optimizer update of `params` by `grads`; the step advances by one."""
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
-        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                            opt_state=opt_state)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            opt_state=opt_state,
+        )

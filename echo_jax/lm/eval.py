@@ -12,14 +12,27 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from echo_jax.lm import grading
 
-METRIC_KEYS = ("dataset", "checkpoint", "step", "num_prompts", "num_samples", "sampling",
-               "greedy_pass@1", "pass@k", "maj@k", "styles", "mean_length", "truncated")
+METRIC_KEYS = (
+    "dataset",
+    "checkpoint",
+    "step",
+    "num_prompts",
+    "num_samples",
+    "sampling",
+    "greedy_pass@1",
+    "pass@k",
+    "maj@k",
+    "styles",
+    "mean_length",
+    "truncated",
+)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -52,8 +65,11 @@ def _styles(completions: list[dict]) -> dict[str, dict[str, float | int | None]]
     out = {}
     for style in grading.STYLE_LABELS:
         hits = [c["correct"] for c in completions if c["style"] == style]
-        out[style] = {"count": len(hits), "share": len(hits) / max(len(completions), 1),
-                      "accuracy": float(np.mean(hits)) if hits else None}
+        out[style] = {
+            "count": len(hits),
+            "share": len(hits) / max(len(completions), 1),
+            "accuracy": float(np.mean(hits)) if hits else None,
+        }
     return out
 
 
@@ -64,16 +80,34 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     n = min((len(r["samples"]) for r in records), default=0)
     mean = lambda xs: float(np.mean(xs)) if len(xs) else None
     return {
-        "num_prompts": len(records), "num_samples": n,
+        "num_prompts": len(records),
+        "num_samples": n,
         "greedy_pass@1": mean([g["correct"] for g in greedy]),
-        "pass@k": {str(k): mean([pass_at_k(n, sum(c["correct"] for c in r["samples"][:n]), k)
-                                 for r in records]) for k in k_ladder(n)},
-        "maj@k": {str(k): mean([majority_correct([c["pred"] for c in r["samples"][:k]],
-                                                 [c["correct"] for c in r["samples"][:k]])
-                                for r in records]) for k in k_ladder(n)},
+        "pass@k": {
+            str(k): mean(
+                [pass_at_k(n, sum(c["correct"] for c in r["samples"][:n]), k) for r in records]
+            )
+            for k in k_ladder(n)
+        },
+        "maj@k": {
+            str(k): mean(
+                [
+                    majority_correct(
+                        [c["pred"] for c in r["samples"][:k]],
+                        [c["correct"] for c in r["samples"][:k]],
+                    )
+                    for r in records
+                ]
+            )
+            for k in k_ladder(n)
+        },
         "styles": {"greedy": _styles(greedy), "sampled": _styles(sampled)},
-        "mean_length": {"greedy": mean([g["length"] for g in greedy]),
-                        "sampled": mean([c["length"] for c in sampled])},
-        "truncated": {"greedy": mean([not g["stopped"] for g in greedy]),
-                      "sampled": mean([not c["stopped"] for c in sampled])},
+        "mean_length": {
+            "greedy": mean([g["length"] for g in greedy]),
+            "sampled": mean([c["length"] for c in sampled]),
+        },
+        "truncated": {
+            "greedy": mean([not g["stopped"] for g in greedy]),
+            "sampled": mean([not c["stopped"] for c in sampled]),
+        },
     }

@@ -21,8 +21,8 @@ import dataclasses
 import functools
 import re
 import threading
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 from math_verify import parse, verify
 
@@ -43,7 +43,7 @@ _MV_TIMEOUT_S = 5
 _BRACES = {"{": 1, "}": -1}
 _PARENS = {"(": 1, ")": -1}
 
-_OMI1_HARNESS = '''import ast as _ast
+_OMI1_HARNESS = """import ast as _ast
 import contextlib as _contextlib
 import io as _io
 
@@ -60,14 +60,14 @@ def {call}():
             if value is not None:
                 print(value)
     return out.getvalue()
-'''
+"""
 
-_TINYGSM_HARNESS = '''{src}
+_TINYGSM_HARNESS = """{src}
 
 
 def {call}():
     return str(simple_math_problem())
-'''
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +193,14 @@ def extract_answers(
     runnable = [i for i, program in enumerate(programs) if program is not None]
     results = {}
     if runnable:
-        ran = sandbox.run_many([programs[i] for i in runnable], timeout_s=timeout_s,
-                               memory_mb=memory_mb, call=_CALL)
+        ran = sandbox.run_many(
+            [programs[i] for i in runnable], timeout_s=timeout_s, memory_mb=memory_mb, call=_CALL
+        )
         results = dict(zip(runnable, ran))
-    return [_extraction(text, style, results.get(i)) for i, (text, style) in
-            enumerate(zip(texts, styles))]
+    return [
+        _extraction(text, style, results.get(i))
+        for i, (text, style) in enumerate(zip(texts, styles))
+    ]
 
 
 def _extraction(text: str, style: str, result: sandbox.SandboxResult | None) -> Extraction:
@@ -220,7 +223,7 @@ def extract_answer(text: str, *, timeout_s: float = 2.0, memory_mb: int = 256) -
 
 
 def _to_number(text: str) -> Fraction | None:
-    """"$1,000", "18.0", "-3/4", "20\\%" -> exact Fraction; None when not a plain number."""
+    """ "$1,000", "18.0", "-3/4", "20\\%" -> exact Fraction; None when not a plain number."""
     cleaned = _NUMERIC_NOISE.sub("", text.replace("\u2212", "-")).rstrip(".")
     try:
         return Fraction(cleaned)
@@ -251,7 +254,7 @@ def _replace_sqrt(text: str) -> str:
                 break
         if end == -1:
             return text
-        text = text[:start] + "\\sqrt{" + text[start + 5:end] + "}" + text[end + 1:]
+        text = text[:start] + "\\sqrt{" + text[start + 5 : end] + "}" + text[end + 1 :]
         start = text.find("sqrt(")
     return text
 
@@ -268,7 +271,7 @@ def _latexify(answer: str) -> str:
     answer = re.sub(r"\*\*\s*(\([^()]*\)|[\w.]+)", r"^{\1}", answer)
     answer = answer.replace("*", " \\cdot ")
     for word, latex in (("pi", "\\pi"), ("oo", "\\infty"), ("I", "i"), ("E", "e")):
-        answer = re.sub(rf"\b{word}\b", lambda _: latex, answer)
+        answer = re.sub(rf"\b{word}\b", lambda _: latex, answer)  # noqa: B023  (used at once)
     return answer
 
 
@@ -315,7 +318,11 @@ def is_correct(pred: str | None, ref: str, *, dataset: str) -> bool:
 
 
 def grade_batch(
-    texts: Sequence[str], refs: Sequence[str], *, dataset: str, timeout_s: float = 2.0,
+    texts: Sequence[str],
+    refs: Sequence[str],
+    *,
+    dataset: str,
+    timeout_s: float = 2.0,
     memory_mb: int = 256,
 ) -> list[Graded]:
     """Style, answer and correctness of every completion; one sandbox round trip per batch."""

@@ -93,39 +93,62 @@ class Attention(nn.Module):
         H, K = cfg.n_heads, cfg.head_dim
         # Separate q/k/v matrices: slicing one fused output costs XLA:CPU a pad+add per
         # slice in the backward pass (measured in benchmarks/RESULTS.md).
-        w_DxHxK = [_param(self, name, (cfg.d_model, H, K), ("embed", "heads", "kv"),
-                          cfg.init_std).astype(x_BxLxD.dtype) for name in ("q", "k", "v")]
+        w_DxHxK = [
+            _param(self, name, (cfg.d_model, H, K), ("embed", "heads", "kv"), cfg.init_std).astype(
+                x_BxLxD.dtype
+            )
+            for name in ("q", "k", "v")
+        ]
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = ops.project_qkv(cfg, x_BxLxD, w_DxHxK)
         smear_H = None
         if cfg.smear_keys:
             gate_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
             smear_H = jax.nn.sigmoid(self.param("smear_gate", gate_init, (H,), jnp.float32))
         if cache is None:
-            return self._output(ops.attention(cfg, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL,
-                                              segment_ids_BxL, smear_H)), None
+            return self._output(
+                ops.attention(
+                    cfg, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, segment_ids_BxL, smear_H
+                )
+            ), None
         if cfg.smear_keys:
-            k_BxLxHxK, last_k = self._smear(k_BxLxHxK, positions_BxL, segment_ids_BxL, cache,
-                                            smear_H)
+            k_BxLxHxK, last_k = self._smear(
+                k_BxLxHxK, positions_BxL, segment_ids_BxL, cache, smear_H
+            )
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
         k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, cfg.rope_theta)
         # Keys/values are cached heads-major (B, H, S, K): the layout both attention einsums read
         # directly, so a decode step does not relayout the whole cache.
         update = lambda c, new, axis=1: jax.lax.dynamic_update_slice_in_dim(
-            c, new.astype(c.dtype), cache_index, axis=axis)
-        new_cache = {"k": update(cache["k"], k_BxLxHxK.transpose(0, 2, 1, 3), 2),
-                     "v": update(cache["v"], v_BxLxHxK.transpose(0, 2, 1, 3), 2),
-                     "pos": update(cache["pos"], positions_BxL),
-                     "seg": update(cache["seg"], segment_ids_BxL)}
+            c, new.astype(c.dtype), cache_index, axis=axis
+        )
+        new_cache = {
+            "k": update(cache["k"], k_BxLxHxK.transpose(0, 2, 1, 3), 2),
+            "v": update(cache["v"], v_BxLxHxK.transpose(0, 2, 1, 3), 2),
+            "pos": update(cache["pos"], positions_BxL),
+            "seg": update(cache["seg"], segment_ids_BxL),
+        }
         if cfg.smear_keys:
             new_cache["last_raw_k"] = last_k
-        out_BxLxHxK = dense_attention(q_BxLxHxK, new_cache["k"], new_cache["v"], positions_BxL,
-                                      segment_ids_BxL, new_cache["pos"], new_cache["seg"])
+        out_BxLxHxK = dense_attention(
+            q_BxLxHxK,
+            new_cache["k"],
+            new_cache["v"],
+            positions_BxL,
+            segment_ids_BxL,
+            new_cache["pos"],
+            new_cache["seg"],
+        )
         return self._output(out_BxLxHxK), new_cache
 
     def _output(self, out_BxLxHxK):
         cfg = self.cfg
-        w_out = _param(self, "out", (cfg.n_heads, cfg.head_dim, cfg.d_model),
-                       ("heads", "kv", "embed"), cfg.init_std)
+        w_out = _param(
+            self,
+            "out",
+            (cfg.n_heads, cfg.head_dim, cfg.d_model),
+            ("heads", "kv", "embed"),
+            cfg.init_std,
+        )
         return jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_out.astype(out_BxLxHxK.dtype))
 
     def _smear(self, k_BxLxHxK, positions_BxL, segment_ids_BxL, cache, s_H):
@@ -150,10 +173,12 @@ class MLP(nn.Module):
         # the SwiGLU gradient for every weight-gradient matmul (benchmarks/RESULTS.md).
         x_NxD = x_BxLxD.reshape(B * L, D)
         w_gate_DxF, w_up_DxF = (
-            _param(self, name, (D, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std
-                   ).astype(x_NxD.dtype) for name in ("w_gate", "w_up"))
-        w_out_FxD = _param(self, "wo", (cfg.mlp_dim, D), ("mlp", "embed"), cfg.init_std
-                           ).astype(x_NxD.dtype)
+            _param(self, name, (D, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std).astype(x_NxD.dtype)
+            for name in ("w_gate", "w_up")
+        )
+        w_out_FxD = _param(self, "wo", (cfg.mlp_dim, D), ("mlp", "embed"), cfg.init_std).astype(
+            x_NxD.dtype
+        )
         return ops.swiglu_mlp(cfg, x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD).reshape(B, L, D)
 
 
@@ -163,8 +188,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
         h, new_cache = Attention(self.cfg, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, segment_ids_BxL, cache,
-            cache_index)
+            Norm(self.cfg, name="attn_norm")(x_BxLxD),
+            positions_BxL,
+            segment_ids_BxL,
+            cache,
+            cache_index,
+        )
         x_BxLxD = x_BxLxD + h
         x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxLxD))
         return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed")), new_cache
@@ -177,27 +206,39 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Cache | None = None,
-                 cache_index: Any = None):
+    def __call__(
+        self,
+        tokens_BxL,
+        positions_BxL,
+        segment_ids_BxL,
+        cache: Cache | None = None,
+        cache_index: Any = None,
+    ):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                           cfg.init_std)
+        embedding = _param(
+            self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std
+        )
         x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         block = nn.remat(Block) if cfg.remat else Block
         new_cache = []
         for i in range(cfg.n_layers):
             x_BxLxD, layer_cache = block(cfg, name=f"block_{i}")(
-                x_BxLxD, positions_BxL, segment_ids_BxL,
-                None if cache is None else cache[i], cache_index)
+                x_BxLxD,
+                positions_BxL,
+                segment_ids_BxL,
+                None if cache is None else cache[i],
+                cache_index,
+            )
             new_cache.append(layer_cache)
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if cfg.tied_embeddings:
             logits = jnp.einsum("BLD,VD->BLV", x_BxLxD, embedding.astype(dtype))
         else:
-            unembed = _param(self, "unembed", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                             cfg.init_std)
+            unembed = _param(
+                self, "unembed", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
+            )
             logits = jnp.einsum("BLD,DV->BLV", x_BxLxD, unembed.astype(dtype))
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
@@ -206,9 +247,12 @@ class Transformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
     """Empty per-layer KV cache; slots with segment 0 are never attended to."""
     shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)  # heads-major, see Attention
-    layer = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-             "pos": jnp.zeros((batch_size, max_len), jnp.int32),
-             "seg": jnp.zeros((batch_size, max_len), jnp.int32)}
+    layer = {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.zeros((batch_size, max_len), jnp.int32),
+        "seg": jnp.zeros((batch_size, max_len), jnp.int32),
+    }
     if cfg.smear_keys:
         layer["last_raw_k"] = jnp.zeros((batch_size, cfg.n_heads, cfg.head_dim), dtype)
     return [dict(layer) for _ in range(cfg.n_layers)]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +24,18 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     """AdamW, linear warmup then cosine decay to `min_lr_ratio` x peak, global-norm clipping.
     Norm scales and 1-D gates are not decayed."""
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train.lr, train.warmup_steps, max(train.num_steps, train.warmup_steps + 1),
-        end_value=train.lr * train.min_lr_ratio)
+        0.0,
+        train.lr,
+        train.warmup_steps,
+        max(train.num_steps, train.warmup_steps + 1),
+        end_value=train.lr * train.min_lr_ratio,
+    )
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     return optax.chain(
         optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
-                    mask=decay_mask),
+        optax.adamw(
+            schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay, mask=decay_mask
+        ),
     )
 
 
@@ -38,19 +44,22 @@ def make_init_state(model: Transformer, tx: optax.GradientTransformation, seq_le
         dummy = jnp.zeros((1, seq_len), jnp.int32)
         params = model.init(rng, dummy, dummy, dummy + 1)["params"]
         return TrainState.create(params, tx)
+
     return init_state
 
 
 def token_nll(model: Transformer, params: Any, batch: Mapping[str, jax.Array]):
     """Per-token negative log-likelihood of the targets, [B, L], and the loss mask."""
-    logits_BxLxV, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"])
+    logits_BxLxV, _ = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
     # logsumexp minus the target's logit: the same value as -log_softmax[target], but XLA:CPU
     # does not write the [B, L, V] log-probabilities out (a tiny step ~2 ms faster,
     # benchmarks/RESULTS.md).
     with jax.named_scope("loss"):  # names the ops for benchmarks/profile_step.py
-        target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None],
-                                               axis=-1)[..., 0]
+        target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[
+            ..., 0
+        ]
         nll_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_logit_BxL
     return nll_BxL, batch["loss_mask"].astype(jnp.float32)
 
@@ -93,7 +102,8 @@ def make_eval_fn(model: Transformer, eval_batches: Mapping[str, list[dict[str, n
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params (incl. the output layer) plus causal-free
     attention 6 x 2 x layers x seq_len x d_model (PaLM appendix B convention)."""
-    per_layer = cfg.d_model * 3 * cfg.d_model + cfg.d_model * cfg.d_model \
-        + cfg.d_model * 3 * cfg.mlp_dim
+    per_layer = (
+        cfg.d_model * 3 * cfg.d_model + cfg.d_model * cfg.d_model + cfg.d_model * 3 * cfg.mlp_dim
+    )
     matmul_params = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.d_model

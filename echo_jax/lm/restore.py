@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from echo_jax.core.checkpoint import Checkpointer
 from echo_jax.lm.model import ModelConfig, Transformer
@@ -35,18 +36,22 @@ def vocab_name(workdir: str) -> str:
         if path.is_file():
             vocab = json.loads(path.read_text()).get("data", {}).get("vocab")
             if vocab is None:
-                raise FileNotFoundError(f"{path} has no data.vocab: the vocabulary of the "
-                                        "checkpoint is unknown")
+                raise FileNotFoundError(
+                    f"{path} has no data.vocab: the vocabulary of the checkpoint is unknown"
+                )
             return vocab
-    raise FileNotFoundError(f"no config.json in {pathlib.Path(workdir).resolve()} or next to "
-                            f"{checkpoint_dir(workdir)}: the checkpoint's vocabulary is unknown")
+    raise FileNotFoundError(
+        f"no config.json in {pathlib.Path(workdir).resolve()} or next to "
+        f"{checkpoint_dir(workdir)}: the checkpoint's vocabulary is unknown"
+    )
 
 
 def latest_step(workdir: str) -> int:
     """The newest checkpointed step of `workdir`; FileNotFoundError naming the folder if none."""
     directory = checkpoint_dir(workdir)
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] \
-        if directory.is_dir() else []
+    steps = (
+        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    )
     if not steps:
         raise FileNotFoundError(f"no checkpoint found in {directory}")
     return max(steps)
@@ -62,8 +67,9 @@ def model_config(workdir: str, step: int | None = None) -> ModelConfig:
         ckpt.close()
 
 
-def load_params(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-                shardings: Any = None) -> tuple[ModelConfig, Any]:
+def load_params(
+    workdir: str, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None
+) -> tuple[ModelConfig, Any]:
     """(model config, params) from the latest checkpoint (or `step`) of `workdir`.
 
     Params are placed by `shardings` (a tree like the params, e.g. a sharded state's), else
@@ -80,17 +86,27 @@ def load_params(workdir: str, step: int | None = None, mesh: Mesh | None = None,
         cfg = ModelConfig(**ckpt.read_meta(step)["model"])
         tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
         shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
-        where = (NamedSharding(mesh, P()) if mesh is not None
-                 else SingleDeviceSharding(jax.devices()[0]))
+        where = (
+            NamedSharding(mesh, P()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        )
         abstract = nn.meta.unbox(shapes["params"])
         if shardings is None:
             shardings = jax.tree.map(lambda _: where, abstract)
-        target = {"params": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-            shardings)}
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
+        target = {
+            "params": jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+            )
+        }
+        restored = ckpt.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )
     finally:
         ckpt.close()
     return cfg, restored["state"]["params"]

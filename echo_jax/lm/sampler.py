@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax
 import jax
@@ -81,8 +82,9 @@ class SampleOutput:
     stopped_B: jax.Array
 
 
-def sample_logits(logits_BxV: jax.Array, rng: jax.Array,
-                  params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def sample_logits(
+    logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
     """Picks one token per row; returns (token_B, logprob_B) as described in `SampleOutput`."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if params.temperature == 0:
@@ -116,8 +118,12 @@ def prompt_width(longest: int, multiple: int = PROMPT_WIDTH_MULTIPLE) -> int:
     return -(-longest // multiple) * multiple
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], length_multiple: int = PROMPT_WIDTH_MULTIPLE,
-                batch_size: int | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]],
+    length_multiple: int = PROMPT_WIDTH_MULTIPLE,
+    batch_size: int | None = None,
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads token lists to (B, P), P rounded up to `length_multiple` (few distinct shapes,
     few compiles); `batch_size` adds rows of one pad token. Returns (prompts_BxP, lengths_B)."""
     if not prompts or min(len(p) for p in prompts) < 1:
@@ -129,7 +135,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length_multiple: int = PROMPT_
     out = np.full((batch, width), pad_id, np.int32)
     lengths = np.ones(batch, np.int32)
     for i, p in enumerate(prompts):
-        out[i, :len(p)], lengths[i] = p, len(p)
+        out[i, : len(p)], lengths[i] = p, len(p)
     return out, lengths
 
 
@@ -161,15 +167,26 @@ class Sampler:
             raise ValueError("empty stop sequence")
         stops = tuple(tuple(int(t) for t in seq) for seq in self.stop_sequences)
         object.__setattr__(self, "stop_sequences", stops)
-        object.__setattr__(self, "rules", tuple(
-            (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in self.rules))
+        object.__setattr__(
+            self,
+            "rules",
+            tuple(
+                (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in self.rules
+            ),
+        )
 
     @property
     def model(self) -> Transformer:
         return Transformer(self.cfg)
 
-    def __call__(self, params: Any, prompts_BxP: Any, prompt_lengths_B: Any, rng: jax.Array,
-                 sampling: SamplingParams) -> SampleOutput:
+    def __call__(
+        self,
+        params: Any,
+        prompts_BxP: Any,
+        prompt_lengths_B: Any,
+        rng: jax.Array,
+        sampling: SamplingParams,
+    ) -> SampleOutput:
         if self.mesh is None:
             return _generate(self, params, prompts_BxP, prompt_lengths_B, rng, sampling)
         prompts_BxP = jax.device_put(prompts_BxP, sharding.batch_sharding(self.mesh, 2))
@@ -181,15 +198,21 @@ class Sampler:
         """Keeps every batch-major array of the loop state sharded over the batch axes."""
         if self.mesh is None:
             return tree
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, sharding.batch_sharding(self.mesh, x.ndim)) if x.ndim else x, tree)
+        return jax.tree.map(
+            lambda x: (
+                jax.lax.with_sharding_constraint(x, sharding.batch_sharding(self.mesh, x.ndim))
+                if x.ndim
+                else x
+            ),
+            tree,
+        )
 
     def _stops_SxW(self) -> np.ndarray:
         """Stop sequences left-padded with -1, which matches any token."""
         width = max([len(seq) for seq in self.stop_sequences], default=1)
         stops = np.full((len(self.stop_sequences), width), -1, np.int32)
         for i, seq in enumerate(self.stop_sequences):
-            stops[i, width - len(seq):] = seq
+            stops[i, width - len(seq) :] = seq
         return stops
 
     def segment_ends(self, max_new_tokens: int) -> list[int]:
@@ -211,8 +234,9 @@ class Sampler:
 
         return self._constrain(jax.tree.map(pad, cache, small, large))
 
-    def prefill(self, params, prompts_BxP, prompt_lengths_B, rng,
-                sampling: SamplingParams) -> SamplingState:
+    def prefill(
+        self, params, prompts_BxP, prompt_lengths_B, rng, sampling: SamplingParams
+    ) -> SamplingState:
         """One pass over all prompts fills the cache and samples each row's first token."""
         B, P = prompts_BxP.shape
         N = sampling.max_new_tokens
@@ -223,34 +247,44 @@ class Sampler:
         cache = init_cache(self.cfg, B, slots, jnp.dtype(self.cache_dtype or self.cfg.dtype))
         cache = self._constrain(cache)
         logits_BxPxV, cache = self.model.apply(
-            {"params": params}, prompts_BxP, positions_BxP, segments_BxP, cache=cache,
-            cache_index=0)
+            {"params": params}, prompts_BxP, positions_BxP, segments_BxP, cache=cache, cache_index=0
+        )
         logits_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], 1)[:, 0]
         state = SamplingState(
-            step=jnp.zeros((), jnp.int32), last_B=jnp.zeros((B,), jnp.int32),
-            positions_B=lengths_B, done_B=jnp.zeros((B,), bool),
+            step=jnp.zeros((), jnp.int32),
+            last_B=jnp.zeros((B,), jnp.int32),
+            positions_B=lengths_B,
+            done_B=jnp.zeros((B,), bool),
             lengths_B=jnp.zeros((B,), jnp.int32),
             tokens_BxN=jnp.full((B, N), self.pad_id, jnp.int32),
             logprobs_BxN=jnp.zeros((B, N), jnp.float32),
             recent_BxW=jnp.full((B, self._stops_SxW().shape[1]), -1, jnp.int32),
-            cache=cache, rng=rng)
+            cache=cache,
+            rng=rng,
+        )
         return self._record(state, logits_BxV, sampling)
 
-    def decode_step(self, params, state: SamplingState, *, sampling: SamplingParams,
-                    prompt_width: int) -> SamplingState:
+    def decode_step(
+        self, params, state: SamplingState, *, sampling: SamplingParams, prompt_width: int
+    ) -> SamplingState:
         """Feeds each row's last token through the cache and samples the next one."""
         positions_Bx1 = state.positions_B[:, None]
         logits_Bx1xV, cache = self.model.apply(
-            {"params": params}, state.last_B[:, None], positions_Bx1,
-            jnp.ones_like(positions_Bx1), cache=state.cache,
-            cache_index=prompt_width + state.step - 1)
+            {"params": params},
+            state.last_B[:, None],
+            positions_Bx1,
+            jnp.ones_like(positions_Bx1),
+            cache=state.cache,
+            cache_index=prompt_width + state.step - 1,
+        )
         state = state.replace(cache=cache, positions_B=state.positions_B + 1)
         return self._record(state, logits_Bx1xV[:, 0], sampling)
 
     def _record(self, state: SamplingState, logits_BxV, sampling: SamplingParams):
         """Samples from `logits_BxV`, writes column `step` and marks rows that just stopped."""
-        token_B, logp_B = sample_logits(logits_BxV, jax.random.fold_in(state.rng, state.step),
-                                        sampling)
+        token_B, logp_B = sample_logits(
+            logits_BxV, jax.random.fold_in(state.rng, state.step), sampling
+        )
         active_B = ~state.done_B
         token_B = jnp.where(active_B, token_B, self.pad_id)
         logp_B = jnp.where(active_B, logp_B, 0.0)
@@ -260,23 +294,34 @@ class Sampler:
             stops_SxW = jnp.asarray(self._stops_SxW())
             match = (recent_BxW[:, None] == stops_SxW[None]) | (stops_SxW[None] < 0)
             stop_B |= match.all(-1).any(-1)
-        column = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype),
-                                                             (0, state.step))
-        return self._constrain(state.replace(
-            step=state.step + 1, last_B=token_B, done_B=state.done_B | (active_B & stop_B),
-            lengths_B=state.lengths_B + active_B, tokens_BxN=column(state.tokens_BxN, token_B),
-            logprobs_BxN=column(state.logprobs_BxN, logp_B), recent_BxW=recent_BxW))
+        column = lambda buf, x: jax.lax.dynamic_update_slice(
+            buf, x[:, None].astype(buf.dtype), (0, state.step)
+        )
+        return self._constrain(
+            state.replace(
+                step=state.step + 1,
+                last_B=token_B,
+                done_B=state.done_B | (active_B & stop_B),
+                lengths_B=state.lengths_B + active_B,
+                tokens_BxN=column(state.tokens_BxN, token_B),
+                logprobs_BxN=column(state.logprobs_BxN, logp_B),
+                recent_BxW=recent_BxW,
+            )
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("sampler", "sampling"))
-def _generate(sampler: Sampler, params, prompts_BxP, prompt_lengths_B, rng,
-              sampling: SamplingParams) -> SampleOutput:
+def _generate(
+    sampler: Sampler, params, prompts_BxP, prompt_lengths_B, rng, sampling: SamplingParams
+) -> SampleOutput:
     """Prefill, then decode while a row is running and the cache has room: one program."""
     state = sampler.prefill(params, prompts_BxP, prompt_lengths_B, rng, sampling)
-    step = functools.partial(sampler.decode_step, params, sampling=sampling,
-                             prompt_width=prompts_BxP.shape[1])
+    step = functools.partial(
+        sampler.decode_step, params, sampling=sampling, prompt_width=prompts_BxP.shape[1]
+    )
     for end in sampler.segment_ends(sampling.max_new_tokens):
         state = state.replace(cache=sampler.grow_cache(state.cache, prompts_BxP.shape[1] + end))
-        state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done_B), step,
-                                   state)
+        state = jax.lax.while_loop(
+            lambda s, end=end: (s.step < end) & ~jnp.all(s.done_B), step, state
+        )
     return SampleOutput(state.tokens_BxN, state.logprobs_BxN, state.lengths_B, state.done_B)

@@ -57,8 +57,14 @@ _GRACE_S = 10.0  # extra wait before the caller gives up on an unresponsive serv
 _HEADER = struct.Struct("!I")
 _PRELOAD = ("decimal", "fractions", "statistics", "datetime")  # imported once, free in children
 # The servers' (hence the programs') whole environment: nothing is inherited from the caller.
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent",
-        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/nonexistent",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 _NEWNS, _NEWIPC, _NEWUSER, _NEWNET = 0x20000, 0x8000000, 0x10000000, 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 _PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_SET_NO_NEW_PRIVS, _SECCOMP_MODE_FILTER = 1, 22, 38, 2
@@ -68,10 +74,56 @@ _PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_SET_NO_NEW_PRIVS, _SECCOMP_MODE_FILTER =
 # io_uring_*, open_tree, move_mount, fsopen, fsconfig, fsmount, fspick, mount_setattr (all archs).
 _COMMON_NRS = (424, 425, 426, 427, 428, 429, 430, 431, 432, 433, 442)
 _SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH_*, syscall numbers in the order listed above)
-    "x86_64": (0xC000003E, (41, 101, 321, 323, 298, 250, 248, 249, 272, 308, 165, 166, 155,
-                            62, 200, 234, 129, 297, 310, 311)),
-    "aarch64": (0xC00000B7, (198, 117, 280, 282, 241, 219, 217, 218, 97, 268, 40, 39, 41,
-                             129, 130, 131, 138, 240, 270, 271)),
+    "x86_64": (
+        0xC000003E,
+        (
+            41,
+            101,
+            321,
+            323,
+            298,
+            250,
+            248,
+            249,
+            272,
+            308,
+            165,
+            166,
+            155,
+            62,
+            200,
+            234,
+            129,
+            297,
+            310,
+            311,
+        ),
+    ),
+    "aarch64": (
+        0xC00000B7,
+        (
+            198,
+            117,
+            280,
+            282,
+            241,
+            219,
+            217,
+            218,
+            97,
+            268,
+            40,
+            39,
+            41,
+            129,
+            130,
+            131,
+            138,
+            240,
+            270,
+            271,
+        ),
+    ),
 }
 
 
@@ -89,7 +141,7 @@ def _send(fd: int, obj: object) -> None:
     data = json.dumps(obj).encode()
     view = memoryview(_HEADER.pack(len(data)) + data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
@@ -119,8 +171,12 @@ _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 
 
 class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                ("k", ctypes.c_uint32)]
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint32),
+    ]
 
 
 class _SockFprog(ctypes.Structure):
@@ -135,8 +191,13 @@ def _seccomp_program() -> _SockFprog | None:
     nrs += _COMMON_NRS
     k = len(nrs)
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    insns = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, 0x80000000), (ld, 0, 0, 0),
-             (jge, k + 1, 0, 0x40000000)]
+    insns = [
+        (ld, 0, 0, 4),
+        (jeq, 1, 0, audit_arch),
+        (ret, 0, 0, 0x80000000),
+        (ld, 0, 0, 0),
+        (jge, k + 1, 0, 0x40000000),
+    ]
     insns += [(jeq, k - j, 0, nr) for j, nr in enumerate(nrs)]
     insns += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | 1)]  # ALLOW, ERRNO(EPERM)
     return _SockFprog(len(insns), (_SockFilter * len(insns))(*insns))  # keeps the array alive
@@ -167,10 +228,16 @@ def _confine(ctx: dict, req: dict, work: str, fds: list[int]) -> None:
     os.closerange(4, 1 << 20)
     os.chdir(work)
     cpu, mem = max(1, math.ceil(req["timeout_s"])), req["memory_mb"] << 20
-    for lim, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
-                     (resource.RLIMIT_NPROC, (0, 0)), (resource.RLIMIT_FSIZE, (FILE_CAP,) * 2),
-                     (resource.RLIMIT_NOFILE, (128, 128)), (resource.RLIMIT_CORE, (0, 0)),
-                     (resource.RLIMIT_MEMLOCK, (0, 0)), (resource.RLIMIT_MSGQUEUE, (0, 0))):
+    for lim, val in (
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (mem, mem)),
+        (resource.RLIMIT_NPROC, (0, 0)),
+        (resource.RLIMIT_FSIZE, (FILE_CAP,) * 2),
+        (resource.RLIMIT_NOFILE, (128, 128)),
+        (resource.RLIMIT_CORE, (0, 0)),
+        (resource.RLIMIT_MEMLOCK, (0, 0)),
+        (resource.RLIMIT_MSGQUEUE, (0, 0)),
+    ):
         resource.setrlimit(lim, val)
     if ctx["uid_drop"]:
         os.setgroups([])
@@ -230,15 +297,23 @@ def _execute(code: str, call: str | None) -> None:
 def _isolate_server(uid: int) -> dict:
     """One-time isolation of the server process; every child inherits the namespaces."""
     root = os.geteuid() == 0
-    ctx = {"uid": uid if root else os.geteuid(), "uid_drop": root, "netns": False,
-           "private_tmp": False, "hidepid": False, "server_pid": os.getpid()}
+    ctx = {
+        "uid": uid if root else os.geteuid(),
+        "uid_drop": root,
+        "netns": False,
+        "private_tmp": False,
+        "hidepid": False,
+        "server_pid": os.getpid(),
+    }
     if root and _libc.unshare(_NEWNS | _NEWNET | _NEWIPC) == 0:
         ctx["netns"] = True
         if _libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:  # else: no mounts
             _expose_python()
             ctx["private_tmp"] = all(
                 _libc.mount(b"tmpfs", d.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, TMPFS_OPTS) == 0
-                for d in _PRIVATE_TMP if os.path.isdir(d))
+                for d in _PRIVATE_TMP
+                if os.path.isdir(d)
+            )
             # Before 5.8 all procfs mounts of a pid namespace share options: leave them alone.
             if tuple(map(int, platform.release().split(".")[:2])) >= (5, 8):
                 flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
@@ -274,8 +349,9 @@ def _expose_python() -> None:
         _libc.mount(b"tmpfs", blocker.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755")
         for path, fd in zip(inner, fds):
             os.makedirs(path, 0o755, exist_ok=True)
-            _libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC,
-                        None)
+            _libc.mount(
+                f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None
+            )
             os.close(fd)
 
 
@@ -301,7 +377,7 @@ def _drain(fd: int, buf: bytearray, cap: int) -> int:
         chunk = os.read(fd, 1 << 16)
     except BlockingIOError:
         return 0
-    buf += chunk[:max(0, cap - len(buf))]
+    buf += chunk[: max(0, cap - len(buf))]
     return len(chunk) or -1
 
 
@@ -356,11 +432,14 @@ def _run_one(ctx: dict, req: dict, n: int) -> dict:
     return _verdict(req, bufs, total, wstatus, usage.ru_utime + usage.ru_stime, timed_out)
 
 
-def _verdict(req: dict, bufs: list[bytearray], total: list[int], wstatus: int, cpu: float,
-             timed_out: bool) -> dict:
-    out, err = (b.decode(errors="replace") + (f"\n[sandbox] {t - len(b)} more bytes dropped\n"
-                                              if t > len(b) else "")
-                for b, t in zip(bufs[:2], total))
+def _verdict(
+    req: dict, bufs: list[bytearray], total: list[int], wstatus: int, cpu: float, timed_out: bool
+) -> dict:
+    out, err = (
+        b.decode(errors="replace")
+        + (f"\n[sandbox] {t - len(b)} more bytes dropped\n" if t > len(b) else "")
+        for b, t in zip(bufs[:2], total)
+    )
     status, value, note = "killed", None, ""
     if timed_out:
         status, note = "timeout", f"wall-clock limit of {req['timeout_s']} s exceeded"
@@ -388,8 +467,13 @@ def _cleanup(ctx: dict, work: str) -> None:
     """Deletes the work dir and, in a private mount namespace, whatever is left in tmp dirs."""
     paths = [work]
     if ctx["private_tmp"]:
-        paths += [e.path for d in _PRIVATE_TMP if os.path.isdir(d) for e in os.scandir(d)
-                  if e.path != ctx["base"]]
+        paths += [
+            e.path
+            for d in _PRIVATE_TMP
+            if os.path.isdir(d)
+            for e in os.scandir(d)
+            if e.path != ctx["base"]
+        ]
     for path in paths:
         try:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -444,8 +528,12 @@ class _Server:
     def _spawn(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-I", os.path.abspath(__file__), "--serve", str(self.uid)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_ENV, cwd="/",
-            start_new_session=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_ENV,
+            cwd="/",
+            start_new_session=True,
+        )
         self.isolation = {}
 
     def ready(self) -> None:
@@ -512,24 +600,42 @@ class Sandbox:
         finally:
             self._idle.put(server)
 
-    def run(self, code: str, *, timeout_s: float = 2.0, memory_mb: int = 256,
-            call: str | None = None) -> SandboxResult:
+    def run(
+        self, code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, call: str | None = None
+    ) -> SandboxResult:
         """Runs one program on the next free worker."""
-        req = {"code": code, "timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
-               "call": call}
+        req = {
+            "code": code,
+            "timeout_s": float(timeout_s),
+            "memory_mb": int(memory_mb),
+            "call": call,
+        }
         server = self._idle.get()
         try:
             return server.run(req)
         finally:
             self._idle.put(server)
 
-    def run_many(self, codes: Sequence[str], *, timeout_s: float = 2.0, memory_mb: int = 256,
-                 call: str | None = None, max_workers: int | None = None) -> list[SandboxResult]:
+    def run_many(
+        self,
+        codes: Sequence[str],
+        *,
+        timeout_s: float = 2.0,
+        memory_mb: int = 256,
+        call: str | None = None,
+        max_workers: int | None = None,
+    ) -> list[SandboxResult]:
         """Runs programs on up to `max_workers` workers at once; results in input order."""
         workers = max(1, min(len(codes), max_workers or self.num_workers, self.num_workers))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda code: self.run(
-                code, timeout_s=timeout_s, memory_mb=memory_mb, call=call), codes))
+            return list(
+                pool.map(
+                    lambda code: self.run(
+                        code, timeout_s=timeout_s, memory_mb=memory_mb, call=call
+                    ),
+                    codes,
+                )
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -559,17 +665,25 @@ def default_sandbox(min_workers: int | None = None) -> Sandbox:
         return _default
 
 
-def run_python(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256,
-               call: str | None = None) -> SandboxResult:
+def run_python(
+    code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, call: str | None = None
+) -> SandboxResult:
     """Runs one untrusted program in the default pool."""
     return default_sandbox().run(code, timeout_s=timeout_s, memory_mb=memory_mb, call=call)
 
 
-def run_many(codes: Sequence[str], *, timeout_s: float = 2.0, memory_mb: int = 256,
-             call: str | None = None, max_workers: int | None = None) -> list[SandboxResult]:
+def run_many(
+    codes: Sequence[str],
+    *,
+    timeout_s: float = 2.0,
+    memory_mb: int = 256,
+    call: str | None = None,
+    max_workers: int | None = None,
+) -> list[SandboxResult]:
     """Runs untrusted programs in the default pool, grown to `max_workers` if needed."""
     return default_sandbox(max_workers).run_many(
-        codes, timeout_s=timeout_s, memory_mb=memory_mb, call=call, max_workers=max_workers)
+        codes, timeout_s=timeout_s, memory_mb=memory_mb, call=call, max_workers=max_workers
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:

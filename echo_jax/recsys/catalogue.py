@@ -23,38 +23,61 @@ SIM_LLM_REWRITE = "sim-llm-rewrite"
 
 # topic: (product nouns, benefit phrases, key ingredients / features)
 TOPICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "skincare": (("face cream", "serum", "cleanser", "toner", "eye cream", "face mask"),
-                 ("reduces fine lines", "hydrates dry skin", "clears blemishes", "evens skin tone"),
-                 ("hyaluronic acid", "vitamin c", "retinol", "aloe vera")),
-    "haircare": (("shampoo", "conditioner", "hair oil", "hair mask", "styling gel", "dry shampoo"),
-                 ("adds volume", "repairs split ends", "tames frizz", "protects color"),
-                 ("argan oil", "keratin", "biotin", "coconut oil")),
-    "makeup": (("lipstick", "mascara", "foundation", "eyeliner", "blush", "concealer"),
-               ("gives full coverage", "stays put all day", "does not smudge",
-                "gives a natural glow"),
-               ("matte finish", "shimmer pigments", "spf 15", "vitamin e")),
-    "fragrance": (("eau de parfum", "body mist", "cologne", "perfume oil", "roll-on scent"),
-                  ("lasts all day", "smells fresh", "is not overpowering", "gets compliments"),
-                  ("jasmine", "sandalwood", "vanilla", "citrus notes")),
-    "nails": (("nail polish", "top coat", "cuticle oil", "nail file", "gel polish kit"),
-              ("dries fast", "does not chip", "strengthens weak nails", "gives a glossy shine"),
-              ("chip resistant formula", "uv gel", "almond oil", "glass file")),
-    "bath": (("body wash", "bath bomb", "body lotion", "shower gel", "body scrub"),
-             ("softens rough skin", "smells great", "lathers well", "soothes after a long day"),
-             ("shea butter", "sea salt", "lavender", "oatmeal")),
-    "grooming": (("shaving cream", "beard oil", "aftershave", "safety razor", "beard balm"),
-                 ("prevents razor burn", "softens the beard", "gives a close shave", "calms skin"),
-                 ("menthol", "tea tree oil", "stainless steel blade", "jojoba")),
-    "suncare": (("sunscreen", "after-sun gel", "tinted spf", "sun spray", "lip balm spf"),
-                ("protects from uva and uvb", "is water resistant", "leaves no white cast",
-                 "cools sunburn"),
-                ("spf 50", "zinc oxide", "broad spectrum filters", "aloe")),
-    "tools": (("makeup brush set", "hair dryer", "flat iron", "curling wand", "tweezers"),
-              ("heats up fast", "is easy to use", "is gentle on hair", "works great for travel"),
-              ("ceramic plates", "ionic technology", "synthetic bristles", "slanted tip")),
-    "oralcare": (("toothpaste", "whitening strips", "mouthwash", "electric toothbrush", "floss"),
-                 ("whitens teeth", "freshens breath", "fights cavities", "is gentle on gums"),
-                 ("fluoride", "charcoal", "peppermint", "soft bristles")),
+    "skincare": (
+        ("face cream", "serum", "cleanser", "toner", "eye cream", "face mask"),
+        ("reduces fine lines", "hydrates dry skin", "clears blemishes", "evens skin tone"),
+        ("hyaluronic acid", "vitamin c", "retinol", "aloe vera"),
+    ),
+    "haircare": (
+        ("shampoo", "conditioner", "hair oil", "hair mask", "styling gel", "dry shampoo"),
+        ("adds volume", "repairs split ends", "tames frizz", "protects color"),
+        ("argan oil", "keratin", "biotin", "coconut oil"),
+    ),
+    "makeup": (
+        ("lipstick", "mascara", "foundation", "eyeliner", "blush", "concealer"),
+        ("gives full coverage", "stays put all day", "does not smudge", "gives a natural glow"),
+        ("matte finish", "shimmer pigments", "spf 15", "vitamin e"),
+    ),
+    "fragrance": (
+        ("eau de parfum", "body mist", "cologne", "perfume oil", "roll-on scent"),
+        ("lasts all day", "smells fresh", "is not overpowering", "gets compliments"),
+        ("jasmine", "sandalwood", "vanilla", "citrus notes"),
+    ),
+    "nails": (
+        ("nail polish", "top coat", "cuticle oil", "nail file", "gel polish kit"),
+        ("dries fast", "does not chip", "strengthens weak nails", "gives a glossy shine"),
+        ("chip resistant formula", "uv gel", "almond oil", "glass file"),
+    ),
+    "bath": (
+        ("body wash", "bath bomb", "body lotion", "shower gel", "body scrub"),
+        ("softens rough skin", "smells great", "lathers well", "soothes after a long day"),
+        ("shea butter", "sea salt", "lavender", "oatmeal"),
+    ),
+    "grooming": (
+        ("shaving cream", "beard oil", "aftershave", "safety razor", "beard balm"),
+        ("prevents razor burn", "softens the beard", "gives a close shave", "calms skin"),
+        ("menthol", "tea tree oil", "stainless steel blade", "jojoba"),
+    ),
+    "suncare": (
+        ("sunscreen", "after-sun gel", "tinted spf", "sun spray", "lip balm spf"),
+        (
+            "protects from uva and uvb",
+            "is water resistant",
+            "leaves no white cast",
+            "cools sunburn",
+        ),
+        ("spf 50", "zinc oxide", "broad spectrum filters", "aloe"),
+    ),
+    "tools": (
+        ("makeup brush set", "hair dryer", "flat iron", "curling wand", "tweezers"),
+        ("heats up fast", "is easy to use", "is gentle on hair", "works great for travel"),
+        ("ceramic plates", "ionic technology", "synthetic bristles", "slanted tip"),
+    ),
+    "oralcare": (
+        ("toothpaste", "whitening strips", "mouthwash", "electric toothbrush", "floss"),
+        ("whitens teeth", "freshens breath", "fights cavities", "is gentle on gums"),
+        ("fluoride", "charcoal", "peppermint", "soft bristles"),
+    ),
 }
 _HGC_TEMPLATES = (
     "{brand} {product} w/ {feature}. {benefit}. {size}",
@@ -66,28 +89,68 @@ _HGC_TEMPLATES = (
 _SIZES = ("8 oz", "1.7 fl oz", "50 ml", "3 pack", "4 oz", "100ml", "2 pcs", "12 count")
 _SYLLABLES = ("lu", "ma", "ve", "ri", "so", "na", "ko", "th", "el", "da", "zi", "or", "be", "qua")
 
-_SHORTHAND = ((r"\bw/\s*", "with "), (r"\s*&\s*", " and "), (r"\bpcs\b", "pieces"),
-              (r"!+", "."), (r"\.{2,}", "."), (r"\s+([,.])", r"\1"), (r"\s{2,}", " "))
+_SHORTHAND = (
+    (r"\bw/\s*", "with "),
+    (r"\s*&\s*", " and "),
+    (r"\bpcs\b", "pieces"),
+    (r"!+", "."),
+    (r"\.{2,}", "."),
+    (r"\s+([,.])", r"\1"),
+    (r"\s{2,}", " "),
+)
 # second-pass entries chain from first-pass outputs, so re-rewriting keeps changing the text
 _SYNONYMS = {
-    "gives": "delivers", "delivers": "provides", "helps": "aids", "aids": "supports",
-    "reduces": "minimizes", "minimizes": "diminishes", "adds": "imparts", "imparts": "bestows",
-    "clears": "purifies", "purifies": "refines", "protects": "safeguards",
-    "safeguards": "shields", "made": "crafted", "crafted": "meticulously crafted",
-    "smells": "exudes a scent that is", "great": "exceptional", "exceptional": "remarkable",
-    "easy": "effortless", "fast": "rapidly", "contains": "features", "features": "boasts",
-    "lasts": "endures", "works": "performs", "softens": "gently softens",
+    "gives": "delivers",
+    "delivers": "provides",
+    "helps": "aids",
+    "aids": "supports",
+    "reduces": "minimizes",
+    "minimizes": "diminishes",
+    "adds": "imparts",
+    "imparts": "bestows",
+    "clears": "purifies",
+    "purifies": "refines",
+    "protects": "safeguards",
+    "safeguards": "shields",
+    "made": "crafted",
+    "crafted": "meticulously crafted",
+    "smells": "exudes a scent that is",
+    "great": "exceptional",
+    "exceptional": "remarkable",
+    "easy": "effortless",
+    "fast": "rapidly",
+    "contains": "features",
+    "features": "boasts",
+    "lasts": "endures",
+    "works": "performs",
+    "softens": "gently softens",
 }
-_ADJECTIVES = ("luxurious", "innovative", "exquisite", "premium", "remarkable", "versatile",
-               "nourishing", "revitalizing", "meticulously formulated", "thoughtfully designed")
+_ADJECTIVES = (
+    "luxurious",
+    "innovative",
+    "exquisite",
+    "premium",
+    "remarkable",
+    "versatile",
+    "nourishing",
+    "revitalizing",
+    "meticulously formulated",
+    "thoughtfully designed",
+)
 _CONNECTIVES = ("Additionally, ", "Moreover, ", "Furthermore, ", "What's more, ", "Notably, ")
-_OPENERS = ("Discover the {adj} ", "Introducing the {adj} ", "Experience the {adj} ",
-            "Indulge in the {adj} ")
-_CLOSERS = ("Elevate your daily routine with this exceptional product.",
-            "A must-have addition to any beauty regimen.",
-            "Indulge in a truly luxurious experience.",
-            "Experience the difference for yourself.",
-            "Treat yourself to the care you deserve.")
+_OPENERS = (
+    "Discover the {adj} ",
+    "Introducing the {adj} ",
+    "Experience the {adj} ",
+    "Indulge in the {adj} ",
+)
+_CLOSERS = (
+    "Elevate your daily routine with this exceptional product.",
+    "A must-have addition to any beauty regimen.",
+    "Indulge in a truly luxurious experience.",
+    "Experience the difference for yourself.",
+    "Treat yourself to the care you deserve.",
+)
 
 
 def _sentences(text: str) -> list[str]:
@@ -117,8 +180,9 @@ def simulate_llm_rewrite(text: str, strength: float, seed: int) -> str:
     if hit():
         for pattern, repl in _SHORTHAND:
             out = re.sub(pattern, repl, out)
-    out = re.sub(r"\b[a-z]+\b", lambda m: _SYNONYMS[m[0]] if m[0] in _SYNONYMS and hit() else m[0],
-                 out)
+    out = re.sub(
+        r"\b[a-z]+\b", lambda m: _SYNONYMS[m[0]] if m[0] in _SYNONYMS and hit() else m[0], out
+    )
     sents = _sentences(out)  # capitalised at the end, so sentence 0 keeps a brand's case
     if len(sents) > 2 and hit():
         i, j = sorted(rng.choice(np.arange(1, len(sents)), size=2, replace=False))
@@ -149,8 +213,10 @@ class ControlledCatalogue(RecDataset):
 
     def rewrite(self, texts: dict[str, str], pass_index: int = 1) -> dict[str, str]:
         """One simulated rewriter pass (pass 1 made ``sim-llm``, pass 2 ``sim-llm-rewrite``)."""
-        return {i: simulate_llm_rewrite(t, self.rewrite_strength, self.seed + pass_index)
-                for i, t in texts.items()}
+        return {
+            i: simulate_llm_rewrite(t, self.rewrite_strength, self.seed + pass_index)
+            for i, t in texts.items()
+        }
 
 
 def _brand(rng: np.random.Generator) -> str:
@@ -161,20 +227,38 @@ def _hgc_text(rng: np.random.Generator, topic: str) -> str:
     products, benefits, features = TOPICS[topic]
     b1, b2 = rng.choice(len(benefits), size=2, replace=False)
     return _HGC_TEMPLATES[rng.integers(len(_HGC_TEMPLATES))].format(
-        brand=_brand(rng), product=products[rng.integers(len(products))],
-        benefit=benefits[b1], benefit2=benefits[b2],
-        feature=features[rng.integers(len(features))], size=_SIZES[rng.integers(len(_SIZES))])
+        brand=_brand(rng),
+        product=products[rng.integers(len(products))],
+        benefit=benefits[b1],
+        benefit2=benefits[b2],
+        feature=features[rng.integers(len(features))],
+        size=_SIZES[rng.integers(len(_SIZES))],
+    )
 
 
-def _impression(rng: np.random.Generator, imp_id: str, user: str, ts: int, history: np.ndarray,
-                pos: int, clicks: np.ndarray, num_negatives: int, items: list[str]) -> Impression:
+def _impression(
+    rng: np.random.Generator,
+    imp_id: str,
+    user: str,
+    ts: int,
+    history: np.ndarray,
+    pos: int,
+    clicks: np.ndarray,
+    num_negatives: int,
+    items: list[str],
+) -> Impression:
     """Positive plus negatives drawn uniformly from the items the user never clicked."""
     allowed = np.ones(len(items), dtype=bool)
     allowed[clicks] = False
     negs = rng.choice(np.flatnonzero(allowed), size=num_negatives, replace=False)
     cands = [(items[pos], 1)] + [(items[n], 0) for n in negs]
-    return Impression(imp_id, user, ts, tuple(items[h] for h in history),
-                      tuple(cands[k] for k in rng.permutation(len(cands))))
+    return Impression(
+        imp_id,
+        user,
+        ts,
+        tuple(items[h] for h in history),
+        tuple(cands[k] for k in rng.permutation(len(cands))),
+    )
 
 
 def make_controlled_catalogue(
@@ -213,20 +297,40 @@ def make_controlled_catalogue(
         p = taste[u][item_topic] * popularity
         clicks = rng.choice(num_items, size=history_len + 2, replace=False, p=p / p.sum())
         args = (clicks, num_negatives, items)
-        train.append(_impression(rng, f"T{u}", user, 1, clicks[:history_len], clicks[history_len],
-                                 *args))
-        dev.append(_impression(rng, f"D{u}", user, 2, clicks[1:history_len + 1], clicks[-1], *args))
+        train.append(
+            _impression(rng, f"T{u}", user, 1, clicks[:history_len], clicks[history_len], *args)
+        )
+        dev.append(
+            _impression(rng, f"D{u}", user, 2, clicks[1 : history_len + 1], clicks[-1], *args)
+        )
     half = rng.permutation(num_users)
-    splits = {"train": train, "train1": [train[u] for u in sorted(half[: num_users // 2])],
-              "train2": [train[u] for u in sorted(half[num_users // 2:])], "dev": dev}
+    splits = {
+        "train": train,
+        "train1": [train[u] for u in sorted(half[: num_users // 2])],
+        "train2": [train[u] for u in sorted(half[num_users // 2 :])],
+        "dev": dev,
+    }
     cat = ControlledCatalogue(
-        splits=splits, items=items, texts={HGC: hgc}, counts={}, topics=topics,
-        item_topic=item_topic, user_ids=user_ids, user_taste=taste,
-        rewrite_strength=rewrite_strength, seed=seed)
+        splits=splits,
+        items=items,
+        texts={HGC: hgc},
+        counts={},
+        topics=topics,
+        item_topic=item_topic,
+        user_ids=user_ids,
+        user_taste=taste,
+        rewrite_strength=rewrite_strength,
+        seed=seed,
+    )
     cat.texts[SIM_LLM] = cat.rewrite(hgc, pass_index=1)
     cat.texts[SIM_LLM_REWRITE] = cat.rewrite(cat.texts[SIM_LLM], pass_index=2)
-    cat.counts = {"seed": seed, "users": num_users, "items": num_items, "topics": num_topics,
-                  "rewrite_strength": rewrite_strength,
-                  **{f"{k}_rows": len(v) for k, v in splits.items()},
-                  "aigc_differs_from_hgc": sum(hgc[i] != cat.texts[SIM_LLM][i] for i in items)}
+    cat.counts = {
+        "seed": seed,
+        "users": num_users,
+        "items": num_items,
+        "topics": num_topics,
+        "rewrite_strength": rewrite_strength,
+        **{f"{k}_rows": len(v) for k, v in splits.items()},
+        "aigc_differs_from_hgc": sum(hgc[i] != cat.texts[SIM_LLM][i] for i in items),
+    }
     return cat

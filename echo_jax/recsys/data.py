@@ -137,7 +137,8 @@ def read_item_texts(path: str | os.PathLike, clean: bool = False) -> dict[str, s
                 continue
             if len(row) != NEWS_COLUMNS or not row[0]:
                 raise ValueError(
-                    f"{where}: expected {NEWS_COLUMNS} columns with an id, got {row!r}")
+                    f"{where}: expected {NEWS_COLUMNS} columns with an id, got {row!r}"
+                )
             if row[0] in texts:
                 raise ValueError(f"{where}: duplicate item id {row[0]!r}")
             texts[row[0]] = clean_text(row[4]) if clean else row[4]
@@ -183,8 +184,17 @@ def _resample_split(
     pool_arr = np.asarray(pool)
     kept: list[Impression] = []
     c = dict.fromkeys(
-        ["rows_read", "dropped_positive_without_text", "dropped_empty_history", "rows_kept",
-         "history_items_read", "history_items_removed", "history_items_kept"], 0)
+        [
+            "rows_read",
+            "dropped_positive_without_text",
+            "dropped_empty_history",
+            "rows_kept",
+            "history_items_read",
+            "history_items_removed",
+            "history_items_kept",
+        ],
+        0,
+    )
     c["rows_read"] = len(rows)
     for imp in rows:
         (pos,) = imp.positives
@@ -202,15 +212,19 @@ def _resample_split(
         negatives = rng.choice(pool_arr[allowed], size=num_negatives, replace=False)
         cands = [(pos, 1)] + [(str(n), 0) for n in negatives]
         order = rng.permutation(len(cands))  # no fixed positive slot for ties to exploit
-        kept.append(Impression(imp.impression_id, imp.user, imp.timestamp, history,
-                               tuple(cands[k] for k in order)))
+        kept.append(
+            Impression(
+                imp.impression_id, imp.user, imp.timestamp, history, tuple(cands[k] for k in order)
+            )
+        )
         c["history_items_kept"] += len(history)
     c["rows_kept"] = len(kept)
     return kept, c
 
 
-def _without_clicks_of(rows: list[Impression], held_out: list[Impression]
-                       ) -> tuple[list[Impression], int]:
+def _without_clicks_of(
+    rows: list[Impression], held_out: list[Impression]
+) -> tuple[list[Impression], int]:
     """`rows` minus the impressions whose (user, clicked item) is a held-out click.
 
     The released `behaviors1.tsv` holds every dev click (all 1750 (user, positive) pairs of
@@ -258,7 +272,8 @@ def build_beauty637(
     for k, (split, rel) in enumerate(BEAUTY_SPLITS.items()):
         rng = np.random.default_rng([seed, k])
         splits[split], counts["splits"][split] = _resample_split(
-            read_behaviors(root / "Amazon_Beauty" / rel), pool, rng, num_negatives)
+            read_behaviors(root / "Amazon_Beauty" / rel), pool, rng, num_negatives
+        )
     for half in ("train1", "train2"):
         c = counts["splits"][half]
         splits[half], c["dropped_dev_clicks"] = _without_clicks_of(splits[half], splits["dev"])

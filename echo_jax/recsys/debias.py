@@ -32,8 +32,9 @@ class Debias:
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"debias.alpha and debias.beta must be >= 0, got "
-                             f"{self.alpha}, {self.beta}")
+            raise ValueError(
+                f"debias.alpha and debias.beta must be >= 0, got {self.alpha}, {self.beta}"
+            )
         if not 0.0 <= self.rewrite_prob <= 1.0:
             raise ValueError(f"debias.rewrite_prob must be in [0, 1], got {self.rewrite_prob}")
 
@@ -57,8 +58,9 @@ def rewrite_rows(num_items: int, num_sources: int) -> np.ndarray:
     return np.where(rows < num_items * (num_sources - 1), rows + num_items, rows).astype(np.int32)
 
 
-def perturb_history(rng: jax.Array, history_BxH: jax.Array, rewrite_R: jax.Array,
-                    prob: float) -> jax.Array:
+def perturb_history(
+    rng: jax.Array, history_BxH: jax.Array, rewrite_R: jax.Array, prob: float
+) -> jax.Array:
     """Each history row replaced by its rewrite with probability `prob` (padding included: its
     position is masked anyway)."""
     swap = jax.random.bernoulli(rng, prob, history_BxH.shape)
@@ -71,13 +73,21 @@ def mean_entropy(x_BxD: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
 
 
-def penalty(scores_BxC: jax.Array, scores_rewritten_items_BxC: jax.Array,
-            scores_perturbed_user_BxC: jax.Array, user_BxD: jax.Array,
-            perturbed_user_BxD: jax.Array, debias: Debias) -> tuple[jax.Array, dict[str, jax.Array]]:
+def penalty(
+    scores_BxC: jax.Array,
+    scores_rewritten_items_BxC: jax.Array,
+    scores_perturbed_user_BxC: jax.Array,
+    user_BxD: jax.Array,
+    perturbed_user_BxD: jax.Array,
+    debias: Debias,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The regulariser added to the cross-entropy, and its parts as metrics."""
     items_l1 = jnp.mean(jnp.abs(scores_BxC - scores_rewritten_items_BxC))
     users_l1 = jnp.mean(jnp.abs(scores_BxC - scores_perturbed_user_BxC))
     entropy = mean_entropy(user_BxD) + mean_entropy(perturbed_user_BxD)
     total = debias.alpha * items_l1 + debias.beta * (users_l1 + entropy)
-    return total, {"debias/items_l1": items_l1, "debias/users_l1": users_l1,
-                   "debias/entropy": entropy}
+    return total, {
+        "debias/items_l1": items_l1,
+        "debias/users_l1": users_l1,
+        "debias/entropy": entropy,
+    }

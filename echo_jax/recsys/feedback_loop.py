@@ -54,12 +54,22 @@ from echo_jax.recsys.train import Scorer
 HALVES = ("train1", "train2")
 UNDEBIASED = "undebiased"
 # training arrays, plus the list the user was shown (both copies of each candidate) and its labels
-INTERACTION_KEYS = ("history", "history_mask", "history_items", "candidates", "labels",
-                    "positive", "positive_item", "paired", "shown_labels")
+INTERACTION_KEYS = (
+    "history",
+    "history_mask",
+    "history_items",
+    "candidates",
+    "labels",
+    "positive",
+    "positive_item",
+    "paired",
+    "shown_labels",
+)
 
 
-def swap_histories(arrays: dict[str, np.ndarray], share: float, num_items: int,
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+def swap_histories(
+    arrays: dict[str, np.ndarray], share: float, num_items: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Copy of `arrays` whose real history items show their AIGC text with probability `share`.
 
     `arrays["history"]` must hold HGC rows (row = item index); AIGC rows are `item + N`.
@@ -68,8 +78,9 @@ def swap_histories(arrays: dict[str, np.ndarray], share: float, num_items: int,
     return {**arrays, "history": arrays["history"] + swap.astype(np.int32) * num_items}
 
 
-def click_ranks(scores_MxCx2: np.ndarray, labels_MxC: np.ndarray,
-                rng: np.random.Generator) -> np.ndarray:
+def click_ranks(
+    scores_MxCx2: np.ndarray, labels_MxC: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """`[M, 2]` 0-based rank of the positive's HGC and AIGC copy among all 2C copies (ties in a
     random order)."""
     m = len(scores_MxCx2)
@@ -81,8 +92,9 @@ def click_ranks(scores_MxCx2: np.ndarray, labels_MxC: np.ndarray,
     return rank.reshape(scores_MxCx2.shape)[np.arange(m), positive]
 
 
-def simulate_clicks(scores_MxCx2: np.ndarray, labels_MxC: np.ndarray, eta: float,
-                    rng: np.random.Generator) -> np.ndarray:
+def simulate_clicks(
+    scores_MxCx2: np.ndarray, labels_MxC: np.ndarray, eta: float, rng: np.random.Generator
+) -> np.ndarray:
     """`[M]` source clicked (0 HGC, 1 AIGC): the better-ranked copy of the relevant item, or with
     `eta > 0` one of its two copies with probability proportional to (rank + 1)^-eta."""
     ranks = click_ranks(scores_MxCx2, labels_MxC, rng)
@@ -92,16 +104,20 @@ def simulate_clicks(scores_MxCx2: np.ndarray, labels_MxC: np.ndarray, eta: float
     return (rng.random(len(ranks)) < weight[:, 1] / weight.sum(-1)).astype(np.int32)
 
 
-def clicked_impressions(arrays: dict[str, np.ndarray], clicked_M: np.ndarray,
-                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+def clicked_impressions(
+    arrays: dict[str, np.ndarray], clicked_M: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Training impressions from clicks: the clicked copy of the positive against C - 1
     negatives drawn from the other 2C - 1 copies of the list (the other copy of the positive
     included), in a random order."""
     m, c = arrays["labels"].shape
     copies = arrays["paired"].reshape(m, 2 * c)
     clicked_slot = 2 * np.argmax(arrays["labels"], axis=-1) + clicked_M
-    out = {**arrays, "candidates": np.zeros((m, c), np.int32),
-           "labels": np.zeros((m, c), np.float32)}
+    out = {
+        **arrays,
+        "candidates": np.zeros((m, c), np.int32),
+        "labels": np.zeros((m, c), np.float32),
+    }
     for r in range(m):
         others = np.delete(np.arange(2 * c), clicked_slot[r])
         slots = np.concatenate([[clicked_slot[r]], rng.choice(others, c - 1, replace=False)])
@@ -133,19 +149,22 @@ class LoopData:
         self.texts = self.rows.texts(ds)
 
     def prepared(self, train_arrays: dict, eval_arrays: dict) -> Prepared:
-        return Prepared(self.rows, self.texts, self.table, self.model, train_arrays,
-                             eval_arrays)
+        return Prepared(self.rows, self.texts, self.table, self.model, train_arrays, eval_arrays)
 
 
 def _save_interactions(path: str, arrays: dict, num_items: int, sources: tuple) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k: arrays[k] for k in INTERACTION_KEYS},
-             history_source=np.where(arrays["history_mask"],
-                                     source_of(arrays["history"], num_items), -1),
-             candidate_source=source_of(arrays["candidates"], num_items),
-             positive_source=source_of(arrays["positive"], num_items),
-             source_names=np.asarray(sources))
+    np.savez(
+        tmp,
+        **{k: arrays[k] for k in INTERACTION_KEYS},
+        history_source=np.where(
+            arrays["history_mask"], source_of(arrays["history"], num_items), -1
+        ),
+        candidate_source=source_of(arrays["candidates"], num_items),
+        positive_source=source_of(arrays["positive"], num_items),
+        source_names=np.asarray(sources),
+    )
     os.replace(tmp, path)
 
 
@@ -154,19 +173,26 @@ def _load_interactions(path: str) -> dict[str, np.ndarray]:
         return {k: f[k] for k in INTERACTION_KEYS}
 
 
-def _next_interactions(data: LoopData, state: TrainState, iteration: int, share: float, seed: int,
-                       eta: float) -> dict[str, np.ndarray]:
+def _next_interactions(
+    data: LoopData, state: TrainState, iteration: int, share: float, seed: int, eta: float
+) -> dict[str, np.ndarray]:
     """Iteration `iteration`'s training data, clicked under the recommender `state`."""
-    half = swap_histories(data.halves[iteration % 2], share, data.num_items,
-                          rng.loop_stream(seed, iteration, rng.LoopPurpose.TRAIN_SWAP))
+    half = swap_histories(
+        data.halves[iteration % 2],
+        share,
+        data.num_items,
+        rng.loop_stream(seed, iteration, rng.LoopPurpose.TRAIN_SWAP),
+    )
     scorer = Scorer(data.model, data.table)
     users = scorer.user_vectors(state.params, half["history"], half["history_mask"])
     items = scorer.item_vectors(state.params)
     scores = np.einsum("md,mcsd->mcs", users, items[half["paired"]])
-    clicked = simulate_clicks(scores, half["labels"], eta,
-                              rng.loop_stream(seed, iteration, rng.LoopPurpose.CLICKS))
-    return clicked_impressions(half, clicked,
-                               rng.loop_stream(seed, iteration, rng.LoopPurpose.NEGATIVES))
+    clicked = simulate_clicks(
+        scores, half["labels"], eta, rng.loop_stream(seed, iteration, rng.LoopPurpose.CLICKS)
+    )
+    return clicked_impressions(
+        half, clicked, rng.loop_stream(seed, iteration, rng.LoopPurpose.NEGATIVES)
+    )
 
 
 def iteration_record(iteration: int, arrays: dict, result: dict, num_items: int) -> dict:
@@ -175,8 +201,9 @@ def iteration_record(iteration: int, arrays: dict, result: dict, num_items: int)
         "iteration": iteration,
         "half": HALVES[iteration % 2],
         "aigc_click_share": float(source_of(arrays["positive"], num_items).mean()),
-        "history_aigc_share": float(source_of(arrays["history"], num_items)[
-            arrays["history_mask"]].mean()),
+        "history_aigc_share": float(
+            source_of(arrays["history"], num_items)[arrays["history_mask"]].mean()
+        ),
         "llm_ratio": result["bias/llm_ratio"],
         "ndcg@5": result["eval/ndcg@5"],
         "full/recall@10": result["eval/full/recall@10"],
@@ -200,26 +227,37 @@ def _write_metrics(path: str, records: list[dict]) -> None:
 def check_settings(loop: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` for loop settings that cannot run."""
     if loop.iterations < 1 or loop.train_steps < 1:
-        raise ConfigError(f"loop.iterations ({loop.iterations}) and loop.train_steps "
-                          f"({loop.train_steps}) must be >= 1")
+        raise ConfigError(
+            f"loop.iterations ({loop.iterations}) and loop.train_steps "
+            f"({loop.train_steps}) must be >= 1"
+        )
     if not loop.seeds:
         raise ConfigError("loop.seeds is empty")
     if loop.click_eta < 0:
-        raise ConfigError(f"loop.click_eta must be >= 0 (0: no position bias), got "
-                          f"{loop.click_eta}")
+        raise ConfigError(
+            f"loop.click_eta must be >= 0 (0: no position bias), got {loop.click_eta}"
+        )
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict:
     """What a loop's finished iterations depend on (not how many there are, nor the seeds)."""
-    loop = {k: v for k, v in config.loop.to_dict().items()
-            if k in ("train_steps", "click_eta")}
-    return json.loads(json.dumps({"loop": loop, "debias": config.debias.to_dict(),
-                                  "data": config.data.to_dict(), "model": config.model.to_dict(),
-                                  "train": config.train.to_dict()}))
+    loop = {k: v for k, v in config.loop.to_dict().items() if k in ("train_steps", "click_eta")}
+    return json.loads(
+        json.dumps(
+            {
+                "loop": loop,
+                "debias": config.debias.to_dict(),
+                "data": config.data.to_dict(),
+                "model": config.model.to_dict(),
+                "train": config.train.to_dict(),
+            }
+        )
+    )
 
 
-def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workdir: str,
-             label: str = "loop") -> list[dict]:
+def run_seed(
+    config: ml_collections.ConfigDict, data: LoopData, seed: int, workdir: str, label: str = "loop"
+) -> list[dict]:
     """The whole loop for one seed in `workdir`; finished iterations are read, not rerun.
 
     Iteration t's data are computed at the end of iteration t - 1 (the last iteration computes
@@ -242,31 +280,58 @@ def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workd
         if arrays is None:  # resumed: this iteration's data were saved by the previous one
             arrays = _load_interactions(os.path.join(iter_dir, "interactions.npz"))
         elif t == 0 and is_chief:
-            _save_interactions(os.path.join(iter_dir, "interactions.npz"), arrays,
-                               data.num_items, data.rows.sources)
+            _save_interactions(
+                os.path.join(iter_dir, "interactions.npz"),
+                arrays,
+                data.num_items,
+                data.rows.sources,
+            )
         click_share = float(source_of(arrays["positive"], data.num_items).mean())
-        dev = swap_histories(data.dev, click_share, data.num_items,
-                             rng.loop_stream(seed, t, rng.LoopPurpose.DEV_SWAP))
+        dev = swap_histories(
+            data.dev,
+            click_share,
+            data.num_items,
+            rng.loop_stream(seed, t, rng.LoopPurpose.DEV_SWAP),
+        )
         task, evaluate = build_task(sub, mesh, data.prepared(arrays, dev))
-        state = train(task, LoopConfig.from_config(sub.train), mesh, sub.sharding.rules,
-                      iter_dir, rng.loop_train_seed(seed, t), config=sub,
-                      label=f"{label} iter {t}")
+        state = train(
+            task,
+            LoopConfig.from_config(sub.train),
+            mesh,
+            sub.sharding.rules,
+            iter_dir,
+            rng.loop_train_seed(seed, t),
+            config=sub,
+            label=f"{label} iter {t}",
+        )
         record = iteration_record(t, arrays, evaluate(state), data.num_items)
         arrays = _next_interactions(data, state, t + 1, click_share, seed, loop.click_eta)
         if is_chief:  # before the record that marks iteration t finished
-            _save_interactions(os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),
-                               arrays, data.num_items, data.rows.sources)
-        print(f"[{label}] iteration {t}: AIGC click share {record['aigc_click_share']:.3f}, "
-              f"llm_ratio {record['llm_ratio']:.3f}, RelaΔ NDCG@5 "
-              f"{record['rela_delta_ndcg@5']:.1f} %, NDCG@5 (dev) {record['ndcg@5']:.3f}, "
-              f"history AIGC share {record['history_aigc_share']:.3f}", file=sys.stderr)
+            _save_interactions(
+                os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),
+                arrays,
+                data.num_items,
+                data.rows.sources,
+            )
+        print(
+            f"[{label}] iteration {t}: AIGC click share {record['aigc_click_share']:.3f}, "
+            f"llm_ratio {record['llm_ratio']:.3f}, RelaΔ NDCG@5 "
+            f"{record['rela_delta_ndcg@5']:.1f} %, NDCG@5 (dev) {record['ndcg@5']:.3f}, "
+            f"history AIGC share {record['history_aigc_share']:.3f}",
+            file=sys.stderr,
+        )
         return record
 
     for t in range(loop.iterations + 1):
         iter_dir = os.path.join(workdir, f"iter{t:02d}")
-        stage = run_stage(functools.partial(iteration, t, iter_dir), label=label, index=t + 1,
-                          total=loop.iterations + 1, name=f"iteration {t}",
-                          result_file=os.path.join(iter_dir, "record.json"))
+        stage = run_stage(
+            functools.partial(iteration, t, iter_dir),
+            label=label,
+            index=t + 1,
+            total=loop.iterations + 1,
+            name=f"iteration {t}",
+            result_file=os.path.join(iter_dir, "record.json"),
+        )
         records.append(stage.result)
         if stage.skipped:
             arrays = None
@@ -275,14 +340,20 @@ def run_seed(config: ml_collections.ConfigDict, data: LoopData, seed: int, workd
     return records
 
 
-def run_arm(config: ml_collections.ConfigDict, workdir: str, data: LoopData,
-            label: str = "loop") -> dict[int, list[dict]]:
+def run_arm(
+    config: ml_collections.ConfigDict, workdir: str, data: LoopData, label: str = "loop"
+) -> dict[int, list[dict]]:
     """Every seed of one loop (the debiaser as `config.debias` says): seed -> records."""
-    return {s: run_seed(config, data, s, os.path.join(workdir, f"seed{s}"), f"{label} seed {s}")
-            for s in config.loop.seeds}
+    return {
+        s: run_seed(config, data, s, os.path.join(workdir, f"seed{s}"), f"{label} seed {s}")
+        for s in config.loop.seeds
+    }
 
 
 def arm_name(debias: ml_collections.ConfigDict) -> str:
     """The arm's directory and label: `undebiased`, or the debiaser's alpha and beta."""
-    return f"debiased-a{debias.alpha:g}-b{debias.beta:g}" if debias.alpha or debias.beta \
+    return (
+        f"debiased-a{debias.alpha:g}-b{debias.beta:g}"
+        if debias.alpha or debias.beta
         else UNDEBIASED
+    )

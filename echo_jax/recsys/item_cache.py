@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -25,8 +25,12 @@ def cache_key(texts: Sequence[str], encoder_id: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def cached_vectors(texts: Sequence[str], encoder_id: str, cache_dir: str | os.PathLike,
-                   encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+def cached_vectors(
+    texts: Sequence[str],
+    encoder_id: str,
+    cache_dir: str | os.PathLike,
+    encode: Callable[[list[str]], np.ndarray],
+) -> np.ndarray:
     """`encode(texts)`, read from `cache_dir` when this (encoder, texts) pair was seen before."""
     path = Path(cache_dir) / f"vectors-{cache_key(texts, encoder_id)}.npy"
     if path.is_file():
@@ -39,8 +43,9 @@ def cached_vectors(texts: Sequence[str], encoder_id: str, cache_dir: str | os.Pa
     return vectors
 
 
-def minilm_vectors(texts: Sequence[str], model_dir: str | os.PathLike,
-                   cache_dir: str | os.PathLike) -> np.ndarray:
+def minilm_vectors(
+    texts: Sequence[str], model_dir: str | os.PathLike, cache_dir: str | os.PathLike
+) -> np.ndarray:
     """Frozen MiniLM sentence vectors `[len(texts), 384]`, cached."""
     model_dir = Path(model_dir).resolve()
     weights = model_dir / "model.safetensors"

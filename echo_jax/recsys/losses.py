@@ -20,8 +20,9 @@ def impression_cross_entropy(scores_BxC: jax.Array, labels_BxC: jax.Array) -> ja
     return -jnp.mean((log_p * labels_BxC).sum(-1) / labels_BxC.sum(-1))
 
 
-def in_batch_logits(user_BxD: jax.Array, item_BxD: jax.Array, item_id_B: jax.Array,
-                    log_q_B: jax.Array) -> jax.Array:
+def in_batch_logits(
+    user_BxD: jax.Array, item_BxD: jax.Array, item_id_B: jax.Array, log_q_B: jax.Array
+) -> jax.Array:
     """Logits `[B, B]` of every user against every positive in the batch, logQ-corrected.
 
     In-batch negatives are sampled in proportion to their frequency q as positives, so popular
@@ -35,8 +36,9 @@ def in_batch_logits(user_BxD: jax.Array, item_BxD: jax.Array, item_id_B: jax.Arr
     return jnp.where(accidental, NEG_INF, logits)
 
 
-def in_batch_softmax(user_BxD: jax.Array, item_BxD: jax.Array, item_id_B: jax.Array,
-                     log_q_B: jax.Array) -> jax.Array:
+def in_batch_softmax(
+    user_BxD: jax.Array, item_BxD: jax.Array, item_id_B: jax.Array, log_q_B: jax.Array
+) -> jax.Array:
     """Mean cross-entropy of each user's own positive (the diagonal) among the batch's items."""
     logits = in_batch_logits(user_BxD, item_BxD, item_id_B, log_q_B)
     return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))

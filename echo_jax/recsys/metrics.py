@@ -12,7 +12,7 @@ RelaDelta = (M_HGC - M_AIGC) / ((M_HGC + M_AIGC) / 2) * 100 (negative = AIGC pre
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def ndcg_at_k(scores_NxC: np.ndarray, labels_NxC: np.ndarray, k: int) -> float:
     rel = _sorted_labels(scores_NxC, labels_NxC)[:, :k]
     discounts = 1.0 / np.log2(np.arange(2, rel.shape[1] + 2))
     num_rel = np.asarray(labels_NxC).sum(-1)
-    ideal = np.array([discounts[:int(min(n, k))].sum() for n in num_rel])
+    ideal = np.array([discounts[: int(min(n, k))].sum() for n in num_rel])
     return float(np.mean((rel * discounts).sum(-1) / ideal))
 
 
@@ -51,8 +51,9 @@ def recall_at_k(scores_NxC: np.ndarray, labels_NxC: np.ndarray, k: int) -> float
     return float(np.mean(rel.sum(-1) / np.asarray(labels_NxC).sum(-1)))
 
 
-def ranking_metrics(scores_NxC: np.ndarray, labels_NxC: np.ndarray,
-                    ks: Sequence[int] = KS) -> dict[str, float]:
+def ranking_metrics(
+    scores_NxC: np.ndarray, labels_NxC: np.ndarray, ks: Sequence[int] = KS
+) -> dict[str, float]:
     """NDCG, MAP and Recall at every k in `ks` that the list length allows."""
     out = {}
     for k in (k for k in ks if k <= scores_NxC.shape[-1]):
@@ -68,8 +69,9 @@ def rela_delta(m_hgc: float, m_aigc: float) -> float:
     return 0.0 if mean == 0 else (m_hgc - m_aigc) / mean * 100.0
 
 
-def source_bias(scores_NxCx2: np.ndarray, labels_NxC: np.ndarray,
-                ks: Sequence[int] = KS) -> dict[str, float]:
+def source_bias(
+    scores_NxCx2: np.ndarray, labels_NxC: np.ndarray, ks: Sequence[int] = KS
+) -> dict[str, float]:
     """Human- and LLM-Target metrics, their RelaDelta, and `llm_ratio` over paired lists.
 
     `scores_NxCx2[..., 0]` scores the HGC copy of each candidate, `[..., 1]` its AIGC copy; the
@@ -93,8 +95,9 @@ def source_bias(scores_NxCx2: np.ndarray, labels_NxC: np.ndarray,
     return out
 
 
-def full_ranking(scores_NxI: np.ndarray, positive_N: np.ndarray, exclude_NxI: np.ndarray,
-                 k: int = 10) -> dict[str, float]:
+def full_ranking(
+    scores_NxI: np.ndarray, positive_N: np.ndarray, exclude_NxI: np.ndarray, k: int = 10
+) -> dict[str, float]:
     """Recall@k and NDCG@k of one positive per row against the whole catalogue.
 
     `exclude_NxI` marks items that must not be recommended (the user's history); the positive is
@@ -107,5 +110,7 @@ def full_ranking(scores_NxI: np.ndarray, positive_N: np.ndarray, exclude_NxI: np
     exclude[rows, positive_N] = False
     above = ((scores_NxI >= pos_score[:, None]) & ~exclude).sum(-1)  # includes the positive
     hit = above <= k
-    return {f"recall@{k}": float(hit.mean()),
-            f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(above + 1), 0.0).mean())}
+    return {
+        f"recall@{k}": float(hit.mean()),
+        f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(above + 1), 0.0).mean()),
+    }

@@ -69,11 +69,12 @@ class TransformerUserEncoder(nn.Module):
             attn_mask = nn.combine_masks(attn_mask, nn.make_causal_mask(mask_BxH))
         for i in range(cfg.num_layers):
             h = nn.MultiHeadDotProductAttention(
-                cfg.num_heads, dropout_rate=cfg.dropout, name=f"attn_{i}")(
-                    x, x, mask=attn_mask, deterministic=deterministic)
+                cfg.num_heads, dropout_rate=cfg.dropout, name=f"attn_{i}"
+            )(x, x, mask=attn_mask, deterministic=deterministic)
             x = nn.LayerNorm(name=f"ln_attn_{i}")(x + nn.Dropout(cfg.dropout)(h, deterministic))
             h = _dense(cfg.dim, ("mlp", "embed"), f"mlp_out_{i}")(
-                nn.gelu(_dense(2 * cfg.dim, ("embed", "mlp"), f"mlp_in_{i}")(x)))
+                nn.gelu(_dense(2 * cfg.dim, ("embed", "mlp"), f"mlp_in_{i}")(x))
+            )
             x = nn.LayerNorm(name=f"ln_mlp_{i}")(x + nn.Dropout(cfg.dropout)(h, deterministic))
         if not self.causal:
             x = nn.LayerNorm(name="ln_out")(nn.gelu(_dense(cfg.dim, ("embed", "mlp"), "out")(x)))
@@ -122,17 +123,20 @@ class LRULayer(nn.Module):
 
         nu_log = self.param("nu_log", nu_init, (d,))
         theta_log = self.param(
-            "theta_log", lambda k, s: jnp.log(jax.random.uniform(k, s) * np.pi / 10), (d,))
+            "theta_log", lambda k, s: jnp.log(jax.random.uniform(k, s) * np.pi / 10), (d,)
+        )
         lam = jnp.exp(-jnp.exp(nu_log) + 1j * jnp.exp(theta_log))
         gamma = self.param("gamma_log", lambda k, s: jnp.log(jnp.sqrt(1 - jnp.abs(lam) ** 2)), (d,))
         b_re, b_im, c_re, c_im = (
             self.param(n, nn.initializers.normal(1 / np.sqrt(2 * d)), (d, d))
-            for n in ("b_re", "b_im", "c_re", "c_im"))
+            for n in ("b_re", "b_im", "c_re", "c_im")
+        )
         skip = self.param("d", nn.initializers.normal(1.0), (d,))
         bu = (x_BxHxD @ (b_re + 1j * b_im)) * jnp.exp(gamma)
         lam_BxHxD = jnp.broadcast_to(lam, bu.shape)
         _, h = jax.lax.associative_scan(
-            lambda a, b: (a[0] * b[0], b[0] * a[1] + b[1]), (lam_BxHxD, bu), axis=1)
+            lambda a, b: (a[0] * b[0], b[0] * a[1] + b[1]), (lam_BxHxD, bu), axis=1
+        )
         return (h @ (c_re + 1j * c_im)).real + skip * x_BxHxD
 
 
@@ -151,7 +155,8 @@ class LRURec(nn.Module):
             h = LRULayer(cfg.dim, name=f"lru_{i}")(x)
             x = nn.LayerNorm(name=f"ln_lru_{i}")(x + nn.Dropout(cfg.dropout)(h, deterministic))
             h = _dense(cfg.dim, ("mlp", "embed"), f"mlp_out_{i}")(
-                nn.gelu(_dense(2 * cfg.dim, ("embed", "mlp"), f"mlp_in_{i}")(x)))
+                nn.gelu(_dense(2 * cfg.dim, ("embed", "mlp"), f"mlp_in_{i}")(x))
+            )
             x = nn.LayerNorm(name=f"ln_mlp_{i}")(x + nn.Dropout(cfg.dropout)(h, deterministic))
         return x
 
@@ -172,7 +177,8 @@ def user_encoder(cfg: ModelConfig, name: str = "user") -> nn.Module:
     if cfg.user_encoder in ("sasrec", "bert4rec"):
         return TransformerUserEncoder(cfg, causal=cfg.user_encoder == "sasrec", name=name)
     return {"gru4rec": GRU4Rec, "lrurec": LRURec, "mean": MeanPool}[cfg.user_encoder](
-        cfg, name=name)
+        cfg, name=name
+    )
 
 
 class ItemTower(nn.Module):
@@ -185,8 +191,14 @@ class ItemTower(nn.Module):
         cfg = self.cfg
         if cfg.item_tower == "small":
             feats_NxF = SmallTextEncoder(
-                cfg.vocab_size, cfg.dim, cfg.text_layers, cfg.num_heads, cfg.max_text_len,
-                cfg.dropout, name="text")(feats_NxF, feats_NxF != 0, deterministic)
+                cfg.vocab_size,
+                cfg.dim,
+                cfg.text_layers,
+                cfg.num_heads,
+                cfg.max_text_len,
+                cfg.dropout,
+                name="text",
+            )(feats_NxF, feats_NxF != 0, deterministic)
         return _dense(cfg.dim, ("embed", "mlp"), "proj")(feats_NxF)
 
 
@@ -202,15 +214,21 @@ class Recommender(nn.Module):
     def encode_items(self, feats_NxF: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.items(feats_NxF, deterministic)
 
-    def encode_user(self, hist_BxHxF: jax.Array, mask_BxH: jax.Array,
-                    deterministic: bool = True) -> jax.Array:
+    def encode_user(
+        self, hist_BxHxF: jax.Array, mask_BxH: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
         """Per-position user states `h_BxHxD`; the user vector is `h[:, -1]`."""
         b, h = mask_BxH.shape
         x = self.items(hist_BxHxF.reshape(b * h, *hist_BxHxF.shape[2:]), deterministic)
         return self.user(x.reshape(b, h, -1), mask_BxH, deterministic)
 
-    def __call__(self, hist_BxHxF: jax.Array, mask_BxH: jax.Array, cand_BxCxF: jax.Array,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        hist_BxHxF: jax.Array,
+        mask_BxH: jax.Array,
+        cand_BxCxF: jax.Array,
+        deterministic: bool = True,
+    ) -> jax.Array:
         """Scores `[B, C]` of every candidate for every user."""
         user_BxD = self.encode_user(hist_BxHxF, mask_BxH, deterministic)[:, -1]
         b, c = cand_BxCxF.shape[:2]

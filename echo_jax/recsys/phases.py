@@ -30,18 +30,24 @@ def plan(phases: ml_collections.ConfigDict) -> list[tuple[str, float, int]]:
 
 
 def _mean_std(rows: list[dict]) -> dict[str, list[float]]:
-    return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))]
-            for k in rows[0]}
+    return {
+        k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))]
+        for k in rows[0]
+    }
 
 
 def summarise(phases: ml_collections.ConfigDict, results: dict[str, dict]) -> dict:
     """Per encoder (phase 1) and per rho (phase 2): metric -> [mean, std] over seeds."""
+
     def over_seeds(encoder, rho):
         return _mean_std([results[run_name(encoder, rho, s)] for s in phases.seeds])
 
-    return {"seeds": list(phases.seeds), "rho_encoder": phases.rho_encoder,
-            "phase1": {e: over_seeds(e, 0.0) for e in phases.encoders},
-            "phase2": {f"{r:.2f}": over_seeds(phases.rho_encoder, float(r)) for r in phases.rhos}}
+    return {
+        "seeds": list(phases.seeds),
+        "rho_encoder": phases.rho_encoder,
+        "phase1": {e: over_seeds(e, 0.0) for e in phases.encoders},
+        "phase2": {f"{r:.2f}": over_seeds(phases.rho_encoder, float(r)) for r in phases.rhos},
+    }
 
 
 def _cell(value: list[float], digits: int = 3) -> str:
@@ -53,32 +59,56 @@ def markdown(summary: dict) -> str:
     """The phase-1 source-bias and accuracy tables and the phase-2 table."""
     cols = [f"{m}@{k}" for m in ("ndcg", "map") for k in TABLE_KS]
     header = " | ".join(c.upper() for c in cols)
-    lines = [f"### Phase 1: trained on HGC histories (seeds {summary['seeds']})", "",
-             f"| encoder | target | {header} | llm_ratio |",
-             "|---|---|" + "---|" * (len(cols) + 1)]
+    lines = [
+        f"### Phase 1: trained on HGC histories (seeds {summary['seeds']})",
+        "",
+        f"| encoder | target | {header} | llm_ratio |",
+        "|---|---|" + "---|" * (len(cols) + 1),
+    ]
     for enc, m in summary["phase1"].items():
-        for label, prefix, digits in (("Human", "human", 3), ("LLM", "llm", 3),
-                                      ("RelaΔ %", "rela_delta", 1)):
+        for label, prefix, digits in (
+            ("Human", "human", 3),
+            ("LLM", "llm", 3),
+            ("RelaΔ %", "rela_delta", 1),
+        ):
             cells = " | ".join(_cell(m[f"bias/{prefix}/{c}"], digits) for c in cols)
             ratio = _cell(m["bias/llm_ratio"]) if prefix == "human" else ""
             lines.append(f"| {enc if prefix == 'human' else ''} | {label} | {cells} | {ratio} |")
-    lines += ["", "Accuracy on the shown (HGC) impression lists and full ranking over the "
-              "catalogue:", "", "| encoder | NDCG@5 | MAP@5 | Recall@1 | full Recall@10 | "
-              "full NDCG@10 |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Accuracy on the shown (HGC) impression lists and full ranking over the catalogue:",
+        "",
+        "| encoder | NDCG@5 | MAP@5 | Recall@1 | full Recall@10 | full NDCG@10 |",
+        "|---|---|---|---|---|---|",
+    ]
     for enc, m in summary["phase1"].items():
-        keys = ("eval/ndcg@5", "eval/map@5", "eval/recall@1", "eval/full/recall@10",
-                "eval/full/ndcg@10")
+        keys = (
+            "eval/ndcg@5",
+            "eval/map@5",
+            "eval/recall@1",
+            "eval/full/recall@10",
+            "eval/full/ndcg@10",
+        )
         lines.append(f"| {enc} | " + " | ".join(_cell(m[k]) for k in keys) + " |")
-    lines += ["", f"### Phase 2: share rho of history items in AIGC text "
-              f"({summary['rho_encoder']})", "",
-              "| rho | llm_ratio | RelaΔ NDCG@1 % | RelaΔ NDCG@5 % | RelaΔ MAP@5 % | "
-              "Human NDCG@5 | LLM NDCG@5 | NDCG@5 (shown list) |", "|---" * 8 + "|"]
+    lines += [
+        "",
+        f"### Phase 2: share rho of history items in AIGC text ({summary['rho_encoder']})",
+        "",
+        "| rho | llm_ratio | RelaΔ NDCG@1 % | RelaΔ NDCG@5 % | RelaΔ MAP@5 % | "
+        "Human NDCG@5 | LLM NDCG@5 | NDCG@5 (shown list) |",
+        "|---" * 8 + "|",
+    ]
     for rho, m in summary["phase2"].items():
         keys = ("bias/rela_delta/ndcg@1", "bias/rela_delta/ndcg@5", "bias/rela_delta/map@5")
-        lines.append(f"| {rho} | {_cell(m['bias/llm_ratio'])} | "
-                     + " | ".join(_cell(m[k], 1) for k in keys) + " | "
-                     + " | ".join(_cell(m[k]) for k in (
-                         "bias/human/ndcg@5", "bias/llm/ndcg@5", "eval/ndcg@5")) + " |")
+        lines.append(
+            f"| {rho} | {_cell(m['bias/llm_ratio'])} | "
+            + " | ".join(_cell(m[k], 1) for k in keys)
+            + " | "
+            + " | ".join(
+                _cell(m[k]) for k in ("bias/human/ndcg@5", "bias/llm/ndcg@5", "eval/ndcg@5")
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -88,14 +118,24 @@ def plot_phase2(summary: dict, path: str) -> str:
     rows = list(summary["phase2"].values())
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for k in TABLE_KS:
-        ax1.errorbar(rhos, [m[f"bias/rela_delta/ndcg@{k}"][0] for m in rows],
-                     yerr=[m[f"bias/rela_delta/ndcg@{k}"][1] for m in rows], marker="o",
-                     label=f"NDCG@{k}", capsize=3)
+        ax1.errorbar(
+            rhos,
+            [m[f"bias/rela_delta/ndcg@{k}"][0] for m in rows],
+            yerr=[m[f"bias/rela_delta/ndcg@{k}"][1] for m in rows],
+            marker="o",
+            label=f"NDCG@{k}",
+            capsize=3,
+        )
     ax1.axhline(0, color="grey", lw=0.8)
     ax1.set(xlabel="share rho of AIGC history items", ylabel="RelaΔ % (< 0: AIGC preferred)")
     ax1.legend()
-    ax2.errorbar(rhos, [m["bias/llm_ratio"][0] for m in rows],
-                 yerr=[m["bias/llm_ratio"][1] for m in rows], marker="o", capsize=3)
+    ax2.errorbar(
+        rhos,
+        [m["bias/llm_ratio"][0] for m in rows],
+        yerr=[m["bias/llm_ratio"][1] for m in rows],
+        marker="o",
+        capsize=3,
+    )
     ax2.axhline(0.5, color="grey", lw=0.8)
     ax2.set(xlabel="share rho of AIGC history items", ylabel="llm_ratio")
     fig.suptitle(f"Phase 2 ({summary['rho_encoder']})")

@@ -10,7 +10,7 @@ Shapes: M impressions, H history length, C candidates.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -48,8 +48,13 @@ def swap_mask(num_rows: int, history_len: int, share: float, seed: int) -> np.nd
     return np.random.default_rng(seed).random((num_rows, history_len)) < share
 
 
-def encode_impressions(imps: Sequence[Impression], rows: TextRows, history_len: int,
-                       aigc_share: float = 0.0, swap_seed: int = 0) -> dict[str, np.ndarray]:
+def encode_impressions(
+    imps: Sequence[Impression],
+    rows: TextRows,
+    history_len: int,
+    aigc_share: float = 0.0,
+    swap_seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Arrays for training and evaluation (HGC candidates, histories swapped at `aigc_share`).
 
     history, history_mask: `[M, H]`; candidates, labels: `[M, C]` (HGC rows); paired: `[M, C, 2]`
@@ -96,8 +101,13 @@ def positive_log_q(positive_item_M: np.ndarray, num_items: int) -> np.ndarray:
 TRAIN_KEYS = ("history", "history_mask", "candidates", "labels", "positive", "positive_item")
 
 
-def make_train_iterator(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
     """Endless, shuffled, checkpointable iterator of `batch_size` rows of this process's shard.
 
     Row indices are shuffled and batched as a `MapDataset` and the arrays gathered per batch:

@@ -12,9 +12,9 @@ import functools
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import flax.linen as nn
 import jax
@@ -44,9 +44,16 @@ class BertConfig:
         cfg = json.loads(Path(path).read_text())
         if cfg.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{path}: only exact GELU is supported, got {cfg['hidden_act']!r}")
-        return cls(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
-                   cfg["num_attention_heads"], cfg["intermediate_size"],
-                   cfg["max_position_embeddings"], cfg["type_vocab_size"], cfg["layer_norm_eps"])
+        return cls(
+            cfg["vocab_size"],
+            cfg["hidden_size"],
+            cfg["num_hidden_layers"],
+            cfg["num_attention_heads"],
+            cfg["intermediate_size"],
+            cfg["max_position_embeddings"],
+            cfg["type_vocab_size"],
+            cfg["layer_norm_eps"],
+        )
 
 
 class BertLayer(nn.Module):
@@ -82,10 +89,13 @@ class BertEncoder(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cfg = self.config
         positions = jnp.arange(input_ids.shape[1])[None, :]
-        x = (nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
-             + nn.Embed(cfg.max_position, cfg.hidden_size, name="position_embeddings")(positions)
-             + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
-                 jnp.zeros_like(input_ids)))  # single-segment inputs: token type 0
+        x = (
+            nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
+            + nn.Embed(cfg.max_position, cfg.hidden_size, name="position_embeddings")(positions)
+            + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
+                jnp.zeros_like(input_ids)
+            )
+        )  # single-segment inputs: token type 0
         x = nn.LayerNorm(cfg.layer_norm_eps, name="embeddings_ln")(x)
         mask = attention_mask.astype(bool)
         for i in range(cfg.num_layers):
@@ -176,15 +186,15 @@ def embed_texts(texts: list[str], model_dir: str | Path, batch_size: int = 64) -
     order = np.argsort(lengths, kind="stable")
     row_buckets = [2**k for k in range(int(np.log2(batch_size)) + 1)] + [batch_size]
     for start in range(0, len(texts), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         rows = _bucket(len(idx), row_buckets)
         width = _bucket(int(lengths[idx].max()), LENGTH_BUCKETS)
         ids = np.zeros((rows, width), np.int32)
         mask = np.zeros((rows, width), np.int32)
         for r, i in enumerate(idx):
-            ids[r, :lengths[i]] = encodings[i].ids
-            mask[r, :lengths[i]] = 1
-        out[idx] = np.asarray(sentence_embeddings(module, params, ids, mask))[:len(idx)]
+            ids[r, : lengths[i]] = encodings[i].ids
+            mask[r, : lengths[i]] = 1
+        out[idx] = np.asarray(sentence_embeddings(module, params, ids, mask))[: len(idx)]
     return out
 
 
@@ -225,7 +235,7 @@ class WordVocab:
         ids = np.zeros((len(texts), max_len), np.int32)
         for r, text in enumerate(texts):
             toks = [self._index.get(t, self.UNK) for t in _WORD_RE.findall(text.lower())][:max_len]
-            ids[r, :len(toks)] = toks
+            ids[r, : len(toks)] = toks
         return ids, (ids != self.PAD).astype(np.int32)
 
 
@@ -250,9 +260,9 @@ class SmallTextEncoder(nn.Module):
         attn_mask = nn.make_attention_mask(mask, mask)
         for i in range(self.num_layers):
             h = nn.LayerNorm(name=f"ln_attn_{i}")(x)
-            h = nn.MultiHeadDotProductAttention(self.num_heads, dropout_rate=self.dropout,
-                                                name=f"attn_{i}")(h, h, mask=attn_mask,
-                                                                  deterministic=deterministic)
+            h = nn.MultiHeadDotProductAttention(
+                self.num_heads, dropout_rate=self.dropout, name=f"attn_{i}"
+            )(h, h, mask=attn_mask, deterministic=deterministic)
             x = x + h
             h = nn.LayerNorm(name=f"ln_mlp_{i}")(x)
             h = nn.gelu(nn.Dense(4 * self.dim, name=f"mlp_in_{i}")(h))

@@ -21,8 +21,10 @@ def _variants(path):
 
 
 @pytest.mark.parametrize(
-    "path,variant", [(p, v) for p in CONFIG_FILES for v in _variants(p)],
-    ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x)
+    "path,variant",
+    [(p, v) for p in CONFIG_FILES for v in _variants(p)],
+    ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x,
+)
 def test_every_variant_builds(path, variant):
     config = load_config(f"{path}:{variant}")
     for key in ("seed", "kind"):
@@ -34,8 +36,10 @@ def test_every_variant_builds(path, variant):
 
 
 def test_overrides_are_typed():
-    config = load_config(f"{REPO}/configs/lm_pretrain.py:tiny",
-                         ["train.num_steps=7", "train.lr=1", "data.levels=(1, 3)"])
+    config = load_config(
+        f"{REPO}/configs/lm_pretrain.py:tiny",
+        ["train.num_steps=7", "train.lr=1", "data.levels=(1, 3)"],
+    )
     assert config.train.num_steps == 7 and config.train.lr == 1.0
     assert config.data.levels == (1, 3)
     with pytest.raises(ConfigError, match="expects int"):
@@ -43,16 +47,26 @@ def test_overrides_are_typed():
 
 
 def _main(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "echo_jax.main", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "echo_jax.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--config.train.num_stepz=3"],
-     "unknown config key 'train.num_stepz' (did you mean 'train.num_steps'?)"),
-    (["--config.model.d_modle=64"], "did you mean 'model.d_model'?"),
-    (["--config.train.num_steps=abc"], "--config.train.num_steps=abc"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--config.train.num_stepz=3"],
+            "unknown config key 'train.num_stepz' (did you mean 'train.num_steps'?)",
+        ),
+        (["--config.model.d_modle=64"], "did you mean 'model.d_model'?"),
+        (["--config.train.num_steps=abc"], "--config.train.num_steps=abc"),
+    ],
+)
 def test_cli_config_mistakes_are_one_line(tmp_path, args, expected):
     out = _main("--config=configs/lm_pretrain.py:tiny", f"--workdir={tmp_path}/w", *args)
     assert out.returncode == 2
@@ -66,7 +80,8 @@ def test_cli_unknown_variant_names_the_valid_ones(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "echo_jax: error: unknown variant 'huge' for configs/lm_pretrain.py; "
-        "valid: tiny, small, base, 150m, 1b"]
+        "valid: tiny, small, base, 150m, 1b"
+    ]
 
 
 def _shape_checked(config):
@@ -79,8 +94,10 @@ def _shape_checked(config):
 
 
 @pytest.mark.parametrize(
-    "path,variant", [(p, v) for p in CONFIG_FILES for v in _variants(p)],
-    ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x)
+    "path,variant",
+    [(p, v) for p in CONFIG_FILES for v in _variants(p)],
+    ids=lambda x: x.stem if isinstance(x, pathlib.Path) else x,
+)
 def test_every_variant_initialises_by_shape(path, variant):
     """`jax.eval_shape` of the init of every trainable variant, sharded on its own mesh (the 8
     fake devices cover the TPU variants' fsdp=8): shapes, dtypes and shardings, no allocation."""
@@ -92,16 +109,20 @@ def test_every_variant_initialises_by_shape(path, variant):
 
     blocks = _shape_checked(load_config(f"{path}:{variant}"))
     if not blocks:
-        pytest.skip("no train state of its own (evaluation, or the recommender's data-built "
-                    "tables: covered by tests/recsys)")
+        pytest.skip(
+            "no train state of its own (evaluation, or the recommender's data-built "
+            "tables: covered by tests/recsys)"
+        )
     for name, config in blocks:
         mesh = sharding.config_mesh(config.mesh.to_dict())
         task, _, _ = plan.task_for(config, mesh)
         state = abstract_state(task, mesh, config.sharding.rules, jax.random.key(0))
         leaves = jax.tree.leaves(state.params)
         assert leaves and all(x.sharding is not None for x in leaves), name
-        per_device, total = plan.bytes_per_device(state.params), sum(
-            x.size * x.dtype.itemsize for x in leaves)
+        per_device, total = (
+            plan.bytes_per_device(state.params),
+            sum(x.size * x.dtype.itemsize for x in leaves),
+        )
         assert plan.bytes_per_device(state) > per_device > 0
         model_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
         assert total / model_shards <= per_device <= total

@@ -32,8 +32,9 @@ SCRIPT = textwrap.dedent("""
 def _run(script: str, tune: str = "1") -> subprocess.CompletedProcess:
     env = {**os.environ, "ECHO_JAX_TUNE_MALLOC": tune, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device, as a user's process has
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
 
 
 def _parse(run: subprocess.CompletedProcess) -> tuple[bool, float]:
@@ -59,7 +60,8 @@ def test_tuned_malloc_keeps_xla_temporaries_mapped():
 
 def test_importing_echo_jax_after_jax_started_warns_and_changes_nothing():
     late = SCRIPT.replace("import echo_jax\n", "").replace(
-        "import jax.numpy as jnp\n", "import jax.numpy as jnp\njax.devices()\nimport echo_jax\n")
+        "import jax.numpy as jnp\n", "import jax.numpy as jnp\njax.devices()\nimport echo_jax\n"
+    )
     run = _run(late)
     tuned, faults = _parse(run)
     assert not tuned and "imported after jax started its backends" in run.stderr

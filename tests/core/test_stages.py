@@ -19,7 +19,9 @@ def test_run_stage_runs_times_and_skips(tmp_path, capsys):
     run = stages.run_stage(work, label="job", index=2, total=3, name="train")
     assert (run.result, run.skipped) == ({"score": 0.5}, False) and run.seconds >= 0
     assert capsys.readouterr().err.splitlines() == [
-        "[job] stage 2/3: train", "[job] stage 2/3: train: done in 0 s"]
+        "[job] stage 2/3: train",
+        "[job] stage 2/3: train: done in 0 s",
+    ]
     skipped = stages.run_stage(work, label="job", index=2, total=3, name="train", done=True)
     assert (skipped.result, skipped.seconds, skipped.skipped) == (None, 0.0, True)
     assert capsys.readouterr().err == "[job] stage 2/3: train: finished earlier, skipped\n"
@@ -40,26 +42,33 @@ def test_reached_step_reads_the_checkpoints(tmp_path):
 
 
 def test_workdir_guard_names_the_key_with_both_values(tmp_path):
-    stages.check_workdir(tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 10}},
-                         may_change=("*.log_every",))
+    stages.check_workdir(
+        tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 10}}, may_change=("*.log_every",)
+    )
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved == {"seed": 0, "train": {"log_every": 10, "lr": 0.1}}
-    stages.check_workdir(tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 5}},
-                         may_change=("*.log_every",))
-    with pytest.raises(ConfigError, match=r"holds a run with another train\.lr \(0\.1, now "
-                                          r"0\.2\); use a fresh --workdir"):
+    stages.check_workdir(
+        tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 5}}, may_change=("*.log_every",)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a run with another train\.lr \(0\.1, now "
+        r"0\.2\); use a fresh --workdir",
+    ):
         stages.check_workdir(tmp_path, {"seed": 0, "train": {"lr": 0.2, "log_every": 5}})
     with pytest.raises(ConfigError, match=r"another train\.extra \(None, now 1\)"):
-        stages.check_workdir(tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 5,
-                                                              "extra": 1}})
+        stages.check_workdir(
+            tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 5, "extra": 1}}
+        )
 
 
 def test_workdir_guard_takes_a_config_as_save_config_writes_it(tmp_path):
     config = load_config(f"{REPO}/configs/echo_chamber.py:smoke")
     save_config(config, str(tmp_path / "a"))
     stages.check_workdir(tmp_path / "b", config)
-    assert (tmp_path / "a" / "config.json").read_text() == \
-        (tmp_path / "b" / "config.json").read_text()
+    assert (tmp_path / "a" / "config.json").read_text() == (
+        tmp_path / "b" / "config.json"
+    ).read_text()
     stages.check_workdir(tmp_path / "a", config, save=False)  # tuples compare as lists
 
 
@@ -67,8 +76,13 @@ def test_a_stage_of_other_settings_is_moved_aside(tmp_path, capsys):
     workdir = tmp_path / "eval"
     settings = {"step": 2}
     reuse = lambda current: stages.reuse_or_move_aside(  # noqa: E731
-        workdir, current, filename="meta.json", done_file="done.json", label="eval",
-        why="an eval of another step")
+        workdir,
+        current,
+        filename="meta.json",
+        done_file="done.json",
+        label="eval",
+        why="an eval of another step",
+    )
     assert not reuse(settings)
     workdir.mkdir()
     (workdir / "meta.json").write_text(json.dumps(settings))
@@ -77,7 +91,9 @@ def test_a_stage_of_other_settings_is_moved_aside(tmp_path, capsys):
     assert reuse(settings)
     assert not reuse({"step": 4}) and not workdir.exists()
     assert json.loads((tmp_path / "eval.old1" / "meta.json").read_text()) == settings
-    assert f"[eval] {workdir} held an eval of another step; moved to {workdir}.old1" in \
-        capsys.readouterr().err
+    assert (
+        f"[eval] {workdir} held an eval of another step; moved to {workdir}.old1"
+        in capsys.readouterr().err
+    )
     workdir.mkdir()
     assert stages.move_aside(workdir, label="eval", why="x") == f"{workdir}.old2"

@@ -38,12 +38,12 @@ def toy_task(dim: int = 8, lr: float = 0.05, nan_at_step: int | None = None) -> 
     def init_state(rng):
         w = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))(rng, (dim,))
         params = {"w": w}
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     def train_step(state, batch, rng):
         def loss_fn(params):
             return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         if nan_at_step is not None:  # the step number after this update
             loss = jnp.where(state.step + 1 == nan_at_step, jnp.nan, loss)
@@ -51,5 +51,9 @@ def toy_task(dim: int = 8, lr: float = 0.05, nan_at_step: int | None = None) -> 
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss}
 
-    return TrainTask(init_state=init_state, train_step=train_step, train_iter=toy_iterator(dim),
-                     meta={"model": {"dim": dim}})
+    return TrainTask(
+        init_state=init_state,
+        train_step=train_step,
+        train_iter=toy_iterator(dim),
+        meta={"model": {"dim": dim}},
+    )

@@ -18,9 +18,13 @@ from tests.conftest import REPO
 
 PRETRAIN_STEPS = 400
 PRETRAIN_OVERRIDES = [
-    "--config.data.levels=(1,)", f"--config.train.num_steps={PRETRAIN_STEPS}",
-    "--config.train.warmup_steps=50", "--config.train.checkpoint_every=400",
-    "--config.train.eval_every=400", "--config.train.log_every=100", "--config.mesh.data=1",
+    "--config.data.levels=(1,)",
+    f"--config.train.num_steps={PRETRAIN_STEPS}",
+    "--config.train.warmup_steps=50",
+    "--config.train.checkpoint_every=400",
+    "--config.train.eval_every=400",
+    "--config.train.log_every=100",
+    "--config.mesh.data=1",
 ]
 
 
@@ -35,12 +39,22 @@ def _finished(workdir: str) -> bool:
 def pretrained_capable(tmp_path_factory) -> str:
     """The workdir of the pretrained model (fixed seed; one device, as on the command line)."""
     workdir = os.environ.get("ECHO_JAX_TEST_PRETRAINED") or str(
-        tmp_path_factory.mktemp("pretrained") / "run")
+        tmp_path_factory.mktemp("pretrained") / "run"
+    )
     if not _finished(workdir):
         out = subprocess.run(
-            [sys.executable, "-m", "echo_jax.main", "--config=configs/lm_pretrain.py:tiny",
-             f"--workdir={workdir}", *PRETRAIN_OVERRIDES],
-            cwd=REPO, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
-            capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "echo_jax.main",
+                "--config=configs/lm_pretrain.py:tiny",
+                f"--workdir={workdir}",
+                *PRETRAIN_OVERRIDES,
+            ],
+            cwd=REPO,
+            env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
     return workdir

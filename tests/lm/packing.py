@@ -12,8 +12,9 @@ def ragged_packed(batch: int, length: int, seed: int, vocab: int = 64, shuffled:
     positions, segments = np.zeros((2, batch, length), np.int32)
     for row in range(batch - 1):
         real = length - rng.integers(0, min(6, length // 2))
-        cuts = np.sort(rng.choice(np.arange(1, real), min(rng.integers(0, 4), real - 1),
-                                  replace=False))
+        cuts = np.sort(
+            rng.choice(np.arange(1, real), min(rng.integers(0, 4), real - 1), replace=False)
+        )
         for seg, (start, end) in enumerate(zip([0, *cuts], [*cuts, real]), 1):
             positions[row, start:end], segments[row, start:end] = np.arange(end - start), seg
         if shuffled:

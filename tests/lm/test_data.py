@@ -61,10 +61,11 @@ def test_tinygsm_functions_return_the_answer(problems):
 
 def test_omi1_code_prints_the_answer(problems):
     block = re.compile(
-        r"<llm-code>\n(.*?)\n</llm-code>\n<llm-code-output>\n(.*?)\n</llm-code-output>\n", re.S)
+        r"<llm-code>\n(.*?)\n</llm-code>\n<llm-code-output>\n(.*?)\n</llm-code-output>\n", re.S
+    )
     for p in problems:
         solution = generators.render_solution(p, "omi1")
-        (code, output), = block.findall(solution)
+        ((code, output),) = block.findall(solution)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(code, {})
@@ -116,8 +117,10 @@ def test_split_ignores_names_but_not_numbers():
     p = generators.make_problem(0, 5, 2)
     renamed = p.question.replace(p.question.split()[0], "Zed")
     assert generators.split_of(p) == generators.split_of(
-        generators.Problem(p.uid, p.template, p.level, renamed, p.answer, p.steps, p.key,
-                           p.conclusion, p.variant))
+        generators.Problem(
+            p.uid, p.template, p.level, renamed, p.answer, p.steps, p.key, p.conclusion, p.variant
+        )
+    )
     splits = {generators.split_of(generators.make_problem(0, i, 2)) for i in range(200)}
     assert len(splits) == 4
 
@@ -129,8 +132,9 @@ def test_problem_source_is_deterministic_and_in_split():
     assert [again[i] for i in reversed(range(300))][::-1] == [src[i] for i in range(300)]
     item = src[7]
     assert set(item) == {"uid", "question", "answer", "level", "template", "style", "text"}
-    assert item["style"] == "omi2" and item["text"] == generators.format_example(src.problem(7),
-                                                                                 "omi2")
+    assert item["style"] == "omi2" and item["text"] == generators.format_example(
+        src.problem(7), "omi2"
+    )
     assert all(generators.split_of(src.problem(i)) == "rl" for i in range(300))
     levels = collections.Counter(src[i]["level"] for i in range(300))
     assert set(levels) == {2, 5} and min(levels.values()) > 100
@@ -151,9 +155,16 @@ def test_styles_and_splits_read_different_problems():
     assert not questions("train", (3,), 3000, "omi1") & questions("validation", (3,), 300, "omi1")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(split="dev"), "split"), (dict(style="latex"), "style"), (dict(levels=(0,)), "levels"),
-    (dict(levels=()), "levels"), (dict(size=-1), "size")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(split="dev"), "split"),
+        (dict(style="latex"), "style"),
+        (dict(levels=(0,)), "levels"),
+        (dict(levels=()), "levels"),
+        (dict(size=-1), "size"),
+    ],
+)
 def test_problem_source_rejects_bad_arguments(kwargs, match):
     args = dict(split="train", seed=0, levels=(1,), size=10, style=None) | kwargs
     with pytest.raises(ValueError, match=match):
@@ -161,8 +172,16 @@ def test_problem_source_rejects_bad_arguments(kwargs, match):
 
 
 def test_mixture_presets():
-    assert set(mixtures.MIXTURES) == {"tg", "tg_omi1", "tg_2xomi1", "tg_4xomi1", "tg_8xomi1",
-                                      "tg_omi2", "tg_omi1_omi2", "omi1_omi2"}
+    assert set(mixtures.MIXTURES) == {
+        "tg",
+        "tg_omi1",
+        "tg_2xomi1",
+        "tg_4xomi1",
+        "tg_8xomi1",
+        "tg_omi2",
+        "tg_omi1_omi2",
+        "omi1_omi2",
+    }
     assert mixtures.get_mixture("tg_4xomi1") == {"tinygsm": 1.0, "omi1": 4.0}
     assert mixtures.get_mixture("tg_8xomi1")["omi1"] == 8.0
     assert mixtures.mixture_shares("tg_4xomi1") == {"tinygsm": 0.2, "omi1": 0.8}

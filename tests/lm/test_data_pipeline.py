@@ -17,9 +17,15 @@ BYTES = seqio.ByteVocabulary()
 
 
 def _train_iterator(mixture="tg_omi1_omi2", seed=1, batch_size=4, **kwargs):
-    return pipeline.make_train_iterator(mixture=mixture, seed=seed, seq_len=SEQ_LEN,
-                                        batch_size=batch_size, levels=LEVELS,
-                                        examples_per_style=600, **kwargs)
+    return pipeline.make_train_iterator(
+        mixture=mixture,
+        seed=seed,
+        seq_len=SEQ_LEN,
+        batch_size=batch_size,
+        levels=LEVELS,
+        examples_per_style=600,
+        **kwargs,
+    )
 
 
 def _segments(batch):
@@ -61,8 +67,13 @@ def test_spm_vocabulary_roundtrips_and_is_deterministic(tmp_path):
 def test_train_batches_have_the_documented_layout():
     batch = next(_train_iterator(batch_size=8))
     assert set(batch) == set(pipeline.FEATURES)
-    for name, dtype in [("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                        ("segment_ids", np.int32), ("positions", np.int32)]:
+    for name, dtype in [
+        ("inputs", np.int32),
+        ("targets", np.int32),
+        ("loss_mask", np.float32),
+        ("segment_ids", np.int32),
+        ("positions", np.int32),
+    ]:
         assert batch[name].shape == (8, SEQ_LEN) and batch[name].dtype == dtype
     pad = batch["segment_ids"] == 0
     assert not batch["inputs"][pad].any() and not batch["loss_mask"][pad].any()
@@ -114,7 +125,8 @@ def test_checkpoint_restore_reproduces_the_stream(tmp_path):
     expected = [next(it) for _ in range(3)]
     restored = _train_iterator()
     ocp.CheckpointManager(tmp_path).restore(
-        4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+        4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
+    )
     for want, got in zip(expected, [next(restored) for _ in range(3)]):
         assert all(np.array_equal(want[k], got[k]) for k in pipeline.FEATURES)
     fresh = next(_train_iterator())
@@ -135,12 +147,20 @@ def test_processes_read_disjoint_shards():
 
 
 def test_eval_batches_are_deterministic_and_of_one_style():
-    kwargs = dict(style="omi1", split="validation", seed=0, num_examples=30, seq_len=SEQ_LEN,
-                  batch_size=4, levels=LEVELS)
+    kwargs = dict(
+        style="omi1",
+        split="validation",
+        seed=0,
+        num_examples=30,
+        seq_len=SEQ_LEN,
+        batch_size=4,
+        levels=LEVELS,
+    )
     batches = pipeline.make_eval_batches(**kwargs)
     again = pipeline.make_eval_batches(**kwargs)
-    assert all(np.array_equal(a[k], b[k])
-               for a, b in zip(batches, again) for k in pipeline.FEATURES)
+    assert all(
+        np.array_equal(a[k], b[k]) for a, b in zip(batches, again) for k in pipeline.FEATURES
+    )
     assert all(b["inputs"].shape == (4, SEQ_LEN) for b in batches)
     texts = [BYTES.decode(t.tolist()) for b in batches for *_, t in _segments(b)]
     assert len(texts) == 30 and {_style(t) for t in texts} == {"omi1"}
@@ -157,8 +177,11 @@ def test_seqio_tasks_and_mixtures_are_registered_idempotently():
     assert len(names) == len(generators.STYLES) + len(mixtures.MIXTURES)
     task = seqio.get_mixture_or_task("echo_jax_omi1")
     assert set(task.splits) == set(generators.SPLITS)
-    examples = list(task.get_dataset(sequence_length={"inputs": 512, "targets": 512},
-                                     split="validation", shuffle=False).as_numpy_iterator())
+    examples = list(
+        task.get_dataset(
+            sequence_length={"inputs": 512, "targets": 512}, split="validation", shuffle=False
+        ).as_numpy_iterator()
+    )
     assert len(examples) == 12
     for ex in examples:
         solution = BYTES.decode(ex["targets"].tolist())
@@ -167,10 +190,20 @@ def test_seqio_tasks_and_mixtures_are_registered_idempotently():
         assert tasks.postprocess(solution, ex, is_target=True) == ex["answer"]
     assert task.metric_fns[0]([3, 4], [3, None]) == {"answer_accuracy": 50.0}
     mix = seqio.get_mixture_or_task("echo_jax_mix_tg_4xomi1")
-    assert {t.name: mix.get_rate(t) for t in mix.tasks} == {"echo_jax_tinygsm": 1.0,
-                                                          "echo_jax_omi1": 4.0}
-    mixed = list(mix.get_dataset(sequence_length={"inputs": 512, "targets": 512}, split="test",
-                                 shuffle=False, num_epochs=1).take(5).as_numpy_iterator())
+    assert {t.name: mix.get_rate(t) for t in mix.tasks} == {
+        "echo_jax_tinygsm": 1.0,
+        "echo_jax_omi1": 4.0,
+    }
+    mixed = list(
+        mix.get_dataset(
+            sequence_length={"inputs": 512, "targets": 512},
+            split="test",
+            shuffle=False,
+            num_epochs=1,
+        )
+        .take(5)
+        .as_numpy_iterator()
+    )
     assert len(mixed) == 5 and all(ex["targets"][-1] == BYTES.eos_id for ex in mixed)
 
 

@@ -19,12 +19,20 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config, save_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.lm import grading
-from echo_jax.lm.jobs import echo_chamber, rl as rl_job
+from echo_jax.lm.jobs import echo_chamber
+from echo_jax.lm.jobs import rl as rl_job
 from tests.conftest import REPO
 from tests.notebooks import execute_notebook
 
-EVAL = ["data.levels=(1,)", "eval.levels=(1,)", "eval.per_level=32", "eval.num_samples=4",
-        "eval.every=0", "rl.max_new_tokens=128", "eval.max_new_tokens=128"]
+EVAL = [
+    "data.levels=(1,)",
+    "eval.levels=(1,)",
+    "eval.per_level=32",
+    "eval.num_samples=4",
+    "eval.every=0",
+    "rl.max_new_tokens=128",
+    "eval.max_new_tokens=128",
+]
 # Measured with these seeds after 6 steps (eval before -> after; the dominant style is omi1 for
 # all three): greedy share of omi1 0.03 -> 1.00 each; its sampled share 0.36 -> 0.66 (GRPO),
 # 0.55 (PPO), 0.85 (EI); greedy pass@1 0.09 -> 0.91, 0.72, 0.88; sampled accuracy 0.44 -> 0.65,
@@ -43,9 +51,15 @@ STEPS = 6
 
 def run_algo(algo, pretrained, workdir, steps):
     """The RL job with the science tests' settings; returns (eval before, last row)."""
-    config = load_config(f"{REPO}/configs/lm_rl.py:{algo}", [
-        f"init_from={pretrained}", f"train.num_steps={steps}",
-        f"train.checkpoint_every={steps}", *EVAL])
+    config = load_config(
+        f"{REPO}/configs/lm_rl.py:{algo}",
+        [
+            f"init_from={pretrained}",
+            f"train.num_steps={steps}",
+            f"train.checkpoint_every={steps}",
+            *EVAL,
+        ],
+    )
     rl_job.run_rl(config, str(workdir))
     rows = read_jsonl(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(steps + 1))
@@ -57,8 +71,13 @@ def collapse(before, after):
     greedy pass@1, rise of sampled accuracy)."""
     top = max(grading.STYLE_LABELS, key=lambda s: after[f"eval/sampled_share/{s}"])
     rise = lambda key: after[key] - before[key]
-    return (top, rise(f"eval/greedy_share/{top}"), rise(f"eval/sampled_share/{top}"),
-            rise("eval/greedy_pass@1"), rise("eval/pass@1"))
+    return (
+        top,
+        rise(f"eval/greedy_share/{top}"),
+        rise(f"eval/sampled_share/{top}"),
+        rise("eval/greedy_pass@1"),
+        rise("eval/pass@1"),
+    )
 
 
 @pytest.mark.parametrize("algo", list(THRESHOLDS))
@@ -66,8 +85,10 @@ def test_rl_collapses_onto_one_style_and_raises_accuracy(algo, pretrained_capabl
     min_greedy, min_sampled, min_pass1, min_accuracy = THRESHOLDS[algo]
     before, after = run_algo(algo, pretrained_capable, tmp_path, STEPS)
     top, greedy_rise, sampled_rise, pass1_rise, accuracy_rise = collapse(before, after)
-    summary = (f"{algo}: {top} greedy +{greedy_rise:.2f}, sampled +{sampled_rise:.2f}; "
-               f"greedy pass@1 +{pass1_rise:.2f}, sampled accuracy +{accuracy_rise:.2f}")
+    summary = (
+        f"{algo}: {top} greedy +{greedy_rise:.2f}, sampled +{sampled_rise:.2f}; "
+        f"greedy pass@1 +{pass1_rise:.2f}, sampled accuracy +{accuracy_rise:.2f}"
+    )
     print(summary)
     assert top != "omi2", summary
     assert greedy_rise >= min_greedy and sampled_rise >= min_sampled, summary
@@ -81,38 +102,79 @@ def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monk
     execute_notebook("echo_chamber.ipynb", workdir, monkeypatch)
     report = (workdir / "report.md").read_text()
     assert "## Before and after RL" in report and "rl/plots/style_share.png" in report
-    for name in ("rl/plots/style_share.png", "rl/plots/style_accuracy.png",
-                 "plots/before_after.png", "eval_before/eval.json", "eval_after/eval.json"):
+    for name in (
+        "rl/plots/style_share.png",
+        "rl/plots/style_accuracy.png",
+        "plots/before_after.png",
+        "eval_before/eval.json",
+        "eval_after/eval.json",
+    ):
         assert (workdir / name).exists(), name
 
     rerun = subprocess.run(
-        [sys.executable, "-m", "echo_jax.main", "--config=configs/echo_chamber.py:smoke",
-         f"--workdir={workdir}"], cwd=REPO, env=os.environ, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "echo_jax.main",
+            "--config=configs/echo_chamber.py:smoke",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stderr.count("finished earlier, skipped") == 4, rerun.stderr[-3000:]
 
     # One more RL step: RL resumes, and the eval of the old last step is kept aside, not reused.
     extended = subprocess.run(
-        [sys.executable, "-m", "echo_jax.main", "--config=configs/echo_chamber.py:smoke",
-         f"--workdir={workdir}", "--config.rl.train.num_steps=3"], cwd=REPO, env=os.environ,
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "echo_jax.main",
+            "--config=configs/echo_chamber.py:smoke",
+            f"--workdir={workdir}",
+            "--config.rl.train.num_steps=3",
+        ],
+        cwd=REPO,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+    )
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert extended.stderr.count("finished earlier, skipped") == 2, extended.stderr[-3000:]
     step = lambda name: json.loads((workdir / name / "eval.json").read_text())["step"]
     assert (step("eval_after.old1"), step("eval_after")) == (2, 3)
 
     other_seed = subprocess.run(
-        [sys.executable, "-m", "echo_jax.main", "--config=configs/echo_chamber.py:smoke",
-         f"--workdir={workdir}", "--config.seed=1"], cwd=REPO, env=os.environ,
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "echo_jax.main",
+            "--config=configs/echo_chamber.py:smoke",
+            f"--workdir={workdir}",
+            "--config.seed=1",
+        ],
+        cwd=REPO,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+    )
     assert other_seed.returncode != 0
     assert "another seed (0, now 1)" in other_seed.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("override,refused", [
-    ("rl.rl.kl_coef=0.001", "rl.rl.kl_coef"), ("pretrain.model.d_model=64", "pretrain.model"),
-    ("rl.train.num_steps=99", None), ("pretrain.train.log_every=7", None),
-    ("rl.mesh.data=1", None)])
+@pytest.mark.parametrize(
+    "override,refused",
+    [
+        ("rl.rl.kl_coef=0.001", "rl.rl.kl_coef"),
+        ("pretrain.model.d_model=64", "pretrain.model"),
+        ("rl.train.num_steps=99", None),
+        ("pretrain.train.log_every=7", None),
+        ("rl.mesh.data=1", None),
+    ],
+)
 def test_a_rerun_may_extend_rl_but_not_change_the_experiment(tmp_path, override, refused):
     save_config(load_config(f"{REPO}/configs/echo_chamber.py:smoke"), str(tmp_path))
     rerun = load_config(f"{REPO}/configs/echo_chamber.py:smoke", [override])

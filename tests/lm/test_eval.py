@@ -17,20 +17,39 @@ from echo_jax.lm import restore
 from echo_jax.lm.jobs import eval as eval_job
 from tests.conftest import REPO
 
-PRETRAIN = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
-            "--config.model.mlp_dim=64", "--config.data.seq_len=128",
-            "--config.train.batch_size=4", "--config.data.eval_examples=4",
-            "--config.train.num_steps=2", "--config.train.log_every=1",
-            "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
-            "--config.mesh.data=1"]
-EVAL = {"synthetic.levels": "(1, 2)", "synthetic.per_level": "2", "sampling.num_samples": "2",
-        "sampling.max_new_tokens": "12", "chunk_prompts": "2"}
+PRETRAIN = [
+    "--config.model.d_model=32",
+    "--config.model.n_layers=2",
+    "--config.model.n_heads=2",
+    "--config.model.mlp_dim=64",
+    "--config.data.seq_len=128",
+    "--config.train.batch_size=4",
+    "--config.data.eval_examples=4",
+    "--config.train.num_steps=2",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=2",
+    "--config.train.checkpoint_every=2",
+    "--config.mesh.data=1",
+]
+EVAL = {
+    "synthetic.levels": "(1, 2)",
+    "synthetic.per_level": "2",
+    "sampling.num_samples": "2",
+    "sampling.max_new_tokens": "12",
+    "chunk_prompts": "2",
+}
 
 
 def _main(*args, env=None):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "echo_jax.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "echo_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +79,11 @@ def test_majority_vote():
 
 
 def _config(pretrained, *overrides):
-    return load_config(f"{REPO}/configs/lm_eval.py:synthetic",
-                       [f"{k}={v}" for k, v in EVAL.items()]
-                       + [f"checkpoint={pretrained}", "batch_size=8", *overrides])
+    return load_config(
+        f"{REPO}/configs/lm_eval.py:synthetic",
+        [f"{k}={v}" for k, v in EVAL.items()]
+        + [f"checkpoint={pretrained}", "batch_size=8", *overrides],
+    )
 
 
 def test_eval_end_to_end_then_resume_after_cut_off(pretrained, tmp_path):
@@ -135,8 +156,12 @@ def test_an_eval_of_an_older_step_is_moved_aside_so_the_stage_runs_again(tmp_pat
 
 
 def test_missing_data_file_is_one_line_error(tmp_path):
-    run = _main("--config=configs/lm_eval.py:gsm8k", f"--workdir={tmp_path}/w",
-                f"--config.checkpoint={tmp_path}", env={"ECHO_JAX_DATA": str(tmp_path)})
+    run = _main(
+        "--config=configs/lm_eval.py:gsm8k",
+        f"--workdir={tmp_path}/w",
+        f"--config.checkpoint={tmp_path}",
+        env={"ECHO_JAX_DATA": str(tmp_path)},
+    )
     assert run.returncode == 2
     errors = [x for x in run.stderr.splitlines() if x.startswith("echo_jax: error")]
     assert len(errors) == 1 and str(tmp_path / "gsm8k" / "test.jsonl") in errors[0]

@@ -76,8 +76,12 @@ IS_CORRECT = [  # (pred, ref, dataset, expected)
     ("52_8", "52_8", "math500", True),
     ("2, 1", "1,2", "math500", True),
     ("2^{10}", "1024", "math500", True),
-    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "math500",
-     True),
+    (
+        "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "math500",
+        True,
+    ),
     (None, "\\frac12", "math500", False),
 ]
 
@@ -92,19 +96,22 @@ def test_is_correct_rejects_unknown_dataset():
         is_correct("1", "1", dataset="gsm9k")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("So \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("First \\boxed{3}, then \\boxed{\\dfrac{7}{2}} at last.", "\\dfrac{7}{2}"),
-    ("\\boxed{\\left\\{ 1, {2} \\right\\}}", "\\left\\{ 1, {2} \\right\\}"),
-    ("\\fbox{12}", "12"),
-    ("done \\boxed{5} then truncated \\boxed{\\frac{1", "5"),  # an unclosed last box is skipped
-    ("Total is 1,234 apples.\n#### 1,234", "1,234"),
-    ("#### 72 dollars", "72"),
-    ("\\boxed{9} beats\n#### 8", "9"),
-    ("She has 3 apples and 11 pears, so 14.", "14"),
-    ("It costs -2.5 dollars.", "-2.5"),
-    ("no numbers at all", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("So \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("First \\boxed{3}, then \\boxed{\\dfrac{7}{2}} at last.", "\\dfrac{7}{2}"),
+        ("\\boxed{\\left\\{ 1, {2} \\right\\}}", "\\left\\{ 1, {2} \\right\\}"),
+        ("\\fbox{12}", "12"),
+        ("done \\boxed{5} then truncated \\boxed{\\frac{1", "5"),  # an unclosed last box is skipped
+        ("Total is 1,234 apples.\n#### 1,234", "1,234"),
+        ("#### 72 dollars", "72"),
+        ("\\boxed{9} beats\n#### 8", "9"),
+        ("She has 3 apples and 11 pears, so 14.", "14"),
+        ("It costs -2.5 dollars.", "-2.5"),
+        ("no numbers at all", None),
+    ],
+)
 def test_text_answer(text, expected):
     assert grading.text_answer(text) == expected
 
@@ -142,8 +149,12 @@ TINYGSM = "def simple_math_problem() -> int:\n    '''Q'''\n    a = 16 - 3 - 4\n 
 EXTRACT = [  # (text, style, answer, status)
     (TINYGSM, "tinygsm", "18", "ok"),
     (TINYGSM + "\nprint(simple_math_problem())\nQuestion: how many 7 cats?", "tinygsm", "18", "ok"),
-    ("def helper(x):\n    return x + 1\n\ndef simple_math_problem():\n    return helper(41)\n",
-     "tinygsm", "42", "ok"),
+    (
+        "def helper(x):\n    return x + 1\n\ndef simple_math_problem():\n    return helper(41)\n",
+        "tinygsm",
+        "42",
+        "ok",
+    ),
     ("import math\ndef simple_math_problem():\n    return math.floor(7.5)\n", "tinygsm", "7", "ok"),
     ("def simple_math_problem():\n    return 5 / 2\n", "tinygsm", "2.5", "ok"),
     ("def simple_math_problem():\n    return 'seven'\n", "tinygsm", "seven", "ok"),
@@ -151,16 +162,29 @@ EXTRACT = [  # (text, style, answer, status)
     ("def simple_math_problem(:\n    return\n", "tinygsm", None, "error"),
     ("def other():\n    return 3\n", "tinygsm", "3", "error"),  # no simple_math_problem; fallback
     ("def simple_math_problem():\n    while True:\n        pass\n", "tinygsm", None, "timeout"),
-    ("def simple_math_problem():\n    s = 'x'\n    while True:\n        s += s\n", "tinygsm", None,
-     "memory"),
+    (
+        "def simple_math_problem():\n    s = 'x'\n    while True:\n        s += s\n",
+        "tinygsm",
+        None,
+        "memory",
+    ),
     ("import os\ndef simple_math_problem():\n    os.abort()\n", "tinygsm", None, "killed"),
     ("We define the cost.\nSo the answer is \\boxed{18}.", "tinygsm", "18", "no_code"),
-    ("Let's use Python.\n<llm-code>\neggs = 16 - 3 - 4\n</llm-code>\n<llm-code-output>\n"
-     "</llm-code-output>\n<llm-code>\neggs * 2\n</llm-code>\n<llm-code-output>\n18\n"
-     "</llm-code-output>\nThus \\boxed{18}.", "omi1", "18", "ok"),
+    (
+        "Let's use Python.\n<llm-code>\neggs = 16 - 3 - 4\n</llm-code>\n<llm-code-output>\n"
+        "</llm-code-output>\n<llm-code>\neggs * 2\n</llm-code>\n<llm-code-output>\n18\n"
+        "</llm-code-output>\nThus \\boxed{18}.",
+        "omi1",
+        "18",
+        "ok",
+    ),
     ("<llm-code>\nprint('noise')\nprint(12)\n\n</llm-code>\nSo \\boxed{99}.", "omi1", "12", "ok"),
-    ("<llm-code>\nfrom fractions import Fraction\nFraction(1, 2) + Fraction(1, 3)\n</llm-code>",
-     "omi1", "5/6", "ok"),
+    (
+        "<llm-code>\nfrom fractions import Fraction\nFraction(1, 2) + Fraction(1, 3)\n</llm-code>",
+        "omi1",
+        "5/6",
+        "ok",
+    ),
     ("<llm-code>\nx = 3\n</llm-code>", "omi1", "3", "no_answer"),  # nothing printed; fallback
     ("<llm-code>\nwhile True:\n    pass\n</llm-code>", "omi1", None, "timeout"),
     ("<llm-code>\nraise ValueError\n</llm-code>\nI guess \\boxed{7}.", "omi1", "7", "error"),
@@ -268,8 +292,10 @@ def test_extraction_recovers_every_generated_answer(generated):
 
 
 def _data_dir() -> pathlib.Path:
-    root = pathlib.Path(os.environ.get("ECHO_JAX_DATA") or
-                        pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
+    root = pathlib.Path(
+        os.environ.get("ECHO_JAX_DATA")
+        or pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    )
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root}; set ECHO_JAX_DATA")
     return root
@@ -291,8 +317,11 @@ def test_real_references_grade_themselves():
     for row in _jsonl(root / "gsm8k" / "test.jsonl"):
         ref = row["answer"].split("####")[-1].strip()
         assert is_correct(grading.text_answer(row["answer"]), ref, dataset="gsm8k")
-    for name, dataset in (("aime24", "aime24"), ("aime25", "aime25"),
-                          ("aime_1983_2024", "aime_all")):
+    for name, dataset in (
+        ("aime24", "aime24"),
+        ("aime25", "aime25"),
+        ("aime_1983_2024", "aime_all"),
+    ):
         for row in _jsonl(root / "aime" / f"{name}.jsonl"):
             pred = str(int(row["answer"][:3]))
             assert is_correct(pred, row["answer"], dataset=dataset), row["answer"]
@@ -301,9 +330,12 @@ def test_real_references_grade_themselves():
 
 def test_sympy_code_output_is_graded_as_math():
     # OMI1 code prints SymPy syntax (sqrt(2)/2, pi); grading must read it as math, not as p*i.
-    code = ("<llm-code>\nfrom sympy import sqrt, pi, Rational\nprint(sqrt(2) / 2)\n</llm-code>\n"
-            "<llm-code>\n(3, pi / 2)\n</llm-code>")
-    graded = grading.grade_batch([code, code], [PI_HALF, "\\frac{\\sqrt{2}}{2}"], dataset="math500",
-                                 timeout_s=20.0)
+    code = (
+        "<llm-code>\nfrom sympy import sqrt, pi, Rational\nprint(sqrt(2) / 2)\n</llm-code>\n"
+        "<llm-code>\n(3, pi / 2)\n</llm-code>"
+    )
+    graded = grading.grade_batch(
+        [code, code], [PI_HALF, "\\frac{\\sqrt{2}}{2}"], dataset="math500", timeout_s=20.0
+    )
     assert [(g.style, g.answer, g.status) for g in graded] == [("omi1", "(3, pi/2)", "ok")] * 2
     assert [g.correct for g in graded] == [True, False]

@@ -17,13 +17,16 @@ from echo_jax.lm.model import ModelConfig, Transformer, init_cache, param_count
 from tests.conftest import REPO
 from tests.lm.packing import ragged_packed
 
-SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, max_len=32,
-                    smear_keys=True)
+SMALL = ModelConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, max_len=32, smear_keys=True
+)
 
 
 def _params(cfg=SMALL, seq_len=16):
     dummy = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), dummy, dummy, dummy + 1)["params"])
+    return nn.meta.unbox(
+        Transformer(cfg).init(jax.random.key(0), dummy, dummy, dummy + 1)["params"]
+    )
 
 
 def _packed(batch, length, seed=0, vocab=64):
@@ -54,18 +57,31 @@ def test_kv_cache_matches_full_forward():
     positions[:] = np.arange(12)
     full, _ = model.apply({"params": params}, tokens, positions, segments)
     cache = init_cache(SMALL, 2, 16)
-    logits, cache = model.apply({"params": params}, tokens[:, :7], positions[:, :7],
-                                segments[:, :7], cache=cache, cache_index=0)
+    logits, cache = model.apply(
+        {"params": params},
+        tokens[:, :7],
+        positions[:, :7],
+        segments[:, :7],
+        cache=cache,
+        cache_index=0,
+    )
     steps = [logits]
     for i in range(7, 12):
-        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1], positions[:, i:i + 1],
-                                    segments[:, i:i + 1], cache=cache, cache_index=i)
+        logits, cache = model.apply(
+            {"params": params},
+            tokens[:, i : i + 1],
+            positions[:, i : i + 1],
+            segments[:, i : i + 1],
+            cache=cache,
+            cache_index=i,
+        )
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("block,remat", [(4, False), (8, False), (12, False), (16, False),
-                                         (8, True)])  # 12: a shorter last block of 8
+@pytest.mark.parametrize(
+    "block,remat", [(4, False), (8, False), (12, False), (16, False), (8, True)]
+)  # 12: a shorter last block of 8
 def test_blocked_attention_equals_dense(block, remat):
     dense_cfg = dataclasses.replace(SMALL, max_len=64)
     blocked_cfg = dataclasses.replace(dense_cfg, attention_block=block, remat=remat)
@@ -83,8 +99,11 @@ def test_blocked_attention_equals_dense(block, remat):
     np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], atol=1e-5)
     np.testing.assert_allclose(loss_, dense_loss, rtol=1e-5)
     # Summation order differs, so tolerances are float32 roundoff relative to each tensor's scale.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
-                 grads, want_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
+        grads,
+        want_grads,
+    )
 
 
 @pytest.mark.parametrize("block", [4, 6, 8])  # 6: a shorter last block of 4
@@ -115,8 +134,14 @@ def test_blocked_attention_falls_back_to_dense():
     dense, _ = Transformer(SMALL).apply({"params": params}, tokens, positions, segments)
     out, _ = Transformer(blocked_cfg).apply({"params": params}, tokens, positions, segments)
     np.testing.assert_array_equal(out, dense)
-    cached, _ = Transformer(blocked_cfg).apply({"params": params}, tokens, positions, segments,
-                                               cache=init_cache(blocked_cfg, 2, 16), cache_index=0)
+    cached, _ = Transformer(blocked_cfg).apply(
+        {"params": params},
+        tokens,
+        positions,
+        segments,
+        cache=init_cache(blocked_cfg, 2, 16),
+        cache_index=0,
+    )
     np.testing.assert_allclose(cached, dense, atol=1e-5)
 
 
@@ -134,16 +159,28 @@ def test_study_shapes_by_eval_shape(variant, low, high):
 
 
 def _one_step(mesh_sizes, batch):
-    config = load_config(f"{REPO}/configs/lm_pretrain.py:tiny",
-                         ["model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-                          "model.mlp_dim=64", "model.vocab_size=64", "data.seq_len=16",
-                          "model.attention_block=8"])  # the blocked path and its custom gradient
+    config = load_config(
+        f"{REPO}/configs/lm_pretrain.py:tiny",
+        [
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.mlp_dim=64",
+            "model.vocab_size=64",
+            "data.seq_len=16",
+            "model.attention_block=8",
+        ],
+    )  # the blocked path and its custom gradient
     cfg = pretrain.model_config(config)
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
     from echo_jax.core.train_loop import TrainTask
-    task = TrainTask(init_state=pretrain.make_init_state(model, tx, 16),
-                     train_step=pretrain.make_train_step(model, tx), train_iter=iter(()))
-    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:int(np.prod(list(mesh_sizes.values())))])
+
+    task = TrainTask(
+        init_state=pretrain.make_init_state(model, tx, 16),
+        train_step=pretrain.make_train_step(model, tx),
+        train_iter=iter(()),
+    )
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
     rules = config.sharding.rules
     state, abstract = initial_state(task, mesh, rules, jax.random.key(0))
     step = jit_train_step(task, mesh, rules, abstract)
@@ -155,12 +192,18 @@ def _one_step(mesh_sizes, batch):
 
 def test_sharded_step_equals_single_device():
     tokens, positions, segments = _packed(8, 16, seed=2)
-    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "positions": positions,
-             "segment_ids": segments, "loss_mask": np.ones_like(tokens, np.float32)}
+    batch = {
+        "inputs": tokens,
+        "targets": np.roll(tokens, -1, 1),
+        "positions": positions,
+        "segment_ids": segments,
+        "loss_mask": np.ones_like(tokens, np.float32),
+    }
     (ref_params, ref_metrics), _ = _one_step({"data": 1, "fsdp": 1, "tensor": 1}, batch)
     for sizes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
         (params, metrics), state = _one_step(sizes, batch)
         assert len(state.params["block_0"]["mlp"]["w_gate"].sharding.device_set) == 8
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                     params, ref_params)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params
+        )

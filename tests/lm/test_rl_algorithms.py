@@ -75,8 +75,7 @@ def test_defaults_are_the_studys():
     assert g.loss.aggregation == "seq_mean_token_mean"  # OpenRLHF's masked_mean(-1).mean()
     assert (p.gamma, p.lam, p.value_clip, p.kl_estimator) == (1.0, 0.95, 0.2, "k1")
     assert (g.optim.lr, p.actor_optim.lr, p.critic_optim.lr) == (1e-6, 1e-6, 7e-6)
-    assert (e.rollout.samples_per_prompt, e.rollout.temperature, e.rollout.top_p) == (64, 1.0,
-                                                                                     0.95)
+    assert (e.rollout.samples_per_prompt, e.rollout.temperature, e.rollout.top_p) == (64, 1.0, 0.95)
     assert (e.optim.lr, e.rollout.epochs, e.rollout.train_batch_size) == (1e-4, 2, 256)
 
 
@@ -109,10 +108,11 @@ def test_aggregation_weighs_long_and_short_responses_as_documented():
         np.testing.assert_array_equal(weights * (1 - mask), 0.0)
         # Micro-batches aggregate exactly: sum the sums and the normalisers of each row.
         loss = jnp.arange(10.0).reshape(2, 5)
-        parts = [aggregate(loss[i:i + 1], mask[i:i + 1], max_len) for i in range(2)]
+        parts = [aggregate(loss[i : i + 1], mask[i : i + 1], max_len) for i in range(2)]
         full = aggregate(loss, mask, max_len)
-        np.testing.assert_allclose(sum(p[0] for p in parts) / sum(p[1] for p in parts),
-                                   full[0] / full[1], rtol=1e-6)
+        np.testing.assert_allclose(
+            sum(p[0] for p in parts) / sum(p[1] for p in parts), full[0] / full[1], rtol=1e-6
+        )
 
 
 def test_clipping_zeroes_the_gradient_only_in_the_clipped_direction():
@@ -139,12 +139,24 @@ def test_grpo_gradient_equals_reinforce_at_ratio_one():
     params, model = _params(), Transformer(TINY)
     prompts, prompt_lengths, completions, completion_lengths = _rollout_inputs()
     rewards = jnp.array([1, 0, 0, 1, 0, 0, 0, 1], jnp.float32)  # Q = 2 groups of G = 4
-    rollout_cfg = common.RolloutConfig(prompts_per_step=2, samples_per_prompt=4, max_new_tokens=6,
-                                       train_batch_size=8, micro_batch_size=4, temperature=1.0)
+    rollout_cfg = common.RolloutConfig(
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        max_new_tokens=6,
+        train_batch_size=8,
+        micro_batch_size=4,
+        temperature=1.0,
+    )
     cfg = grpo.GRPOConfig(rollout=rollout_cfg)
     rollout, _ = jax.jit(grpo.make_prepare_fn(model, cfg))(
-        TrainState.create(params, cfg.optim.make(10)), None, prompts, prompt_lengths, completions,
-        completion_lengths, rewards)
+        TrainState.create(params, cfg.optim.make(10)),
+        None,
+        prompts,
+        prompt_lengths,
+        completions,
+        completion_lengths,
+        rewards,
+    )
     assert rollout.ref_logp_BxT is None  # beta = 0: no reference pass at all
     r = np.asarray(rewards).reshape(2, 4)
     adv = ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-6)).ravel()
@@ -152,38 +164,53 @@ def test_grpo_gradient_equals_reinforce_at_ratio_one():
     @jax.jit
     def reinforce_grad(p, weights_BxT):
         def loss(p):
-            logits, _ = model.apply({"params": p}, rollout.tokens_BxT, rollout.positions_BxT,
-                                    rollout.segment_ids_BxT)
+            logits, _ = model.apply(
+                {"params": p}, rollout.tokens_BxT, rollout.positions_BxT, rollout.segment_ids_BxT
+            )
             logp = jax.nn.log_softmax(logits[:, :-1], -1)
             logp = jnp.take_along_axis(logp, rollout.tokens_BxT[:, 1:, None], -1)[..., 0]
             return -jnp.sum(weights_BxT[:, 1:] * adv[:, None] * logp)
+
         return jax.grad(loss)(p)
 
     mask = np.asarray(rollout.mask_BxT)
     # The two token weightings that differ in shape (Dr. GRPO's is token_mean's up to a constant,
     # see the aggregation test).
-    weights = {"token_mean": mask / mask.sum(),
-               "seq_mean_token_mean": mask / mask.sum(1, keepdims=True) / len(mask)}
+    weights = {
+        "token_mean": mask / mask.sum(),
+        "seq_mean_token_mean": mask / mask.sum(1, keepdims=True) / len(mask),
+    }
     for aggregation, weights_BxT in weights.items():
-        cfg = grpo.GRPOConfig(rollout=rollout_cfg,
-                              loss=common.PolicyLossConfig(aggregation=aggregation))
-        grads, stats = jax.jit(lambda p: common.accumulate_gradients(
-            grpo.make_loss_fn(model, cfg), p, rollout, micro_batch_size=4))(params)
+        cfg = grpo.GRPOConfig(
+            rollout=rollout_cfg, loss=common.PolicyLossConfig(aggregation=aggregation)
+        )
+        grads, stats = jax.jit(
+            lambda p: common.accumulate_gradients(
+                grpo.make_loss_fn(model, cfg), p, rollout, micro_batch_size=4
+            )
+        )(params)
         assert float(stats["clip_fraction"]) == 0.0
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7,
-                                                             err_msg=aggregation),
-                     grads, reinforce_grad(params, weights_BxT))
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-7, err_msg=aggregation
+            ),
+            grads,
+            reinforce_grad(params, weights_BxT),
+        )
 
 
 def test_sequence_logprobs_match_the_samplers_scoring():
     params, model = _params(), Transformer(TINY)
     prompts, prompt_lengths, completions, completion_lengths = _rollout_inputs(seed=1)
     tokens, positions, segments, mask = common.join_prompt_completion(
-        prompts, prompt_lengths, completions, completion_lengths)
-    logp_BxT, entropy_BxT = common.sequence_logprobs(model, params, tokens, positions, segments,
-                                                     temperature=0.7)
-    logp_BxN = score(model, params, prompts, prompt_lengths, completions, completion_lengths,
-                     temperature=0.7)
+        prompts, prompt_lengths, completions, completion_lengths
+    )
+    logp_BxT, entropy_BxT = common.sequence_logprobs(
+        model, params, tokens, positions, segments, temperature=0.7
+    )
+    logp_BxN = score(
+        model, params, prompts, prompt_lengths, completions, completion_lengths, temperature=0.7
+    )
     np.testing.assert_allclose((logp_BxT * mask).sum(1), logp_BxN.sum(1), rtol=1e-5)
     assert float(mask.sum()) == float(completion_lengths.sum())
     assert (entropy_BxT >= 0).all() and (entropy_BxT <= np.log(TINY.vocab_size) + 1e-5).all()
@@ -212,11 +239,12 @@ def test_gae_matches_a_python_reference(gamma, lam):
     rng = np.random.default_rng(int(gamma * 100 + lam * 10))
     B, T = 5, 12
     starts, lengths = rng.integers(1, 5, B), rng.integers(1, 8, B)
-    mask = ((np.arange(T) >= starts[:, None]) & (np.arange(T) < (starts + lengths)[:, None]))
+    mask = (np.arange(T) >= starts[:, None]) & (np.arange(T) < (starts + lengths)[:, None])
     mask = mask.astype(np.float32)
     rewards, values = rng.normal(size=(B, T)), rng.normal(size=(B, T))
-    advantages, returns = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
-                                  gamma, lam)
+    advantages, returns = ppo.gae(
+        jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam
+    )
     expected_adv, expected_ret = _gae_reference(rewards, values, mask, gamma, lam)
     np.testing.assert_allclose(advantages, expected_adv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(returns, expected_ret, rtol=1e-5, atol=1e-5)

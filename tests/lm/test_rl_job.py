@@ -13,28 +13,54 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.lm import grading
-from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.data import generators, vocab
+from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig
 from tests.conftest import REPO
 
 STEPS = 12
 # A model that learns nothing, sized so that every step takes well under a second.
-PRETRAIN = ["--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
-            "--config.model.mlp_dim=64", "--config.data.examples_per_style=500",
-            "--config.data.eval_examples=4", "--config.train.num_steps=2",
-            "--config.train.batch_size=4", "--config.train.warmup_steps=1",
-            "--config.train.checkpoint_every=2", "--config.mesh.data=1"]
-RL = ["--config.rl.prompts_per_step=2", "--config.rl.samples_per_prompt=4",
-      "--config.rl.max_new_tokens=8", "--config.rl.train_batch_size=4",
-      "--config.rl.micro_batch_size=2", "--config.rl.sampler_batch_size=4",
-      "--config.eval.levels=(1, 2)", "--config.eval.per_level=2",
-      "--config.eval.num_samples=2", "--config.eval.max_new_tokens=8",
-      "--config.eval.batch_size=4", "--config.eval.every=4",
-      f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=2"]
-STEP_KEYS = {"reward_mean", "accuracy", "kl", "entropy", "response_length", "clip_fraction",
-             "time/rollout", "time/reward", "time/train_step",
-             *(f"style_share/{s}" for s in grading.STYLE_LABELS)}
+PRETRAIN = [
+    "--config.model.d_model=32",
+    "--config.model.n_layers=1",
+    "--config.model.n_heads=2",
+    "--config.model.mlp_dim=64",
+    "--config.data.examples_per_style=500",
+    "--config.data.eval_examples=4",
+    "--config.train.num_steps=2",
+    "--config.train.batch_size=4",
+    "--config.train.warmup_steps=1",
+    "--config.train.checkpoint_every=2",
+    "--config.mesh.data=1",
+]
+RL = [
+    "--config.rl.prompts_per_step=2",
+    "--config.rl.samples_per_prompt=4",
+    "--config.rl.max_new_tokens=8",
+    "--config.rl.train_batch_size=4",
+    "--config.rl.micro_batch_size=2",
+    "--config.rl.sampler_batch_size=4",
+    "--config.eval.levels=(1, 2)",
+    "--config.eval.per_level=2",
+    "--config.eval.num_samples=2",
+    "--config.eval.max_new_tokens=8",
+    "--config.eval.batch_size=4",
+    "--config.eval.every=4",
+    f"--config.train.num_steps={STEPS}",
+    "--config.train.checkpoint_every=2",
+]
+STEP_KEYS = {
+    "reward_mean",
+    "accuracy",
+    "kl",
+    "entropy",
+    "response_length",
+    "clip_fraction",
+    "time/rollout",
+    "time/reward",
+    "time/train_step",
+    *(f"style_share/{s}" for s in grading.STYLE_LABELS),
+}
 
 
 def _env():
@@ -42,15 +68,26 @@ def _env():
 
 
 def _main(config, workdir, *args):
-    return [sys.executable, "-m", "echo_jax.main", f"--config={config}", f"--workdir={workdir}",
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "echo_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("untrained") / "pretrain"
-    subprocess.run(_main("configs/lm_pretrain.py:tiny", workdir, *PRETRAIN), cwd=REPO,
-                   env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        _main("configs/lm_pretrain.py:tiny", workdir, *PRETRAIN),
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
     return workdir
 
 
@@ -64,8 +101,7 @@ def _comparable(rows):
 
 def test_sigkill_then_rerun_continues_exactly(tmp_path, untrained):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    out = subprocess.run(_rl(full, untrained), cwd=REPO, env=_env(), capture_output=True,
-                         text=True)
+    out = subprocess.run(_rl(full, untrained), cwd=REPO, env=_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_jsonl(full / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
@@ -74,8 +110,13 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, untrained):
     assert evals == [0, 4, 8, 12] and "eval/L1/pass@2" in rows[-1]
     assert sorted(os.listdir(full / "plots")) == ["style_accuracy.png", "style_share.png"]
 
-    proc = subprocess.Popen(_rl(killed, untrained), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _rl(killed, untrained),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "2").exists() and time.time() < deadline:
         time.sleep(0.02)
@@ -83,14 +124,16 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, untrained):
     assert proc.wait() == -signal.SIGKILL
     assert max(int(p) for p in os.listdir(killed / "checkpoints") if p.isdigit()) < STEPS
 
-    rerun = subprocess.run(_rl(killed, untrained), cwd=REPO, env=_env(), capture_output=True,
-                           text=True)
+    rerun = subprocess.run(
+        _rl(killed, untrained), cwd=REPO, env=_env(), capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "[rl] resumed from" in rerun.stderr
     assert _comparable(read_jsonl(killed / "metrics.jsonl")) == _comparable(rows)
 
-    again = subprocess.run(_rl(killed, untrained), cwd=REPO, env=_env(), capture_output=True,
-                           text=True)
+    again = subprocess.run(
+        _rl(killed, untrained), cwd=REPO, env=_env(), capture_output=True, text=True
+    )
     assert again.returncode == 0 and "already finished" in again.stderr
 
 
@@ -98,12 +141,24 @@ def test_resume_with_another_algorithm_or_seed_is_refused(tmp_path, untrained):
     workdir = tmp_path / "rl"
     args = [a for a in RL if not a.startswith("--config.train.num_steps")]
     run = lambda algo, steps, *extra: subprocess.run(
-        _main(f"configs/lm_rl.py:{algo}", workdir, f"--config.init_from={untrained}", *args,
-              f"--config.train.num_steps={steps}", *extra),
-        cwd=REPO, env=_env(), capture_output=True, text=True)
+        _main(
+            f"configs/lm_rl.py:{algo}",
+            workdir,
+            f"--config.init_from={untrained}",
+            *args,
+            f"--config.train.num_steps={steps}",
+            *extra,
+        ),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert run("grpo", 2).returncode == 0
-    for algo, extra, message in (("ei", (), "different algo"),
-                                 ("grpo", ("--config.seed=1",), "different seed")):
+    for algo, extra, message in (
+        ("ei", (), "different algo"),
+        ("grpo", ("--config.seed=1",), "different seed"),
+    ):
         refused = run(algo, 4, *extra)
         assert refused.returncode != 0
         assert message in refused.stderr.splitlines()[-1]
@@ -128,8 +183,9 @@ def test_prompt_stream_passes_over_every_prompt_and_resumes():
 def test_gsm8k_prompts_fit_the_prompt_budget(shared_data):
     if not (shared_data / "gsm8k" / "train.jsonl").exists():
         pytest.skip("GSM8K is not in $ECHO_JAX_DATA")
-    config = load_config(f"{REPO}/configs/lm_rl.py:grpo",
-                         ["data.prompts=gsm8k", "rl.max_prompt_len=128"])
+    config = load_config(
+        f"{REPO}/configs/lm_rl.py:grpo", ["data.prompts=gsm8k", "rl.max_prompt_len=128"]
+    )
     vocabulary = vocab.get_vocabulary("spm")
     prompts = rl_job.load_prompts(config, vocabulary)
     assert 1000 < len(prompts) <= 7473
@@ -137,10 +193,13 @@ def test_gsm8k_prompts_fit_the_prompt_budget(shared_data):
     assert rl_job.prompt_dataset(config) == "gsm8k"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ([], "config.init_from is required"),
-    (["init_from=x", "data.prompts=math"], "data.prompts must be"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ([], "config.init_from is required"),
+        (["init_from=x", "data.prompts=math"], "data.prompts must be"),
+    ],
+)
 def test_config_mistakes_are_config_errors(tmp_path, overrides, message):
     config = load_config(f"{REPO}/configs/lm_rl.py:grpo", overrides)
     with pytest.raises(ConfigError, match=message):

@@ -14,16 +14,31 @@ from echo_jax.lm import sampler as sampler_lib
 from echo_jax.lm.data import generators, vocab
 from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig, Transformer
-from echo_jax.lm.rl import algorithm
 from tests.conftest import REPO
 
 CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_len=512)
 # 2 prompts x 2 samples, 2 rows per optimizer step: 2 updates per rollout
-ROLLOUT = ["rl.prompts_per_step=2", "rl.samples_per_prompt=2", "rl.max_new_tokens=8",
-           "rl.max_prompt_len=384", "rl.train_batch_size=2", "rl.micro_batch_size=1",
-           "rl.temperature=1.0", "rl.lr=1e-3", "rl.critic_lr=1e-3"]
-ROLLOUT_KEYS = {"reward_mean", "accuracy", "response_length", "entropy", "clip_fraction", "loss",
-                "time/rollout", "time/reward"} | {f"style_share/{s}" for s in grading.STYLE_LABELS}
+ROLLOUT = [
+    "rl.prompts_per_step=2",
+    "rl.samples_per_prompt=2",
+    "rl.max_new_tokens=8",
+    "rl.max_prompt_len=384",
+    "rl.train_batch_size=2",
+    "rl.micro_batch_size=1",
+    "rl.temperature=1.0",
+    "rl.lr=1e-3",
+    "rl.critic_lr=1e-3",
+]
+ROLLOUT_KEYS = {
+    "reward_mean",
+    "accuracy",
+    "response_length",
+    "entropy",
+    "clip_fraction",
+    "loss",
+    "time/rollout",
+    "time/reward",
+} | {f"style_share/{s}" for s in grading.STYLE_LABELS}
 
 
 def _config(variant: str, *overrides: str):
@@ -51,8 +66,9 @@ def _run_steps(config, params, source, vocabulary, num_steps: int):
 @pytest.fixture(scope="module")
 def setup():
     dummy = jnp.zeros((1, 4), jnp.int32)
-    params = nn.meta.unbox(Transformer(CFG).init(jax.random.key(0), dummy, dummy, dummy + 1)
-                           ["params"])
+    params = nn.meta.unbox(
+        Transformer(CFG).init(jax.random.key(0), dummy, dummy, dummy + 1)["params"]
+    )
     source = generators.ProblemSource("rl", seed=0, levels=(1,), size=8)
     return params, vocab.get_vocabulary("byte"), source
 
@@ -65,15 +81,18 @@ def alternate_rewards(monkeypatch):
 
     def grade_batch(texts, refs, **kwargs):
         graded = real(texts, refs, **kwargs)
-        return [grading.Graded("tinygsm" if i % 2 == 0 else g.style, g.answer, i % 2 == 0, g.status)
-                for i, g in enumerate(graded)]
+        return [
+            grading.Graded("tinygsm" if i % 2 == 0 else g.style, g.answer, i % 2 == 0, g.status)
+            for i, g in enumerate(graded)
+        ]
 
     monkeypatch.setattr(grading, "grade_batch", grade_batch)
 
 
 def _changed(before, after):
-    return any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
-                                                         jax.tree.leaves(after)))
+    return any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    )
 
 
 def test_grpo_steps_report_metrics_without_recompiling(setup, alternate_rewards):
@@ -94,8 +113,7 @@ def test_grpo_steps_report_metrics_without_recompiling(setup, alternate_rewards)
 
 def test_ppo_step_reports_value_loss(setup, alternate_rewards):
     params, vocabulary, source = setup
-    state, rows, _, _ = _run_steps(_config("ppo", "rl.log_kl=False"), params, source,
-                                   vocabulary, 1)
+    state, rows, _, _ = _run_steps(_config("ppo", "rl.log_kl=False"), params, source, vocabulary, 1)
     assert ROLLOUT_KEYS | {"value_loss", "value_mean"} <= set(rows[0])
     assert "kl" not in rows[0] and state.ref_params is None  # beta = 0: no reference model
     assert _changed(params, state.params) and int(state.critic.step) == 2
@@ -117,9 +135,13 @@ def test_expert_iteration_step_fine_tunes_on_kept_samples(setup, monkeypatch):
 
 def test_expert_iteration_step_without_kept_samples_changes_nothing(setup, monkeypatch):
     params, vocabulary, source = setup
-    monkeypatch.setattr(grading, "grade_batch", lambda texts, refs, **kwargs: [
-        grading.Graded("omi2", "1", False, "ok") for _ in texts])
-    state, rows, _, _ = _run_steps(_config("ei", "rl.train_batch_size=4"), params, source,
-                                   vocabulary, 1)
+    monkeypatch.setattr(
+        grading,
+        "grade_batch",
+        lambda texts, refs, **kwargs: [grading.Graded("omi2", "1", False, "ok") for _ in texts],
+    )
+    state, rows, _, _ = _run_steps(
+        _config("ei", "rl.train_batch_size=4"), params, source, vocabulary, 1
+    )
     assert rows[0]["kept"] == 0 and rows[0]["loss"] == 0 and int(state.step) == 0
     assert not _changed(params, state.params)

@@ -79,7 +79,10 @@ def canary():
             assert f.read() == "original"
         after = os.stat(target)
         assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (
-            before.st_mode, before.st_uid, before.st_mtime_ns)
+            before.st_mode,
+            before.st_uid,
+            before.st_mtime_ns,
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -140,13 +143,16 @@ def test_work_dir_is_fresh_and_private(sb):
 # -------------------------------------------------------------------------------- hostile code
 
 
-@pytest.mark.parametrize("code", [
-    "while True: pass",
-    "import time; time.sleep(30)",
-    "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGINT):\n"
-    "    signal.signal(s, signal.SIG_IGN)\nwhile True: pass",
-    "x = 10 ** 10 ** 8",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "while True: pass",
+        "import time; time.sleep(30)",
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGINT):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nwhile True: pass",
+        "x = 10 ** 10 ** 8",
+    ],
+)
 def test_runaway_programs_time_out(sb, code):
     start = time.monotonic()
     result = sb.run(code, timeout_s=0.5)
@@ -155,12 +161,14 @@ def test_runaway_programs_time_out(sb, code):
 
 
 def test_fork_bomb_threads_and_subprocesses_are_refused(sb):
-    for code in ["import os\nwhile True: os.fork()",
-                 "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()",
-                 "import subprocess; subprocess.run(['sleep', '60'])",
-                 "__builtins__.__import__('posix').fork()",
-                 "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen'][0]"
-                 "(['sh', '-c', 'sleep 60'])"]:
+    for code in [
+        "import os\nwhile True: os.fork()",
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()",
+        "import subprocess; subprocess.run(['sleep', '60'])",
+        "__builtins__.__import__('posix').fork()",
+        "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen'][0]"
+        "(['sh', '-c', 'sleep 60'])",
+    ]:
         result = sb.run(code, timeout_s=1.0)
         assert result.status == "error", (code, result)
     system = sb.run("import os\nprint(os.system('touch pwned'), os.path.exists('pwned'))")
@@ -185,24 +193,29 @@ def test_segfault_and_abort(sb):
     assert sb.run("import os; os.abort()").status == "killed"
 
 
-@pytest.mark.parametrize("code,status", [
-    ("import sys; print('bye'); sys.exit(0)", "ok"),
-    ("import sys; sys.exit()", "ok"),
-    ("import sys; sys.exit(3)", "error"),
-    ("import sys; sys.exit('message')", "error"),
-    ("import os; os._exit(0)", "killed"),
-    ("import os; os._exit(3)", "killed"),
-    ("import os; os.closerange(0, 1024); print('gone')", "killed"),
-    ("import os; os.write(3, b'{not json'); os._exit(0)", "killed"),
-])
+@pytest.mark.parametrize(
+    "code,status",
+    [
+        ("import sys; print('bye'); sys.exit(0)", "ok"),
+        ("import sys; sys.exit()", "ok"),
+        ("import sys; sys.exit(3)", "error"),
+        ("import sys; sys.exit('message')", "error"),
+        ("import os; os._exit(0)", "killed"),
+        ("import os; os._exit(3)", "killed"),
+        ("import os; os.closerange(0, 1024); print('gone')", "killed"),
+        ("import os; os.write(3, b'{not json'); os._exit(0)", "killed"),
+    ],
+)
 def test_exits(sb, code, status):
     assert sb.run(code).status == status
 
 
 def test_huge_stdout_is_capped(sb):
     rss = psutil.Process().memory_info().rss
-    result = sb.run("import sys\nfor _ in range(100): sys.stdout.write('x' * 10**6)\n"
-                    "sys.stderr.write('e' * 10**7)")
+    result = sb.run(
+        "import sys\nfor _ in range(100): sys.stdout.write('x' * 10**6)\n"
+        "sys.stderr.write('e' * 10**7)"
+    )
     assert result.status == "ok"
     assert result.stdout.startswith("x" * sandbox.OUTPUT_CAP) and "bytes dropped" in result.stdout
     assert max(len(result.stdout), len(result.stderr)) < sandbox.OUTPUT_CAP + 100
@@ -262,11 +275,13 @@ def test_network_is_unreachable(sb):
         listener.listen()
         listener.settimeout(0.3)
         port = listener.getsockname()[1]
-        codes = [f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)",
-                 f"import _socket; s = _socket.socket(); s.connect(('127.0.0.1', {port}))",
-                 f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
-                 f".sendto(b'x', ('127.0.0.1', {port}))",
-                 "import urllib.request; urllib.request.urlopen('http://example.com', timeout=1)"]
+        codes = [
+            f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)",
+            f"import _socket; s = _socket.socket(); s.connect(('127.0.0.1', {port}))",
+            f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+            f".sendto(b'x', ('127.0.0.1', {port}))",
+            "import urllib.request; urllib.request.urlopen('http://example.com', timeout=1)",
+        ]
         for code in codes:
             result = sb.run(code, timeout_s=2.0)
             assert result.status == "error", (code, result)
@@ -293,13 +308,16 @@ def test_environment_and_parent_secrets_are_invisible(sb, monkeypatch):
     assert "ECHO_SANDBOX_SECRET" not in result.stdout and "PYTEST" not in result.stdout
 
 
-@pytest.mark.parametrize("code", [
-    "import os, signal; os.kill(os.getppid(), signal.SIGKILL)",
-    f"import os, signal; os.kill({os.getpid()}, signal.SIGKILL)",
-    "import os, signal; os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
-    "import os, signal; os.kill(-1, signal.SIGKILL)",
-    "import os; os.kill(1, 9)",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os, signal; os.kill(os.getppid(), signal.SIGKILL)",
+        f"import os, signal; os.kill({os.getpid()}, signal.SIGKILL)",
+        "import os, signal; os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
+        "import os, signal; os.kill(-1, signal.SIGKILL)",
+        "import os; os.kill(1, 9)",
+    ],
+)
 def test_cannot_signal_the_server_or_caller(sb, code):
     # kill(-1) "succeeds" when every target refuses with EPERM; seccomp makes it an error.
     lenient = "kill(-1" in code and not sb.isolation()["seccomp"]

@@ -6,10 +6,22 @@ import numpy as np
 import pytest
 
 from echo_jax.recsys.catalogue import (
-    SIM_LLM, SIM_LLM_REWRITE, make_controlled_catalogue, simulate_llm_rewrite)
+    SIM_LLM,
+    SIM_LLM_REWRITE,
+    make_controlled_catalogue,
+    simulate_llm_rewrite,
+)
 from echo_jax.recsys.data import (
-    HGC, MISTRAL, ItemRef, build_beauty637, clean_text, load_texts, paired_candidates,
-    read_behaviors, read_item_texts)
+    HGC,
+    MISTRAL,
+    ItemRef,
+    build_beauty637,
+    clean_text,
+    load_texts,
+    paired_candidates,
+    read_behaviors,
+    read_item_texts,
+)
 
 
 def _write(path, text):
@@ -19,23 +31,34 @@ def _write(path, text):
 
 
 def test_read_item_texts_handles_quoted_multiline_abstracts(tmp_path):
-    path = _write(tmp_path / "news.tsv",
-                  'A1\t\t\t\tplain text &amp; more\n'
-                  'A2\t\t\t\t"first line\nsecond\tline with ""quotes"""\n'
-                  '\n'
-                  'A3\t\t\t\t\n')
+    path = _write(
+        tmp_path / "news.tsv",
+        "A1\t\t\t\tplain text &amp; more\n"
+        'A2\t\t\t\t"first line\nsecond\tline with ""quotes"""\n'
+        "\n"
+        "A3\t\t\t\t\n",
+    )
     assert read_item_texts(path) == {
-        "A1": "plain text &amp; more", "A2": 'first line\nsecond\tline with "quotes"', "A3": ""}
+        "A1": "plain text &amp; more",
+        "A2": 'first line\nsecond\tline with "quotes"',
+        "A3": "",
+    }
     cleaned = read_item_texts(path, clean=True)
     assert cleaned["A1"] == "plain text & more"
     assert cleaned["A2"] == 'first line second line with "quotes"'
 
 
-@pytest.mark.parametrize("body, line", [
-    ('A1\t\t\t\tok\n"A2\n"\t\t\t\tok\nA3\t\t\tfour columns\n', 4),  # multi-line row shifts lines
-    ('A1\t\t\t\tok\nA2\t\t\t\t"never closed\nmore\n', 2),
-    ('A1\t\t\t\tok\nA1\t\t\t\tdup\n', 2),
-])
+@pytest.mark.parametrize(
+    "body, line",
+    [
+        (
+            'A1\t\t\t\tok\n"A2\n"\t\t\t\tok\nA3\t\t\tfour columns\n',
+            4,
+        ),  # multi-line row shifts lines
+        ('A1\t\t\t\tok\nA2\t\t\t\t"never closed\nmore\n', 2),
+        ("A1\t\t\t\tok\nA1\t\t\t\tdup\n", 2),
+    ],
+)
 def test_read_item_texts_reports_file_and_line(tmp_path, body, line):
     path = _write(tmp_path / "news_bad.tsv", body)
     with pytest.raises(ValueError, match=rf"news_bad\.tsv:{line}:"):
@@ -51,7 +74,9 @@ def test_read_behaviors_parses_and_reports_bad_rows(tmp_path):
     assert imp.history == ("B1", "B2") and imp.positives == ("C1",)
     assert imp.candidates == (("C1", 1), ("C2", 0), ("C3", 0))
     assert paired_candidates(imp, (HGC, MISTRAL))[:2] == [
-        (ItemRef("C1", HGC), 1), (ItemRef("C1", MISTRAL), 1)]
+        (ItemRef("C1", HGC), 1),
+        (ItemRef("C1", MISTRAL), 1),
+    ]
     bad = _write(tmp_path / "bad.tsv", good + "8\tU2\t1\tB1\tC1-1 C2-2\n")
     with pytest.raises(ValueError, match=r"bad\.tsv:2:.*C2-2"):
         read_behaviors(bad)
@@ -88,8 +113,12 @@ def test_beauty637_items_have_both_texts_and_clean_negatives(beauty):
     for split, rows in beauty.splits.items():
         c = beauty.counts["splits"][split]
         assert len(rows) == c["rows_kept"] > 0
-        assert c["rows_read"] == (c["rows_kept"] + c["dropped_positive_without_text"]
-                                  + c["dropped_empty_history"] + c.get("dropped_dev_clicks", 0))
+        assert c["rows_read"] == (
+            c["rows_kept"]
+            + c["dropped_positive_without_text"]
+            + c["dropped_empty_history"]
+            + c.get("dropped_dev_clicks", 0)
+        )
         for imp in rows:
             (pos,) = imp.positives
             items = [i for i, _ in imp.candidates]

@@ -15,15 +15,25 @@ from flax import linen as nn
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.core.train_state import TrainState
-from echo_jax.recsys import debias, feedback_loop as loop
+from echo_jax.recsys import debias
+from echo_jax.recsys import feedback_loop as loop
 from echo_jax.recsys.model import ModelConfig, Recommender
 from echo_jax.recsys.train import make_optimizer, make_train_step
 from tests.notebooks import execute_notebook
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TINY_LOOP = ["data.num_users=300", "data.num_items=150", "train.batch_size=32", "model.dim=16",
-             "loop.train_steps=8", "train.log_every=4", "train.checkpoint_every=4",
-             "train.async_checkpoints=False", "loop.seeds=(0,)", "loop.with_phases=False"]
+TINY_LOOP = [
+    "data.num_users=300",
+    "data.num_items=150",
+    "train.batch_size=32",
+    "model.dim=16",
+    "loop.train_steps=8",
+    "train.log_every=4",
+    "train.checkpoint_every=4",
+    "train.async_checkpoints=False",
+    "loop.seeds=(0,)",
+    "loop.with_phases=False",
+]
 
 
 def _arrays(m=6, c=5, h=4, n=100, seed=0):
@@ -31,15 +41,20 @@ def _arrays(m=6, c=5, h=4, n=100, seed=0):
     items = np.stack([rng.choice(n, c, replace=False) for _ in range(m)])
     labels = np.eye(c, dtype=np.float32)[rng.integers(0, c, m)]
     mask = np.arange(h)[None] >= rng.integers(0, h, m)[:, None]
-    return {"history": np.where(mask, rng.integers(0, n, (m, h)), 0).astype(np.int32),
-            "history_mask": mask, "candidates": items.astype(np.int32), "labels": labels,
-            "paired": np.stack([items, items + n], -1).astype(np.int32)}
+    return {
+        "history": np.where(mask, rng.integers(0, n, (m, h)), 0).astype(np.int32),
+        "history_mask": mask,
+        "candidates": items.astype(np.int32),
+        "labels": labels,
+        "paired": np.stack([items, items + n], -1).astype(np.int32),
+    }
 
 
 def test_swap_histories_swaps_only_real_items_at_the_share():
     a = _arrays(m=400, h=10, n=100)
-    assert np.array_equal(loop.swap_histories(a, 0.0, 100, np.random.default_rng(0))["history"],
-                          a["history"])
+    assert np.array_equal(
+        loop.swap_histories(a, 0.0, 100, np.random.default_rng(0))["history"], a["history"]
+    )
     full = loop.swap_histories(a, 1.0, 100, np.random.default_rng(0))["history"]
     assert np.array_equal(full[a["history_mask"]], a["history"][a["history_mask"]] + 100)
     assert np.array_equal(full[~a["history_mask"]], a["history"][~a["history_mask"]])
@@ -49,14 +64,20 @@ def test_swap_histories_swaps_only_real_items_at_the_share():
 
 def test_clicks_go_to_the_better_ranked_copy_or_follow_the_position_bias():
     labels = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], np.float32)
-    scores = np.array([[[5, 1], [2, 3], [0, 0]],  # positive's AIGC copy higher
-                       [[9, 8], [0, 0], [0, 0]],  # HGC copy higher
-                       [[0, 0], [4, 4], [1, 7]]], np.float32)
+    scores = np.array(
+        [
+            [[5, 1], [2, 3], [0, 0]],  # positive's AIGC copy higher
+            [[9, 8], [0, 0], [0, 0]],  # HGC copy higher
+            [[0, 0], [4, 4], [1, 7]],
+        ],
+        np.float32,
+    )
     assert loop.simulate_clicks(scores, labels, 0.0, np.random.default_rng(0)).tolist() == [1, 0, 1]
     # position bias, eta 1: the AIGC copy at rank 0 and the HGC copy at rank 1 -> P(AIGC) = 2/3
     many = np.tile(np.array([[[3.0, 4.0], [0.0, 0.0]]]), (20000, 1, 1))
-    clicks = loop.simulate_clicks(many, np.tile([[1.0, 0.0]], (20000, 1)), 1.0,
-                                  np.random.default_rng(0))
+    clicks = loop.simulate_clicks(
+        many, np.tile([[1.0, 0.0]], (20000, 1)), 1.0, np.random.default_rng(0)
+    )
     assert clicks.mean() == pytest.approx(2 / 3, abs=0.015)
 
 
@@ -88,9 +109,14 @@ def test_debiased_step_adds_the_study_penalty_to_the_same_cross_entropy():
     a = _arrays(m=16, c=5, h=4, n=n)
     batch = {k: jnp.asarray(v) for k, v in a.items() if k != "paired"}
     batch.update(positive=batch["candidates"][:, 0], positive_item=batch["candidates"][:, 0])
-    params = nn.meta.unbox(model.init(
-        jax.random.key(0), jnp.asarray(table[a["history"]]), jnp.asarray(a["history_mask"]),
-        jnp.asarray(table[a["candidates"]]))["params"])
+    params = nn.meta.unbox(
+        model.init(
+            jax.random.key(0),
+            jnp.asarray(table[a["history"]]),
+            jnp.asarray(a["history_mask"]),
+            jnp.asarray(table[a["candidates"]]),
+        )["params"]
+    )
     tx = make_optimizer(1e-3, 0.0)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     log_q = np.zeros(n, np.float32)
@@ -116,16 +142,19 @@ def test_debiased_step_adds_the_study_penalty_to_the_same_cross_entropy():
     entropy = -(p * np.log(p)).sum(-1).mean() * 2
     np.testing.assert_allclose(m_deb["debias/items_l1"], items_l1, rtol=1e-4)
     np.testing.assert_allclose(m_deb["debias/users_l1"], 0.0, atol=1e-6)
-    np.testing.assert_allclose(m_deb["loss"], m_plain["loss"] + items_l1 + 0.01 * entropy,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        m_deb["loss"], m_plain["loss"] + items_l1 + 0.01 * entropy, rtol=1e-4
+    )
 
     # rewrite_prob 1: the perturbed user reads every history item in its rewrite
     every = debias.Debias(alpha=1.0, beta=0.01, rewrite_prob=1.0)
     _, m_every = make_train_step(model, tx, table, "impression", log_q, every, rewrite)(
-        state, batch, rng)
+        state, batch, rng
+    )
     perturbed = mean_vec(rewrite[a["history"]], a["history_mask"]) @ w + b
-    users_l1 = np.abs(score(a["candidates"])
-                      - np.einsum("bd,bcd->bc", perturbed, table[a["candidates"]] @ w + b)).mean()
+    users_l1 = np.abs(
+        score(a["candidates"]) - np.einsum("bd,bcd->bc", perturbed, table[a["candidates"]] @ w + b)
+    ).mean()
     np.testing.assert_allclose(m_every["debias/users_l1"], users_l1, rtol=1e-4)
     assert users_l1 > 1e-3
 
@@ -152,8 +181,14 @@ def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
     whole = tmp_path / "whole"
     rows = read_jsonl(whole / "seed0" / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows == records
-    for key in ("aigc_click_share", "llm_ratio", "rela_delta_ndcg@5", "ndcg@5/human_target",
-                "ndcg@5/llm_target", "map@5/human_target"):
+    for key in (
+        "aigc_click_share",
+        "llm_ratio",
+        "rela_delta_ndcg@5",
+        "ndcg@5/human_target",
+        "ndcg@5/llm_target",
+        "map@5/human_target",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[0]["aigc_click_share"] == 0.0
     for t, row in enumerate(rows):
@@ -192,8 +227,11 @@ def _assert_same(got, want):
 
 
 def test_bad_loop_settings_are_config_errors():
-    for override, match in (("loop.iterations=0", "loop.iterations"), ("loop.seeds=()", "seeds"),
-                            ("loop.click_eta=-1.0", "click_eta")):
+    for override, match in (
+        ("loop.iterations=0", "loop.iterations"),
+        ("loop.seeds=()", "seeds"),
+        ("loop.click_eta=-1.0", "click_eta"),
+    ):
         with pytest.raises(ConfigError, match=match):
             loop.check_settings(_tiny(override).loop)
 
@@ -203,14 +241,28 @@ def test_notebook_runs_the_whole_study_and_a_rerun_trains_nothing(tmp_path, monk
     execute_notebook("source_bias.ipynb", workdir, monkeypatch)
     report = (workdir / "report.md").read_text()
     assert "### Phase 3: the feedback loop" in report and "## Phases 1 and 2" in report
-    for name in ("plots/loop.png", "phases/plots/phase2.png", "results.json",
-                 "loop/undebiased/seed0/metrics.jsonl",
-                 "loop/debiased-a1-b0.01/seed0/iter02/interactions.npz"):
+    for name in (
+        "plots/loop.png",
+        "phases/plots/phase2.png",
+        "results.json",
+        "loop/undebiased/seed0/metrics.jsonl",
+        "loop/debiased-a1-b0.01/seed0/iter02/interactions.npz",
+    ):
         assert (workdir / name).exists(), name
 
     rerun = subprocess.run(
-        [sys.executable, "-m", "echo_jax.main", "--config=configs/source_bias.py:loop_smoke",
-         f"--workdir={workdir}"], cwd=REPO, env=os.environ, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "echo_jax.main",
+            "--config=configs/source_bias.py:loop_smoke",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert " step " not in rerun.stderr, rerun.stderr[-3000:]  # no training step ran again
     assert (workdir / "report.md").read_text() == report

@@ -28,8 +28,10 @@ NDCG_MARGIN = 0.03
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("loop_science")
-    config = load_config(f"{REPO}/configs/source_bias.py:loop_small",
-                         ["loop.with_phases=False", "train.async_checkpoints=False"])
+    config = load_config(
+        f"{REPO}/configs/source_bias.py:loop_small",
+        ["loop.with_phases=False", "train.async_checkpoints=False"],
+    )
     return run_study(config, str(workdir))["loop"], workdir
 
 

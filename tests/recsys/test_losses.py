@@ -11,8 +11,9 @@ from echo_jax.recsys import losses
 def test_impression_cross_entropy_by_hand():
     scores = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
     labels = jnp.array([[1.0, 0, 0], [0, 1.0, 0]])
-    expected = np.mean([-np.log(np.exp(2) / (np.exp(2) + 2)),
-                        -np.log(np.e / (1 + np.e + np.exp(3)))])
+    expected = np.mean(
+        [-np.log(np.exp(2) / (np.exp(2) + 2)), -np.log(np.e / (1 + np.e + np.exp(3)))]
+    )
     np.testing.assert_allclose(losses.impression_cross_entropy(scores, labels), expected, rtol=1e-6)
 
 
@@ -35,8 +36,9 @@ def _fit_item_biases(correction: float, num_items: int = 12, steps: int = 300) -
     tx = optax.adam(0.05)
 
     def loss(bias, ids):
-        logits = losses.in_batch_logits(jnp.ones((len(ids), 1)), bias[ids][:, None], ids,
-                                         correction * log_q[ids])
+        logits = losses.in_batch_logits(
+            jnp.ones((len(ids), 1)), bias[ids][:, None], ids, correction * log_q[ids]
+        )
         return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, -1)))
 
     def step(carry, key):
@@ -47,8 +49,9 @@ def _fit_item_biases(correction: float, num_items: int = 12, steps: int = 300) -
         return (optax.apply_updates(bias, updates), opt), None
 
     bias = jnp.zeros(num_items)
-    (bias, _), _ = jax.lax.scan(step, (bias, tx.init(bias)), jax.random.split(jax.random.key(0),
-                                                                              steps))
+    (bias, _), _ = jax.lax.scan(
+        step, (bias, tx.init(bias)), jax.random.split(jax.random.key(0), steps)
+    )
     return np.polyfit(np.log(q), np.asarray(bias), 1)[0]
 
 

@@ -30,8 +30,12 @@ def test_ties_are_broken_without_favouring_the_first_column():
 
 def test_source_bias_on_paired_lists_by_hand():
     # two lists of 2 candidates x (HGC, AIGC); positives: candidate 0 in list 0, 1 in list 1
-    scores = np.array([[[0.5, 0.9], [0.1, 0.2]],    # AIGC copy of the positive ranks 1st
-                       [[0.3, 0.0], [0.8, 0.4]]])   # HGC copy ranks 1st
+    scores = np.array(
+        [
+            [[0.5, 0.9], [0.1, 0.2]],  # AIGC copy of the positive ranks 1st
+            [[0.3, 0.0], [0.8, 0.4]],
+        ]
+    )  # HGC copy ranks 1st
     labels = np.array([[1, 0], [0, 1]])
     out = metrics.source_bias(scores, labels, ks=(1, 3))
     assert out["llm_ratio"] == 0.5 and out["ties"] == 0.0

@@ -26,11 +26,12 @@ def test_causality(name):
     h = apply(x, mask)
     assert h.shape == (B, H, D) and bool(jnp.isfinite(h).all())
     t = 3
-    x2 = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(2), (B, H - t - 1, D)))
+    x2 = x.at[:, t + 1 :].set(jax.random.normal(jax.random.key(2), (B, H - t - 1, D)))
     h2 = apply(x2, mask)
-    real = np.asarray(mask[:, :t + 1])  # padded slots carry no state worth comparing
-    unchanged = np.allclose(np.asarray(h[:, :t + 1])[real], np.asarray(h2[:, :t + 1])[real],
-                            atol=1e-5)
+    real = np.asarray(mask[:, : t + 1])  # padded slots carry no state worth comparing
+    unchanged = np.allclose(
+        np.asarray(h[:, : t + 1])[real], np.asarray(h2[:, : t + 1])[real], atol=1e-5
+    )
     assert unchanged == (name != "bert4rec")
     assert not np.allclose(h[:, -1], h2[:, -1], atol=1e-5)  # the user vector sees the last items
 
@@ -42,10 +43,13 @@ def test_padded_slots_are_ignored(name):
     np.testing.assert_allclose(apply(x, mask)[0, -1], apply(noisy, mask)[0, -1], atol=1e-4)
 
 
-@pytest.mark.parametrize("tower,feats", [
-    ("minilm", jnp.ones((2, 7, 12), jnp.float32)),
-    ("small", jnp.ones((2, 7, 5), jnp.int32)),
-])
+@pytest.mark.parametrize(
+    "tower,feats",
+    [
+        ("minilm", jnp.ones((2, 7, 12), jnp.float32)),
+        ("small", jnp.ones((2, 7, 5), jnp.int32)),
+    ],
+)
 def test_recommender_scores_are_dot_products(tower, feats):
     cfg = ModelConfig(item_tower=tower, dim=D, history_len=4, vocab_size=9, max_text_len=5)
     model = Recommender(cfg)
@@ -54,5 +58,6 @@ def test_recommender_scores_are_dot_products(tower, feats):
     scores = model.apply(params, hist, mask, cand)
     user = model.apply(params, hist, mask, method=Recommender.encode_user)[:, -1]
     items = model.apply(params, cand.reshape(6, -1), method=Recommender.encode_items)
-    np.testing.assert_allclose(scores, np.einsum("bd,bcd->bc", user, items.reshape(2, 3, D)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scores, np.einsum("bd,bcd->bc", user, items.reshape(2, 3, D)), rtol=1e-5, atol=1e-5
+    )

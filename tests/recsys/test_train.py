@@ -16,8 +16,15 @@ from echo_jax.recsys.jobs.train import run_train
 from echo_jax.recsys.pipeline import TextRows, encode_impressions, make_train_iterator
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["data.num_users=400", "data.num_items=200", "train.batch_size=64", "model.dim=32",
-        "train.log_every=10", "train.async_checkpoints=False", "model.user_encoder=mean"]
+TINY = [
+    "data.num_users=400",
+    "data.num_items=200",
+    "train.batch_size=64",
+    "model.dim=32",
+    "train.log_every=10",
+    "train.async_checkpoints=False",
+    "model.user_encoder=mean",
+]
 
 
 def _config(name, *overrides):
@@ -27,8 +34,9 @@ def _config(name, *overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rec")
-    config = _config("recsys", "train.num_steps=60", "train.checkpoint_every=30",
-                     "train.eval_every=60")
+    config = _config(
+        "recsys", "train.num_steps=60", "train.checkpoint_every=30", "train.eval_every=60"
+    )
     return workdir, run_train(config, str(workdir))
 
 
@@ -45,28 +53,44 @@ def test_training_learns(trained):
 def test_training_resumes(trained, tmp_path):
     workdir, result = trained
     cut = tmp_path / "cut"
-    run_train(_config("recsys", "train.num_steps=30", "train.checkpoint_every=30",
-                      "train.eval_every=60"), str(cut))
-    resumed = run_train(_config("recsys", "train.num_steps=60", "train.checkpoint_every=30",
-                                "train.eval_every=60"), str(cut))
-    losses = lambda d: [r["train/loss"] for r in read_jsonl(d / "metrics.jsonl")  # noqa: E731
-                        if "train/loss" in r]
+    run_train(
+        _config("recsys", "train.num_steps=30", "train.checkpoint_every=30", "train.eval_every=60"),
+        str(cut),
+    )
+    resumed = run_train(
+        _config("recsys", "train.num_steps=60", "train.checkpoint_every=30", "train.eval_every=60"),
+        str(cut),
+    )
+    losses = lambda d: [
+        r["train/loss"]
+        for r in read_jsonl(d / "metrics.jsonl")  # noqa: E731
+        if "train/loss" in r
+    ]
     np.testing.assert_allclose(losses(cut), losses(workdir), rtol=1e-5)
     assert resumed["eval/ndcg@5"] == pytest.approx(result["eval/ndcg@5"], abs=1e-4)
 
 
 def test_phases_run_on_paired_lists_and_skip_finished_runs(tmp_path, monkeypatch):
-    config = _config("source_bias", "train.num_steps=4", "phases.encoders=('mean',)",
-                     "phases.rho_encoder=mean", "phases.rhos=(0.0, 1.0)")
+    config = _config(
+        "source_bias",
+        "train.num_steps=4",
+        "phases.encoders=('mean',)",
+        "phases.rho_encoder=mean",
+        "phases.rhos=(0.0, 1.0)",
+    )
     summary = run_phases(config, str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
-        "mean-rho0.00-seed0", "mean-rho1.00-seed0"]
+        "mean-rho0.00-seed0",
+        "mean-rho1.00-seed0",
+    ]
     m = summary["phase1"]["mean"]
     assert 0.0 <= m["bias/llm_ratio"][0] <= 1.0 and "bias/rela_delta/ndcg@5" in m
     assert "| mean | Human |" in (tmp_path / "source_bias.md").read_text()
     assert (tmp_path / "plots" / "phase2.png").stat().st_size > 0
-    monkeypatch.setattr("echo_jax.recsys.jobs.phases.train_and_evaluate",
-                        lambda *a, **k: pytest.fail("a finished sub-run was trained again"))
+    monkeypatch.setattr(
+        "echo_jax.recsys.jobs.phases.train_and_evaluate",
+        lambda *a, **k: pytest.fail("a finished sub-run was trained again"),
+    )
     again = run_phases(config, str(tmp_path))
     assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
 
@@ -88,8 +112,10 @@ def test_paired_arrays_hold_both_copies_and_swaps_are_nested():
 
 
 def test_train_iterator_resumes_from_its_state():
-    arrays = {k: np.arange(40)[:, None] * np.ones((1, 2), np.int32) for k in (
-        "history", "history_mask", "candidates", "labels")}
+    arrays = {
+        k: np.arange(40)[:, None] * np.ones((1, 2), np.int32)
+        for k in ("history", "history_mask", "candidates", "labels")
+    }
     arrays |= {"positive": np.arange(40), "positive_item": np.arange(40)}
     it = make_train_iterator(arrays, 8, seed=0)
     for _ in range(7):

@@ -21,25 +21,41 @@ def supports(q_BxLxHxK: jax.Array) -> bool:
     return q_BxLxHxK.dtype == jnp.float32 and q_BxLxHxK.shape[-1] in HEAD_DIMS
 
 
-def attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
-              positions_BxL: jax.Array, segment_ids_BxL: jax.Array, rope_cos_PxK2: jax.Array,
-              rope_sin_PxK2: jax.Array, smear_gate_H: jax.Array) -> jax.Array:
+def attention(
+    q_BxLxHxK: jax.Array,
+    k_BxLxHxK: jax.Array,
+    v_BxLxHxK: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array,
+    rope_cos_PxK2: jax.Array,
+    rope_sin_PxK2: jax.Array,
+    smear_gate_H: jax.Array,
+) -> jax.Array:
     """lm/attention.py's `self_attention` from the raw projections: keys smeared by
     `smear_gate_H` (zeros: none), queries and keys rotated by RoPE (tables indexed by position,
     as `attention.rope_tables`), then `attention_mask`'s semantics; a query that sees no key
     (padding) outputs zeros. Positions must index the tables. Reverse-mode differentiable (not in
     the tables). Call `build.require()` first."""
-    return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL.astype(jnp.int32),
-                      segment_ids_BxL.astype(jnp.int32), rope_cos_PxK2, rope_sin_PxK2,
-                      smear_gate_H.astype(jnp.float32))
+    return _attention(
+        q_BxLxHxK,
+        k_BxLxHxK,
+        v_BxLxHxK,
+        positions_BxL.astype(jnp.int32),
+        segment_ids_BxL.astype(jnp.int32),
+        rope_cos_PxK2,
+        rope_sin_PxK2,
+        smear_gate_H.astype(jnp.float32),
+    )
 
 
 def _forward_call(*operands):
     q = operands[0]
     B, L, H, _ = q.shape
-    return jax.ffi.ffi_call("echo_attention_fwd", (
-        jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct((B, H, L), jnp.float32)), vmap_method="sequential")(*operands)
+    return jax.ffi.ffi_call(
+        "echo_attention_fwd",
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32)),
+        vmap_method="sequential",
+    )(*operands)
 
 
 @jax.custom_vjp
@@ -56,9 +72,11 @@ def _attention_bwd(residuals, dout):
     operands, out, lse = residuals
     q, gate = operands[0], operands[-1]
     grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    dq, dk, dv, dgate_BxH = jax.ffi.ffi_call("echo_attention_bwd", (
-        grad, grad, grad, jax.ShapeDtypeStruct((q.shape[0], gate.shape[0]), jnp.float32)),
-        vmap_method="sequential")(*operands, out, lse, dout)
+    dq, dk, dv, dgate_BxH = jax.ffi.ffi_call(
+        "echo_attention_bwd",
+        (grad, grad, grad, jax.ShapeDtypeStruct((q.shape[0], gate.shape[0]), jnp.float32)),
+        vmap_method="sequential",
+    )(*operands, out, lse, dout)
     return dq, dk, dv, None, None, None, None, dgate_BxH.sum(0)
 
 

@@ -26,12 +26,14 @@ from absl import logging
 
 KERNELS = pathlib.Path(__file__).with_name("kernels")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"echo_attention_fwd": "EchoAttentionForward",
-            "echo_attention_bwd": "EchoAttentionBackward",
-            "echo_rms_norm_fwd": "EchoRmsNormForward",
-            "echo_rms_norm_bwd": "EchoRmsNormBackward",
-            "echo_swiglu_fwd": "EchoSwigluForward",
-            "echo_swiglu_bwd": "EchoSwigluBackward"}
+_TARGETS = {
+    "echo_attention_fwd": "EchoAttentionForward",
+    "echo_attention_bwd": "EchoAttentionBackward",
+    "echo_rms_norm_fwd": "EchoRmsNormForward",
+    "echo_rms_norm_bwd": "EchoRmsNormBackward",
+    "echo_swiglu_fwd": "EchoSwigluForward",
+    "echo_swiglu_bwd": "EchoSwigluBackward",
+}
 
 
 class KernelUnavailable(RuntimeError):
@@ -42,7 +44,8 @@ def cache_dir() -> pathlib.Path:
     """$ECHO_JAX_CACHE/kernels, else ~/.cache/echo_jax/kernels; where that cannot be written (a
     read-only home), a fresh private temporary folder for this process."""
     root = os.environ.get("ECHO_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "echo_jax")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "echo_jax"
+    )
     path = pathlib.Path(root) / "kernels"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -73,8 +76,11 @@ def _compiler() -> str:
 def _target_signature(compiler: str) -> str:
     """What `-march=native` means on this host (the compiler's predefined macros for it): code
     built for one CPU is only reused on a CPU with the same features."""
-    result = subprocess.run([compiler, *_FLAGS[:3], "-dM", "-E", "-x", "c++", os.devnull],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [compiler, *_FLAGS[:3], "-dM", "-E", "-x", "c++", os.devnull],
+        capture_output=True,
+        text=True,
+    )
     return result.stdout + platform.machine()
 
 
@@ -84,10 +90,18 @@ def _build() -> pathlib.Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     headers = sorted((pathlib.Path(include) / "xla/ffi/api").glob("*.h"))
     sources = sorted(KERNELS.glob("*.cc"))
-    key = hashlib.sha256("\0".join([
-        *(f.read_text() for f in [*sources, *sorted(KERNELS.glob("*.h"))]), version,
-        " ".join(_FLAGS), _target_signature(compiler), jaxlib.__version__,
-        *(h.read_text() for h in headers)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                *(f.read_text() for f in [*sources, *sorted(KERNELS.glob("*.h"))]),
+                version,
+                " ".join(_FLAGS),
+                _target_signature(compiler),
+                jaxlib.__version__,
+                *(h.read_text() for h in headers),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     library = cache_dir() / f"echo_cpu_kernels-{key}.so"
     if library.exists():
         return library
@@ -96,8 +110,9 @@ def _build() -> pathlib.Path:
         command = [compiler, *_FLAGS, f"-I{include}", *map(str, sources), "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            raise KernelUnavailable(f"compiling the CPU kernels failed ({' '.join(command)}):\n"
-                                    + result.stderr[-2000:])
+            raise KernelUnavailable(
+                f"compiling the CPU kernels failed ({' '.join(command)}):\n" + result.stderr[-2000:]
+            )
         os.replace(partial, library)  # atomic: concurrent builders leave one complete file
     logging.info("Built the CPU kernels: %s", library)
     return library
@@ -107,8 +122,9 @@ def _build() -> pathlib.Path:
 def _load() -> None:
     library = ctypes.CDLL(str(_build()))
     for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
 
 
 def require() -> None:

@@ -49,8 +49,13 @@ project.defvjp(_project_fwd, _project_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def swiglu(x_NxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
-           w_out_FxD: jax.Array, kernel: bool = False) -> jax.Array:
+def swiglu(
+    x_NxD: jax.Array,
+    w_gate_DxF: jax.Array,
+    w_up_DxF: jax.Array,
+    w_out_FxD: jax.Array,
+    kernel: bool = False,
+) -> jax.Array:
     """`(silu(x @ w_gate) * (x @ w_up)) @ w_out`; `kernel`: the elementwise part through
     swiglu.py's C++ kernel (float32, CPU, after `build.require()`)."""
     return _swiglu_fwd(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, kernel)[0]

@@ -20,7 +20,8 @@ Either way the values and gradients are the same up to float rounding, reverse-m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -47,19 +48,23 @@ def check_choices(kernels: str, overrides: Sequence) -> None:
     if kernels not in ("auto", "xla"):
         raise ValueError(f"kernels must be 'auto' or 'xla', got {kernels!r}")
     for pair in overrides:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and pair[0] in OPS
-                and pair[1] in CHOICES):
-            raise ValueError(f"kernel_overrides holds (op, choice) pairs, op one of {OPS} and "
-                             f"choice one of {CHOICES}; got {pair!r}")
+        if not (
+            isinstance(pair, tuple) and len(pair) == 2 and pair[0] in OPS and pair[1] in CHOICES
+        ):
+            raise ValueError(
+                f"kernel_overrides holds (op, choice) pairs, op one of {OPS} and "
+                f"choice one of {CHOICES}; got {pair!r}"
+            )
     chosen = dict(overrides)
-    if (chosen.get("swiglu", kernels) == "cpu"
-            and chosen.get("dense_vjps", kernels) == "xla"):
-        raise ValueError("swiglu='cpu' runs inside the dense_vjps custom VJPs: set dense_vjps "
-                         "to 'auto' or 'cpu', or swiglu to 'auto' or 'xla'")
+    if chosen.get("swiglu", kernels) == "cpu" and chosen.get("dense_vjps", kernels) == "xla":
+        raise ValueError(
+            "swiglu='cpu' runs inside the dense_vjps custom VJPs: set dense_vjps "
+            "to 'auto' or 'cpu', or swiglu to 'auto' or 'xla'"
+        )
 
 
 def choice(cfg: ModelConfig, op: str) -> str:
-    """"auto", "cpu" or "xla": `op`'s entry in `cfg.kernel_overrides`, else `cfg.kernels`."""
+    """ "auto", "cpu" or "xla": `op`'s entry in `cfg.kernel_overrides`, else `cfg.kernels`."""
     return dict(cfg.kernel_overrides).get(op, cfg.kernels)
 
 
@@ -82,8 +87,10 @@ def _runs_cpu_path(cfg: ModelConfig, op: str, supported: bool, needs: str) -> bo
     if chosen == "cpu":
         if native:
             if jax.default_backend() != "cpu":
-                raise ValueError(f"{op}='cpu' runs on CPU only; the default backend is "
-                                 f"{jax.default_backend()} (use 'auto' or 'xla')")
+                raise ValueError(
+                    f"{op}='cpu' runs on CPU only; the default backend is "
+                    f"{jax.default_backend()} (use 'auto' or 'xla')"
+                )
             _warn_if_unprepared()
             build.require()
         if not supported:
@@ -99,12 +106,15 @@ def _runs_cpu_path(cfg: ModelConfig, op: str, supported: bool, needs: str) -> bo
 
 def _warn_if_unprepared() -> None:
     if not build.tried():
-        logging.warning("Building the CPU kernels while tracing: a job builds them when it "
-                        "starts, with echo_jax.lm.cpu.prepare(model_cfg, mesh)")
+        logging.warning(
+            "Building the CPU kernels while tracing: a job builds them when it "
+            "starts, with echo_jax.lm.cpu.prepare(model_cfg, mesh)"
+        )
 
 
-def project_qkv(cfg: ModelConfig, x_BxLxD: jax.Array,
-                ws_DxHxK: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+def project_qkv(
+    cfg: ModelConfig, x_BxLxD: jax.Array, ws_DxHxK: Sequence[jax.Array]
+) -> tuple[jax.Array, ...]:
     """`x @ w` for each [D, H, K] matrix (the query, key and value projections)."""
     if not _runs_cpu_path(cfg, "dense_vjps", True, ""):
         return tuple(jnp.einsum("BLD,DHK->BLHK", x_BxLxD, w) for w in ws_DxHxK)
@@ -113,14 +123,20 @@ def project_qkv(cfg: ModelConfig, x_BxLxD: jax.Array,
     return tuple(y.reshape(B, L, *w.shape[1:]) for y, w in zip(ys_NxF, ws_DxHxK))
 
 
-def swiglu_mlp(cfg: ModelConfig, x_NxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
-               w_out_FxD: jax.Array) -> jax.Array:
+def swiglu_mlp(
+    cfg: ModelConfig,
+    x_NxD: jax.Array,
+    w_gate_DxF: jax.Array,
+    w_up_DxF: jax.Array,
+    w_out_FxD: jax.Array,
+) -> jax.Array:
     """`(silu(x @ w_gate) * (x @ w_up)) @ w_out` on rows flattened to 2-D."""
     if not _runs_cpu_path(cfg, "dense_vjps", True, ""):
         h_NxF = jax.nn.silu(x_NxD @ w_gate_DxF) * (x_NxD @ w_up_DxF)
         return h_NxF @ w_out_FxD
-    kernel = _runs_cpu_path(cfg, "swiglu", x_NxD.dtype == jnp.float32,
-                            f"float32 activations, got {x_NxD.dtype}")
+    kernel = _runs_cpu_path(
+        cfg, "swiglu", x_NxD.dtype == jnp.float32, f"float32 activations, got {x_NxD.dtype}"
+    )
     return dense.swiglu(x_NxD, w_gate_DxF, w_up_DxF, w_out_FxD, kernel)
 
 
@@ -128,29 +144,51 @@ def rms_norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array | None) -> jax.Arr
     """`x * rsqrt(mean(x^2, -1) + NORM_EPS)`, times `scale` unless None, of float32 `x`."""
     if scale is None:
         if choice(cfg, "rms_norm") == "cpu":
-            raise ValueError("rms_norm='cpu' needs norm='rms' (a learned scale); use 'auto' or "
-                             "'xla'")
-    elif _runs_cpu_path(cfg, "rms_norm", cpu_rms_norm.supports(x),
-                        f"d_model a multiple of {cpu_rms_norm.LANES}, got {x.shape[-1]}"):
+            raise ValueError(
+                "rms_norm='cpu' needs norm='rms' (a learned scale); use 'auto' or 'xla'"
+            )
+    elif _runs_cpu_path(
+        cfg,
+        "rms_norm",
+        cpu_rms_norm.supports(x),
+        f"d_model a multiple of {cpu_rms_norm.LANES}, got {x.shape[-1]}",
+    ):
         return cpu_rms_norm.rms_norm(x, scale, NORM_EPS)
     x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS)
     return x if scale is None else x * scale
 
 
-def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array,
-              v_BxLxHxK: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
-              smear_gate_H: jax.Array | None) -> jax.Array:
+def attention(
+    cfg: ModelConfig,
+    q_BxLxHxK: jax.Array,
+    k_BxLxHxK: jax.Array,
+    v_BxLxHxK: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array,
+    smear_gate_H: jax.Array | None,
+) -> jax.Array:
     """lm/attention.py's `self_attention` (training, no cache) of the raw projections."""
     if not _runs_cpu_path(
-            cfg, "attention", cpu_attention.supports(q_BxLxHxK),
-            f"float32 activations and a head dim in {cpu_attention.HEAD_DIMS}, got "
-            f"{q_BxLxHxK.dtype} and {q_BxLxHxK.shape[-1]}"):
-        return xla_attention.self_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL,
-                                            segment_ids_BxL, smear_gate_H, cfg.rope_theta,
-                                            cfg.attention_block)
+        cfg,
+        "attention",
+        cpu_attention.supports(q_BxLxHxK),
+        f"float32 activations and a head dim in {cpu_attention.HEAD_DIMS}, got "
+        f"{q_BxLxHxK.dtype} and {q_BxLxHxK.shape[-1]}",
+    ):
+        return xla_attention.self_attention(
+            q_BxLxHxK,
+            k_BxLxHxK,
+            v_BxLxHxK,
+            positions_BxL,
+            segment_ids_BxL,
+            smear_gate_H,
+            cfg.rope_theta,
+            cfg.attention_block,
+        )
     # The kernel smears the keys and applies RoPE itself.
     L, H, K = q_BxLxHxK.shape[1:]
     cos_PxK2, sin_PxK2 = xla_attention.rope_tables(max(cfg.max_len, L), K, cfg.rope_theta)
     gate_H = jnp.zeros((H,)) if smear_gate_H is None else smear_gate_H
-    return cpu_attention.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL,
-                                   segment_ids_BxL, cos_PxK2, sin_PxK2, gate_H)
+    return cpu_attention.attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, positions_BxL, segment_ids_BxL, cos_PxK2, sin_PxK2, gate_H
+    )

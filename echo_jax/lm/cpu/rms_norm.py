@@ -28,10 +28,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def _forward_call(x, scale, eps):
-    return jax.ffi.ffi_call("echo_rms_norm_fwd", (
-        jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)), vmap_method="sequential")(
-            x, scale, eps=np.float32(eps))
+    return jax.ffi.ffi_call(
+        "echo_rms_norm_fwd",
+        (
+            jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
+        ),
+        vmap_method="sequential",
+    )(x, scale, eps=np.float32(eps))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -47,10 +51,14 @@ def _rms_norm_fwd(x, scale, eps):
 def _rms_norm_bwd(eps, residuals, dy):
     del eps  # the saved rstd holds it
     x, scale, rstd = residuals
-    return jax.ffi.ffi_call("echo_rms_norm_bwd", (
-        jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        jax.ShapeDtypeStruct(scale.shape, jnp.float32)), vmap_method="sequential")(
-            x, scale, rstd, dy)
+    return jax.ffi.ffi_call(
+        "echo_rms_norm_bwd",
+        (
+            jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+        ),
+        vmap_method="sequential",
+    )(x, scale, rstd, dy)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)

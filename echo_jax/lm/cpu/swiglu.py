@@ -14,12 +14,16 @@ import jax.numpy as jnp
 def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
     """`silu(gate) * up` (float32). Not differentiable by itself: dense.py's VJP calls
     `silu_mul_grads`."""
-    return jax.ffi.ffi_call("echo_swiglu_fwd", jax.ShapeDtypeStruct(gate.shape, jnp.float32),
-                            vmap_method="broadcast_all")(gate, up)
+    return jax.ffi.ffi_call(
+        "echo_swiglu_fwd",
+        jax.ShapeDtypeStruct(gate.shape, jnp.float32),
+        vmap_method="broadcast_all",
+    )(gate, up)
 
 
 def silu_mul_grads(dh: jax.Array, gate: jax.Array, up: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The gradients of `silu_mul` for the cotangent `dh`: `(dgate, dup)`."""
     grad = jax.ShapeDtypeStruct(gate.shape, jnp.float32)
     return jax.ffi.ffi_call("echo_swiglu_bwd", (grad, grad), vmap_method="broadcast_all")(
-        dh, gate, up)
+        dh, gate, up
+    )

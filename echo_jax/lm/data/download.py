@@ -28,16 +28,28 @@ class HubDataset:
     question: str
     solution: str
     keep: tuple[str, ...] = ()  # extra fields copied to each row
-    filter_field: str = ""      # a boolean field that must be true (OMI1: verified correct)
+    filter_field: str = ""  # a boolean field that must be true (OMI1: verified correct)
 
 
 DATASETS = {
     "tinygsm": HubDataset("tinygsm", "TinyGSM/TinyGSM", "data/train-*.parquet", "question", "code"),
-    "omi1": HubDataset("omi1", "nvidia/OpenMathInstruct-1", "correct_solutions/train.jsonl",
-                       "question", "generated_solution", ("expected_answer", "dataset"),
-                       "is_correct"),
-    "omi2": HubDataset("omi2", "nvidia/OpenMathInstruct-2", "data/train_1M-*.parquet", "problem",
-                       "generated_solution", ("expected_answer", "problem_source")),
+    "omi1": HubDataset(
+        "omi1",
+        "nvidia/OpenMathInstruct-1",
+        "correct_solutions/train.jsonl",
+        "question",
+        "generated_solution",
+        ("expected_answer", "dataset"),
+        "is_correct",
+    ),
+    "omi2": HubDataset(
+        "omi2",
+        "nvidia/OpenMathInstruct-2",
+        "data/train_1M-*.parquet",
+        "problem",
+        "generated_solution",
+        ("expected_answer", "problem_source"),
+    ),
 }
 
 
@@ -54,14 +66,22 @@ def _rows(path: pathlib.Path, columns: Sequence[str]) -> Iterator[dict]:
                     yield json.loads(line)
 
 
-def download(name: str, out_dir: str, max_rows: int | None = None, pattern: str | None = None,
-             cache_dir: str | None = None) -> pathlib.Path:
+def download(
+    name: str,
+    out_dir: str,
+    max_rows: int | None = None,
+    pattern: str | None = None,
+    cache_dir: str | None = None,
+) -> pathlib.Path:
     """Downloads the matching files of dataset `name` and writes `{out_dir}/{name}.jsonl`."""
     import huggingface_hub  # only needed when downloading
 
     spec = DATASETS[name]
-    files = sorted(f for f in huggingface_hub.list_repo_files(spec.repo_id, repo_type="dataset")
-                   if fnmatch.fnmatch(f, pattern or spec.pattern))
+    files = sorted(
+        f
+        for f in huggingface_hub.list_repo_files(spec.repo_id, repo_type="dataset")
+        if fnmatch.fnmatch(f, pattern or spec.pattern)
+    )
     if not files:
         raise FileNotFoundError(f"no file of {spec.repo_id} matches {pattern or spec.pattern!r}")
     out = pathlib.Path(out_dir) / f"{name}.jsonl"
@@ -72,8 +92,9 @@ def download(name: str, out_dir: str, max_rows: int | None = None, pattern: str 
     written = 0
     with open(out, "w", encoding="utf-8") as f:
         for filename in files:
-            local = huggingface_hub.hf_hub_download(spec.repo_id, filename, repo_type="dataset",
-                                                    cache_dir=cache_dir)
+            local = huggingface_hub.hf_hub_download(
+                spec.repo_id, filename, repo_type="dataset", cache_dir=cache_dir
+            )
             for row in _rows(pathlib.Path(local), columns):
                 if spec.filter_field and not row.get(spec.filter_field, False):
                     continue
@@ -88,9 +109,14 @@ def download(name: str, out_dir: str, max_rows: int | None = None, pattern: str 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Download TinyGSM / OpenMathInstruct-1 / -2 as jsonl.")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), action="append",
-                        help="dataset(s) to fetch; repeat the flag for several")
+        description="Download TinyGSM / OpenMathInstruct-1 / -2 as jsonl."
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        action="append",
+        help="dataset(s) to fetch; repeat the flag for several",
+    )
     parser.add_argument("--out", help="output folder (one <dataset>.jsonl per dataset)")
     parser.add_argument("--max-rows", type=int, default=None, help="stop after this many rows")
     parser.add_argument("--pattern", default=None, help="override the repository file glob")
@@ -100,8 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, spec in DATASETS.items():
-            print(f"{name}: {spec.repo_id} files {spec.pattern} "
-                  f"(question={spec.question}, solution={spec.solution})")
+            print(
+                f"{name}: {spec.repo_id} files {spec.pattern} "
+                f"(question={spec.question}, solution={spec.solution})"
+            )
         return 0
     if not args.dataset or not args.out:
         parser.error("--dataset and --out are required unless --list is given")

@@ -11,11 +11,11 @@ Splits are decided by a hash of the problem's canonical content (template, opera
 the names), so a problem and its renamings always land in the same split.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import hashlib
 import random
 import threading
+from collections.abc import Sequence
 
 from echo_jax.lm.data import templates as tpl
 
@@ -24,20 +24,61 @@ SPLITS: tuple[str, ...] = ("train", "rl", "validation", "test")
 LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 _SPLIT_BOUNDS = ((0.85, "train"), (0.90, "rl"), (0.95, "validation"), (1.0, "test"))
 _PERCENTS = (10, 20, 25, 30, 40, 50, 60, 75, 80, 90)
-_FRACTIONS = {(1, 2): "half", (1, 3): "a third", (2, 3): "two thirds", (1, 4): "a quarter",
-              (3, 4): "three quarters", (1, 5): "a fifth", (2, 5): "two fifths"}
-_MALE = ("Tom", "Ben", "Sam", "Jack", "Leo", "Omar", "Ravi", "Noah", "Ivan", "Carlos", "Liam",
-         "Kenji", "Ethan", "Hugo", "Felix")
-_FEMALE = ("Anna", "Maria", "Lily", "Emma", "Sofia", "Mia", "Chloe", "Grace", "Zoe", "Nina",
-           "Aisha", "Rosa", "Julia", "Amara", "Priya")
+_FRACTIONS = {
+    (1, 2): "half",
+    (1, 3): "a third",
+    (2, 3): "two thirds",
+    (1, 4): "a quarter",
+    (3, 4): "three quarters",
+    (1, 5): "a fifth",
+    (2, 5): "two fifths",
+}
+_MALE = (
+    "Tom",
+    "Ben",
+    "Sam",
+    "Jack",
+    "Leo",
+    "Omar",
+    "Ravi",
+    "Noah",
+    "Ivan",
+    "Carlos",
+    "Liam",
+    "Kenji",
+    "Ethan",
+    "Hugo",
+    "Felix",
+)
+_FEMALE = (
+    "Anna",
+    "Maria",
+    "Lily",
+    "Emma",
+    "Sofia",
+    "Mia",
+    "Chloe",
+    "Grace",
+    "Zoe",
+    "Nina",
+    "Aisha",
+    "Rosa",
+    "Julia",
+    "Amara",
+    "Priya",
+)
 _NAMES = tuple((n, "m") for n in _MALE) + tuple((n, "f") for n in _FEMALE)
 _PRONOUNS = {"m": ("He", "he", "him", "his", "His"), "f": ("She", "she", "her", "her", "Her")}
-_OMI1_OPENERS = ("Let's solve this problem using Python code.",
-                 "Let's use Python to solve this problem.",
-                 "Let's compute the answer with Python code.")
-_OMI2_OPENERS = ("Let's break down the problem step by step.",
-                 "Let's solve this step by step.",
-                 "We work through the problem one step at a time.")
+_OMI1_OPENERS = (
+    "Let's solve this problem using Python code.",
+    "Let's use Python to solve this problem.",
+    "Let's compute the answer with Python code.",
+)
+_OMI2_OPENERS = (
+    "Let's break down the problem step by step.",
+    "Let's solve this step by step.",
+    "We work through the problem one step at a time.",
+)
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "//"}
 _MATH_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
@@ -133,11 +174,14 @@ def _sample_ops(t: tpl.Template, level: int, rng: random.Random):
         if i == 0 and t.head is not None:
             pool = [(-1, t.head)]
         else:
-            pool = [(j, op) for j, op in enumerate(t.ops)
-                    if (i == level - 1 or not op.last) and not (op.once and j in used)]
+            pool = [
+                (j, op)
+                for j, op in enumerate(t.ops)
+                if (i == level - 1 or not op.last) and not (op.once and j in used)
+            ]
             rng.shuffle(pool)
             pool.sort(key=lambda jo: (jo[0] in used, jo[0] == prev))  # prefer fresh operations
-        for j, op in pool:
+        for j, op in pool:  # noqa: B007  (j is the chosen operation after the loop)
             k = _pick_operand(op, x, t.cap, rng)
             if k is not None and _apply(op.kind, x, k) >= 2:
                 break
@@ -177,8 +221,20 @@ def make_problem(seed: int, index: int, level: int) -> Problem:
     t, x, ops, people, variant, key = _skeleton(seed, index, level)
     (name, sex), (friend, _) = people[0], people[1]
     he_cap, he, him, his, his_cap = _PRONOUNS[sex]
-    fields = dict(name=name, friend=friend, He=he_cap, he=he, him=him, his=his, His=his_cap,
-                  name_l=name.lower(), x=x, prev=name, new=name, prev_l=name.lower())
+    fields = dict(
+        name=name,
+        friend=friend,
+        He=he_cap,
+        he=he,
+        him=him,
+        his=his,
+        His=his_cap,
+        name_l=name.lower(),
+        x=x,
+        prev=name,
+        new=name,
+        prev_l=name.lower(),
+    )
     cur = t.var.format(**fields)
     steps = [Step("given", cur, x)]
     sentences = [t.start.format(**fields)]
@@ -232,8 +288,18 @@ def _tinygsm(p: Problem) -> str:
 def _omi1(p: Problem) -> str:
     code = [f"{s.var} = {s.expr or s.value}" for s in p.steps] + [f"print({p.steps[-1].var})"]
     closing = "Thus " + p.conclusion.replace("{ans}", f"\\boxed{{{p.answer}}}") + "."
-    return "\n".join([_OMI1_OPENERS[p.variant], "<llm-code>", *code, "</llm-code>",
-                      "<llm-code-output>", str(p.answer), "</llm-code-output>", closing])
+    return "\n".join(
+        [
+            _OMI1_OPENERS[p.variant],
+            "<llm-code>",
+            *code,
+            "</llm-code>",
+            "<llm-code-output>",
+            str(p.answer),
+            "</llm-code-output>",
+            closing,
+        ]
+    )
 
 
 def _omi2(p: Problem) -> str:
@@ -267,8 +333,9 @@ class ProblemSource:
 
     _CHUNK = 4096
 
-    def __init__(self, split: str, seed: int, levels: Sequence[int], size: int,
-                 style: str | None = None):
+    def __init__(
+        self, split: str, seed: int, levels: Sequence[int], size: int, style: str | None = None
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {SPLITS}")
         if style is not None and style not in STYLES:
@@ -319,10 +386,18 @@ class ProblemSource:
 
     def __getitem__(self, i: int) -> dict:
         p = self.problem(i)
-        return {"uid": p.uid, "question": p.question, "answer": p.answer, "level": p.level,
-                "template": p.template, "style": self.style or "",
-                "text": format_example(p, self.style) if self.style else ""}
+        return {
+            "uid": p.uid,
+            "question": p.question,
+            "answer": p.answer,
+            "level": p.level,
+            "template": p.template,
+            "style": self.style or "",
+            "text": format_example(p, self.style) if self.style else "",
+        }
 
     def __repr__(self) -> str:
-        return (f"ProblemSource(split={self.split!r}, seed={self.seed}, levels={self.levels}, "
-                f"size={self._size}, style={self.style!r})")
+        return (
+            f"ProblemSource(split={self.split!r}, seed={self.seed}, levels={self.levels}, "
+            f"size={self._size}, style={self.style!r})"
+        )

@@ -14,15 +14,14 @@ targets = tokens[1:]. Batch features, all [B, L] with B = batch_size, L = seq_le
   positions         int32 position within its own example, from 0.
 """
 
-from collections.abc import Sequence
 import threading
+from collections.abc import Sequence
 
-from absl import logging
 import grain
 import numpy as np
+from absl import logging
 
-from echo_jax.lm.data import generators
-from echo_jax.lm.data import mixtures
+from echo_jax.lm.data import generators, mixtures
 from echo_jax.lm.data import vocab as vocab_lib
 
 FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -53,16 +52,20 @@ class Tokenize(grain.transforms.Map):
 
     def map(self, element: dict) -> dict[str, np.ndarray]:
         prompt = element["question"] + "\n\n"
-        solution = element["text"][len(prompt):]
+        solution = element["text"][len(prompt) :]
         prompt_ids = list(self._vocab.encode(prompt))
-        tokens = np.asarray(prompt_ids + list(self._vocab.encode(solution)) + [self._vocab.eos_id],
-                            dtype=np.int32)
+        tokens = np.asarray(
+            prompt_ids + list(self._vocab.encode(solution)) + [self._vocab.eos_id], dtype=np.int32
+        )
         if len(tokens) > self._seq_len + 1:
             with self._lock:
                 self.num_truncated += 1
                 if self.num_truncated == 1:
-                    logging.warning("truncating an example of %d tokens to seq_len + 1 = %d",
-                                    len(tokens), self._seq_len + 1)
+                    logging.warning(
+                        "truncating an example of %d tokens to seq_len + 1 = %d",
+                        len(tokens),
+                        self._seq_len + 1,
+                    )
             tokens = tokens[: self._seq_len + 1]
         loss_mask = np.ones(len(tokens) - 1, np.float32)
         if self._loss_on == "solution":
@@ -72,26 +75,42 @@ class Tokenize(grain.transforms.Map):
 
 def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keeps the documented features; grain names packing metadata per feature."""
-    return {"inputs": row["inputs"].astype(np.int32), "targets": row["targets"].astype(np.int32),
-            "loss_mask": row["loss_mask"].astype(np.float32),
-            "segment_ids": row["inputs_segment_ids"].astype(np.int32),
-            "positions": row["inputs_positions"].astype(np.int32)}
+    return {
+        "inputs": row["inputs"].astype(np.int32),
+        "targets": row["targets"].astype(np.int32),
+        "loss_mask": row["loss_mask"].astype(np.float32),
+        "segment_ids": row["inputs_segment_ids"].astype(np.int32),
+        "positions": row["inputs_positions"].astype(np.int32),
+    }
 
 
-def _pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
-          shuffle_bins: bool) -> grain.IterDataset:
+def _pack(
+    ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle_bins: bool
+) -> grain.IterDataset:
     length = {name: seq_len for name in _PACKED}
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=length, num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins)
+        ds, length_struct=length, num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins
+    )
     return packed.map(_rename_packed)
 
 
-def make_train_iterator(*, mixture: str, seed: int, seq_len: int, batch_size: int,
-                        levels: Sequence[int], loss_on: str = "solution", vocab_name: str = "byte",
-                        process_index: int = 0, process_count: int = 1,
-                        examples_per_style: int = 100_000, num_workers: int = 0,
-                        read_threads: int = 4, packing_bins: int = 64,
-                        vocab_dir: str | None = None) -> grain.DatasetIterator:
+def make_train_iterator(
+    *,
+    mixture: str,
+    seed: int,
+    seq_len: int,
+    batch_size: int,
+    levels: Sequence[int],
+    loss_on: str = "solution",
+    vocab_name: str = "byte",
+    process_index: int = 0,
+    process_count: int = 1,
+    examples_per_style: int = 100_000,
+    num_workers: int = 0,
+    read_threads: int = 4,
+    packing_bins: int = 64,
+    vocab_dir: str | None = None,
+) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of packed [batch_size, seq_len] pretraining batches.
 
     `batch_size` is this process's share of the global batch. Each style has its own source of
@@ -120,10 +139,19 @@ def make_train_iterator(*, mixture: str, seed: int, seq_len: int, batch_size: in
     return iter(ds)
 
 
-def make_eval_batches(*, style: str, split: str, seed: int, num_examples: int, seq_len: int,
-                      batch_size: int, levels: Sequence[int], loss_on: str = "solution",
-                      vocab_name: str = "byte",
-                      vocab_dir: str | None = None) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(
+    *,
+    style: str,
+    split: str,
+    seed: int,
+    num_examples: int,
+    seq_len: int,
+    batch_size: int,
+    levels: Sequence[int],
+    loss_on: str = "solution",
+    vocab_name: str = "byte",
+    vocab_dir: str | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Deterministic packed batches of `num_examples` problems of one style, for per-style loss.
 
     The last batch is filled up with all-padding rows (loss_mask 0), so every batch has one shape.
@@ -137,5 +165,7 @@ def make_eval_batches(*, style: str, split: str, seed: int, num_examples: int, s
         return []
     num_pad = -len(rows) % batch_size
     rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * num_pad
-    return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in FEATURES}
-            for i in range(0, len(rows), batch_size)]
+    return [
+        {k: np.stack([r[k] for r in rows[i : i + batch_size]]) for k in FEATURES}
+        for i in range(0, len(rows), batch_size)
+    ]

@@ -34,8 +34,14 @@ def load_gsm8k(split: str) -> list[dict]:
     out = []
     for i, row in enumerate(read_jsonl(path), start=1):
         _require(row, ("question", "answer"), path, i)
-        out.append({"question": row["question"], "answer": gsm8k_answer(row["answer"]),
-                    "solution": row["answer"], "id": f"gsm8k-{split}-{i - 1}"})
+        out.append(
+            {
+                "question": row["question"],
+                "answer": gsm8k_answer(row["answer"]),
+                "solution": row["answer"],
+                "id": f"gsm8k-{split}-{i - 1}",
+            }
+        )
     return out
 
 
@@ -45,9 +51,16 @@ def load_math500() -> list[dict]:
     out = []
     for i, row in enumerate(read_jsonl(path), start=1):
         _require(row, ("problem", "answer"), path, i)
-        out.append({"question": row["problem"], "answer": str(row["answer"]),
-                    "solution": row.get("solution", ""), "subject": row.get("subject", ""),
-                    "level": row.get("level"), "id": row.get("unique_id", f"math500-{i - 1}")})
+        out.append(
+            {
+                "question": row["problem"],
+                "answer": str(row["answer"]),
+                "solution": row.get("solution", ""),
+                "subject": row.get("subject", ""),
+                "level": row.get("level"),
+                "id": row.get("unique_id", f"math500-{i - 1}"),
+            }
+        )
     return out
 
 
@@ -61,15 +74,23 @@ def load_aime(name: str) -> list[dict]:
     """AIME 2024 ("aime24", 30), 2025 ("aime25", 30) or 1983-2025 ("aime_all": 1983-2024 + 2025)."""
     if name not in AIME_SETS:
         raise ValueError(f"unknown AIME set {name!r}; valid sets: {AIME_SETS}")
-    files = {"aime24": ["aime24.jsonl"], "aime25": ["aime25.jsonl"],
-             "aime_all": ["aime_1983_2024.jsonl", "aime25.jsonl"]}[name]
+    files = {
+        "aime24": ["aime24.jsonl"],
+        "aime25": ["aime25.jsonl"],
+        "aime_all": ["aime_1983_2024.jsonl", "aime25.jsonl"],
+    }[name]
     out = []
     for filename in files:
         path = data_file("aime", filename)
         for i, row in enumerate(read_jsonl(path), start=1):
             _require(row, ("problem", "answer"), path, i)
             rid = row.get("id", i - 1)
-            out.append({"question": row["problem"], "answer": _aime_answer(row["answer"]),
-                        "answer_raw": str(row["answer"]),
-                        "id": f"{filename.removesuffix('.jsonl')}-{rid}"})
+            out.append(
+                {
+                    "question": row["problem"],
+                    "answer": _aime_answer(row["answer"]),
+                    "answer_raw": str(row["answer"]),
+                    "id": f"{filename.removesuffix('.jsonl')}-{rid}",
+                }
+            )
     return out

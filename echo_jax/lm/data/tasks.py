@@ -8,25 +8,29 @@ registrations, so importing or re-registering never raises.
 """
 
 import ast
-from collections.abc import Sequence
 import functools
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from echo_jax.lm.data import generators
-from echo_jax.lm.data import mixtures
+from echo_jax.lm.data import generators, mixtures
 from echo_jax.lm.data import vocab as vocab_lib
 
 TASK_PREFIX = "echo_jax_"
 MIXTURE_PREFIX = "echo_jax_mix_"
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _CODE_OUTPUT = re.compile(r"<llm-code-output>\n?(.*?)\n?</llm-code-output>", re.S)
-_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-           ast.FloorDiv: lambda a, b: a // b, ast.Div: lambda a, b: a / b,
-           ast.Mod: lambda a, b: a % b}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Div: lambda a, b: a / b,
+    ast.Mod: lambda a, b: a % b,
+}
 
 
 def task_name(style: str) -> str:
@@ -54,8 +58,9 @@ def _eval_arithmetic(node: ast.AST, env: dict[str, float]) -> float:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_eval_arithmetic(node.operand, env)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_eval_arithmetic(node.left, env),
-                                      _eval_arithmetic(node.right, env))
+        return _BINOPS[type(node.op)](
+            _eval_arithmetic(node.left, env), _eval_arithmetic(node.right, env)
+        )
     raise ValueError(f"unsupported expression {ast.dump(node)[:60]}")
 
 
@@ -69,8 +74,15 @@ def _tinygsm_answer(solution: str) -> int | None:
                 env[stmt.targets[0].id] = _eval_arithmetic(stmt.value, env)
             elif isinstance(stmt, ast.Return) and stmt.value is not None:
                 return _to_int(str(_eval_arithmetic(stmt.value, env)))
-    except (SyntaxError, StopIteration, ValueError, KeyError, AttributeError, ZeroDivisionError,
-            OverflowError):
+    except (
+        SyntaxError,
+        StopIteration,
+        ValueError,
+        KeyError,
+        AttributeError,
+        ZeroDivisionError,
+        OverflowError,
+    ):
         return None
     return None
 
@@ -87,8 +99,9 @@ def final_answer(solution: str) -> int | None:
     return _to_int(boxed[-1]) if boxed else None
 
 
-def postprocess(output_or_target: str, example: dict | None = None,
-                is_target: bool = False) -> int | None:
+def postprocess(
+    output_or_target: str, example: dict | None = None, is_target: bool = False
+) -> int | None:
     """seqio postprocess_fn: the stored answer for targets, the extracted answer for predictions."""
     if is_target and example is not None and "answer" in example:
         return int(example["answer"])
@@ -101,8 +114,16 @@ def answer_accuracy(targets: Sequence[int], predictions: Sequence[int | None]) -
     return {"answer_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}
 
 
-def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, style: str,
-                data_seed: int, sizes: dict[str, int], levels: tuple[int, ...]) -> tf.data.Dataset:
+def _dataset_fn(
+    split: str,
+    shuffle_files: bool,
+    seed: int | None = None,
+    *,
+    style: str,
+    data_seed: int,
+    sizes: dict[str, int],
+    levels: tuple[int, ...],
+) -> tf.data.Dataset:
     """Examples of one style: inputs = question + blank line, targets = the solution."""
     del shuffle_files, seed  # the source is already a deterministic random order
     source = generators.ProblemSource(split, data_seed, levels, sizes[split], style)
@@ -111,30 +132,49 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, sty
         for i in range(len(source)):
             ex = source[i]
             prompt = ex["question"] + "\n\n"
-            yield {"inputs": prompt, "targets": ex["text"][len(prompt):], "answer": ex["answer"],
-                   "level": ex["level"], "template": ex["template"], "uid": ex["uid"]}
+            yield {
+                "inputs": prompt,
+                "targets": ex["text"][len(prompt) :],
+                "answer": ex["answer"],
+                "level": ex["level"],
+                "template": ex["template"],
+                "uid": ex["uid"],
+            }
 
-    signature = {"inputs": tf.TensorSpec((), tf.string), "targets": tf.TensorSpec((), tf.string),
-                 "answer": tf.TensorSpec((), tf.int64), "level": tf.TensorSpec((), tf.int64),
-                 "template": tf.TensorSpec((), tf.string), "uid": tf.TensorSpec((), tf.string)}
+    signature = {
+        "inputs": tf.TensorSpec((), tf.string),
+        "targets": tf.TensorSpec((), tf.string),
+        "answer": tf.TensorSpec((), tf.int64),
+        "level": tf.TensorSpec((), tf.int64),
+        "template": tf.TensorSpec((), tf.string),
+        "uid": tf.TensorSpec((), tf.string),
+    }
     return tf.data.Dataset.from_generator(examples, output_signature=signature)
 
 
-def register_all(seed: int = 0, size: int = 100_000, eval_size: int = 2_000,
-                 levels: Sequence[int] = generators.LEVELS, vocab_name: str = "byte",
-                 vocab_dir: str | None = None) -> list[str]:
+def register_all(
+    seed: int = 0,
+    size: int = 100_000,
+    eval_size: int = 2_000,
+    levels: Sequence[int] = generators.LEVELS,
+    vocab_name: str = "byte",
+    vocab_dir: str | None = None,
+) -> list[str]:
     """(Re)registers every style Task and mixture preset; returns the registered names.
 
     `size` problems per style in the train split, `eval_size` in rl / validation / test.
     """
     vocabulary = vocab_lib.get_vocabulary(vocab_name, vocab_dir)
-    features = {"inputs": seqio.Feature(vocabulary, add_eos=False),
-                "targets": seqio.Feature(vocabulary, add_eos=True)}
+    features = {
+        "inputs": seqio.Feature(vocabulary, add_eos=False),
+        "targets": seqio.Feature(vocabulary, add_eos=True),
+    }
     sizes = {split: (size if split == "train" else eval_size) for split in generators.SPLITS}
     names = []
     for style in generators.STYLES:
-        fn = functools.partial(_dataset_fn, style=style, data_seed=seed, sizes=sizes,
-                               levels=tuple(levels))
+        fn = functools.partial(
+            _dataset_fn, style=style, data_seed=seed, sizes=sizes, levels=tuple(levels)
+        )
         seqio.TaskRegistry.remove(task_name(style))
         seqio.TaskRegistry.add(
             task_name(style),
@@ -142,12 +182,14 @@ def register_all(seed: int = 0, size: int = 100_000, eval_size: int = 2_000,
             output_features=features,
             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
             postprocess_fn=postprocess,
-            metric_fns=[answer_accuracy])
+            metric_fns=[answer_accuracy],
+        )
         names.append(task_name(style))
     for name, rates in mixtures.MIXTURES.items():
         seqio.MixtureRegistry.remove(mixture_name(name))
-        seqio.MixtureRegistry.add(mixture_name(name),
-                                  [(task_name(style), rate) for style, rate in rates.items()])
+        seqio.MixtureRegistry.add(
+            mixture_name(name), [(task_name(style), rate) for style, rate in rates.items()]
+        )
         names.append(mixture_name(name))
     return names
 

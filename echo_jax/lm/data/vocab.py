@@ -12,8 +12,8 @@ import os
 import pathlib
 import tempfile
 
-import seqio
 import sentencepiece as spm
+import seqio
 
 from echo_jax.lm.data import generators
 
@@ -23,16 +23,35 @@ SPM_EXAMPLES_PER_STYLE = 2000
 
 
 def _train_spm(path: pathlib.Path, seed: int, vocab_size: int, examples_per_style: int) -> None:
-    texts = [ex["text"] for style in generators.STYLES
-             for ex in generators.ProblemSource("train", seed, generators.LEVELS,
-                                                examples_per_style, style)]
+    texts = [
+        ex["text"]
+        for style in generators.STYLES
+        for ex in generators.ProblemSource(
+            "train", seed, generators.LEVELS, examples_per_style, style
+        )
+    ]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        split_digits=True, byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=16384, minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        split_digits=True,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"],
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        max_sentence_length=16384,
+        minloglevel=2,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
@@ -40,9 +59,13 @@ def _train_spm(path: pathlib.Path, seed: int, vocab_size: int, examples_per_styl
     os.replace(tmp, path)  # atomic, so concurrent processes never read a half-written model
 
 
-def get_vocabulary(name: str, cache_dir: str | None = None, seed: int = 0,
-                   vocab_size: int = SPM_VOCAB_SIZE,
-                   examples_per_style: int = SPM_EXAMPLES_PER_STYLE) -> seqio.Vocabulary:
+def get_vocabulary(
+    name: str,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    vocab_size: int = SPM_VOCAB_SIZE,
+    examples_per_style: int = SPM_EXAMPLES_PER_STYLE,
+) -> seqio.Vocabulary:
     """The seqio vocabulary `name`; "spm" is trained once (deterministically) and cached.
 
     The pipelines use seed 0 whatever the data seed, so runs with different seeds share a tokenizer.

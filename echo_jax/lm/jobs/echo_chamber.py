@@ -23,9 +23,18 @@ from echo_jax.lm.jobs import rl as rl_job
 
 STAGES = ("pretrain", "eval_before", "rl", "eval_after")
 # The keys of the config a rerun may change (`fnmatch` patterns; see `check_rerun`).
-RERUN_MAY_CHANGE = ("kind", "variant", "eval.*", "rl.train.num_steps", "*.mesh.*",
-                    "*.log_every", "*.eval_every", "*.checkpoint_every", "*.keep_checkpoints",
-                    "*.async_checkpoints")
+RERUN_MAY_CHANGE = (
+    "kind",
+    "variant",
+    "eval.*",
+    "rl.train.num_steps",
+    "*.mesh.*",
+    "*.log_every",
+    "*.eval_every",
+    "*.checkpoint_every",
+    "*.keep_checkpoints",
+    "*.async_checkpoints",
+)
 
 
 def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -34,14 +43,21 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
     stages.check_workdir(workdir, config, may_change=RERUN_MAY_CHANGE)
 
 
-def stage_configs(config: ml_collections.ConfigDict, workdir: str
-                  ) -> tuple[dict[str, str], dict[str, ml_collections.ConfigDict]]:
+def stage_configs(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[dict[str, str], dict[str, ml_collections.ConfigDict]]:
     """(stage -> its sub-workdir, stage -> its config): each stage's block of `config`, with the
     job's seed and the checkpoints the later stages start from."""
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
-    configs = {name: copy.deepcopy(config[block]) for name, block in
-               (("pretrain", "pretrain"), ("eval_before", "eval"), ("rl", "rl"),
-                ("eval_after", "eval"))}
+    configs = {
+        name: copy.deepcopy(config[block])
+        for name, block in (
+            ("pretrain", "pretrain"),
+            ("eval_before", "eval"),
+            ("rl", "rl"),
+            ("eval_after", "eval"),
+        )
+    }
     for stage in configs.values():
         stage.seed = config.seed
     configs["eval_before"].checkpoint = configs["rl"].init_from = dirs["pretrain"]
@@ -55,8 +71,14 @@ def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
     check_rerun(config, workdir)
 
     def stage(index: int, name: str, title: str, run, done: bool) -> float:
-        return stages.run_stage(lambda: run(configs[name], dirs[name]), label="echo_chamber",
-                                index=index, total=len(STAGES), name=title, done=done).seconds
+        return stages.run_stage(
+            lambda: run(configs[name], dirs[name]),
+            label="echo_chamber",
+            index=index,
+            total=len(STAGES),
+            name=title,
+            done=done,
+        ).seconds
 
     def trained(name: str) -> bool:
         return stages.reached_step(dirs[name], configs[name].train.num_steps)
@@ -65,13 +87,16 @@ def run_echo_chamber(config: ml_collections.ConfigDict, workdir: str) -> str:
         return eval_job.reuse_or_move_aside(configs[name], dirs[name])
 
     seconds = {
-        "pretrain": stage(1, "pretrain", "pretrain", pretrain_job.run_pretrain,
-                          trained("pretrain")),
-        "eval_before": stage(2, "eval_before", "eval before RL", eval_job.run_eval,
-                             evaluated("eval_before")),
+        "pretrain": stage(
+            1, "pretrain", "pretrain", pretrain_job.run_pretrain, trained("pretrain")
+        ),
+        "eval_before": stage(
+            2, "eval_before", "eval before RL", eval_job.run_eval, evaluated("eval_before")
+        ),
         "rl": stage(3, "rl", f"RL ({configs['rl'].algo})", rl_job.run_rl, trained("rl")),
-        "eval_after": stage(4, "eval_after", "eval after RL", eval_job.run_eval,
-                            evaluated("eval_after")),
+        "eval_after": stage(
+            4, "eval_after", "eval after RL", eval_job.run_eval, evaluated("eval_after")
+        ),
     }
     path = report.write_report(workdir, config)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())

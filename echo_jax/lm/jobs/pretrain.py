@@ -18,25 +18,43 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
     cfg = pretrain.model_config(config)
     vocab_size = vocab.get_vocabulary(config.data.vocab).vocab_size
     if cfg.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size {cfg.vocab_size} < vocabulary size {vocab_size} "
-                          f"of data.vocab={config.data.vocab!r}")
+        raise ConfigError(
+            f"model.vocab_size {cfg.vocab_size} < vocabulary size {vocab_size} "
+            f"of data.vocab={config.data.vocab!r}"
+        )
     global_batch = config.train.batch_size
     if global_batch % sharding.batch_divisor(mesh):
-        raise ConfigError(f"train.batch_size {global_batch} is not divisible by the "
-                          f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
+        raise ConfigError(
+            f"train.batch_size {global_batch} is not divisible by the "
+            f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh"
+        )
     cpu.prepare(cfg, mesh)
     model, tx = Transformer(cfg), pretrain.make_optimizer(config.train)
     data = config.data
     train_iter = pipeline.make_train_iterator(
-        mixture=data.mixture, seed=config.seed, seq_len=data.seq_len,
-        batch_size=global_batch // jax.process_count(), levels=data.levels,
-        loss_on=data.loss_on, vocab_name=data.vocab, process_index=jax.process_index(),
-        process_count=jax.process_count(), examples_per_style=data.examples_per_style)
+        mixture=data.mixture,
+        seed=config.seed,
+        seq_len=data.seq_len,
+        batch_size=global_batch // jax.process_count(),
+        levels=data.levels,
+        loss_on=data.loss_on,
+        vocab_name=data.vocab,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        examples_per_style=data.examples_per_style,
+    )
     eval_batches = {
         style: pipeline.make_eval_batches(
-            style=style, split="validation", seed=config.seed, num_examples=data.eval_examples,
-            seq_len=data.seq_len, batch_size=global_batch, levels=data.levels,
-            loss_on=data.loss_on, vocab_name=data.vocab)
+            style=style,
+            split="validation",
+            seed=config.seed,
+            num_examples=data.eval_examples,
+            seq_len=data.seq_len,
+            batch_size=global_batch,
+            levels=data.levels,
+            loss_on=data.loss_on,
+            vocab_name=data.vocab,
+        )
         for style in mixtures.get_mixture(data.mixture)
     }
     return TrainTask(
@@ -52,9 +70,21 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str):
     mesh = sharding.make_mesh(config.mesh.to_dict())
     task = build_pretrain_task(config, mesh)
-    state = train(task, LoopConfig.from_config(config.train), mesh, config.sharding.rules,
-                  workdir, config.seed, config=config, label="pretrain")
+    state = train(
+        task,
+        LoopConfig.from_config(config.train),
+        mesh,
+        config.sharding.rules,
+        workdir,
+        config.seed,
+        config=config,
+        label="pretrain",
+    )
     if jax.process_index() == 0:
-        plots.plot_curves(workdir, ["train/loss", "val/loss/"], "pretrain_loss.png",
-                          "pretraining loss (per style on validation)")
+        plots.plot_curves(
+            workdir,
+            ["train/loss", "val/loss/"],
+            "pretrain_loss.png",
+            "pretraining loss (per style on validation)",
+        )
     return state

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import jax
@@ -37,24 +38,31 @@ from echo_jax.lm.rl import algorithm, rollout
 from echo_jax.lm.rl.policy_eval import PolicyEval
 from echo_jax.lm.sampler import Sampler, SamplingParams
 
-SHOWN = ("accuracy", "style_share/tinygsm", "style_share/omi1", "style_share/omi2", "kl",
-         "eval/greedy_pass@1")
+SHOWN = (
+    "accuracy",
+    "style_share/tinygsm",
+    "style_share/omi1",
+    "style_share/omi2",
+    "kl",
+    "eval/greedy_pass@1",
+)
 
 
-def build_algorithm(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                    vocabulary: Any) -> algorithm.Algorithm:
-    """The registered algorithm `config.algo` from the `rl` block; its checks become ConfigErrors."""
+def build_algorithm(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any
+) -> algorithm.Algorithm:
+    """The registered algorithm `config.algo` from the `rl` block; its errors are ConfigErrors."""
     try:
-        return algorithm.get(config.algo)(config.rl, model_cfg, vocabulary,
-                                          config.train.num_steps)
+        return algorithm.get(config.algo)(config.rl, model_cfg, vocabulary, config.train.num_steps)
     except ValueError as e:
         raise ConfigError(f"rl: {e}") from None
 
 
 def prompt_dataset(config: ml_collections.ConfigDict) -> str:
     if config.data.prompts not in ("synthetic", "gsm8k"):
-        raise ConfigError(f"data.prompts must be 'synthetic' or 'gsm8k', got "
-                          f"{config.data.prompts!r}")
+        raise ConfigError(
+            f"data.prompts must be 'synthetic' or 'gsm8k', got {config.data.prompts!r}"
+        )
     return config.data.prompts
 
 
@@ -62,16 +70,23 @@ def load_prompts(config: ml_collections.ConfigDict, vocabulary: Any) -> Sequence
     """The RL prompts: the synthetic "rl" split (held out from pretraining) or GSM8K train,
     without the questions longer than `rl.max_prompt_len` tokens."""
     if prompt_dataset(config) == "synthetic":
-        return generators.ProblemSource("rl", config.seed, config.data.levels,
-                                        config.data.num_prompts)
+        return generators.ProblemSource(
+            "rl", config.seed, config.data.levels, config.data.num_prompts
+        )
     rows = real.load_gsm8k("train")
-    fits = [r for r in rows
-            if len(vocabulary.encode(r["question"] + "\n\n")) <= config.rl.max_prompt_len]
+    fits = [
+        r
+        for r in rows
+        if len(vocabulary.encode(r["question"] + "\n\n")) <= config.rl.max_prompt_len
+    ]
     if not fits:
         raise ConfigError(f"no GSM8K question fits rl.max_prompt_len={config.rl.max_prompt_len}")
     if len(fits) < len(rows):
-        print(f"[rl] {len(rows) - len(fits)} of {len(rows)} GSM8K questions are longer than "
-              f"rl.max_prompt_len={config.rl.max_prompt_len} tokens; left out", file=sys.stderr)
+        print(
+            f"[rl] {len(rows) - len(fits)} of {len(rows)} GSM8K questions are longer than "
+            f"rl.max_prompt_len={config.rl.max_prompt_len} tokens; left out",
+            file=sys.stderr,
+        )
     return fits
 
 
@@ -92,20 +107,26 @@ def model_and_vocabulary(config: ml_collections.ConfigDict) -> tuple[ModelConfig
     return ModelConfig(**config.model.to_dict()), None
 
 
-def make_sampler(config: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any,
-                 mesh: Any) -> Sampler:
+def make_sampler(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any, mesh: Any
+) -> Sampler:
     eos_id = vocabulary.eos_id if vocabulary is not None else 1
-    return Sampler(model_cfg, eos_id=eos_id, pad_id=0, mesh=mesh,
-                   rules=tuple(map(tuple, config.sharding.rules)))
+    return Sampler(
+        model_cfg,
+        eos_id=eos_id,
+        pad_id=0,
+        mesh=mesh,
+        rules=tuple(map(tuple, config.sharding.rules)),
+    )
 
 
 def sampling_params(rollout_cfg: Any) -> SamplingParams:
-    return SamplingParams(rollout_cfg.max_new_tokens, rollout_cfg.temperature,
-                          top_p=rollout_cfg.top_p)
+    return SamplingParams(
+        rollout_cfg.max_new_tokens, rollout_cfg.temperature, top_p=rollout_cfg.top_p
+    )
 
 
-def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm,
-                    sampler: Sampler):
+def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm, sampler: Sampler):
     """`(state, problems, rng) -> (batch, metrics)`: sample and grade a rollout with the current
     policy; the algorithm turns it into its batch."""
     rc, r = algo.rollout, config.rl
@@ -114,14 +135,26 @@ def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm
     def host_stage(state: algorithm.RLState, problems: list[dict], rng: jax.Array):
         sample_rng, batch_rng = jax.random.split(rng)
         sample = rollout.sample_and_grade(
-            sampler, state.params, problems, algo.vocabulary, sampling, rc.samples_per_prompt,
-            rc.max_prompt_len, sample_rng, dataset=dataset, grade_timeout_s=r.grade_timeout_s,
-            rows_per_call=r.sampler_batch_size)
+            sampler,
+            state.params,
+            problems,
+            algo.vocabulary,
+            sampling,
+            rc.samples_per_prompt,
+            rc.max_prompt_len,
+            sample_rng,
+            dataset=dataset,
+            grade_timeout_s=r.grade_timeout_s,
+            rows_per_call=r.sampler_batch_size,
+        )
         shuffle = np.random.default_rng(np.asarray(jax.random.key_data(batch_rng)))
         batch, metrics = algo.batch(sample, shuffle)
-        return batch, {**rollout.rollout_metrics(sample.info), **metrics,
-                       "time/rollout": sample.seconds_sampling,
-                       "time/reward": sample.seconds_grading}
+        return batch, {
+            **rollout.rollout_metrics(sample.info),
+            **metrics,
+            "time/rollout": sample.seconds_sampling,
+            "time/reward": sample.seconds_grading,
+        }
 
     return host_stage
 
@@ -130,30 +163,50 @@ def placeholder_sample(rc: Any) -> rollout.Sample:
     """A graded rollout of the right shapes with nothing in it (for planning)."""
     rows = rc.rollout_size
     zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-    info = rollout.RolloutInfo(questions=("",) * rows, texts=("",) * rows, styles=("",) * rows,
-                               rewards=np.zeros(rows, np.float32), correct=np.zeros(rows, bool),
-                               lengths=zeros(rows))
-    return rollout.Sample(zeros(rows, rc.max_prompt_len), zeros(rows) + 1,
-                          zeros(rows, rc.max_new_tokens), zeros(rows), info, 0.0, 0.0)
+    info = rollout.RolloutInfo(
+        questions=("",) * rows,
+        texts=("",) * rows,
+        styles=("",) * rows,
+        rewards=np.zeros(rows, np.float32),
+        correct=np.zeros(rows, bool),
+        lengths=zeros(rows),
+    )
+    return rollout.Sample(
+        zeros(rows, rc.max_prompt_len),
+        zeros(rows) + 1,
+        zeros(rows, rc.max_new_tokens),
+        zeros(rows),
+        info,
+        0.0,
+        0.0,
+    )
 
 
-def make_task(config: ml_collections.ConfigDict, mesh: Any, *,
-              for_planning: bool = False) -> tuple[TrainTask, algorithm.Algorithm, Sampler]:
+def make_task(
+    config: ml_collections.ConfigDict, mesh: Any, *, for_planning: bool = False
+) -> tuple[TrainTask, algorithm.Algorithm, Sampler]:
     """The RL job as a `TrainTask` for the shared loop, with its algorithm and sampler. For
     planning (`python -m echo_jax.plan`) nothing is read: no prompts, checkpoint or evaluation."""
     model_cfg, vocabulary = model_and_vocabulary(config)
     algo = build_algorithm(config, model_cfg, vocabulary)
     cpu.prepare(model_cfg, mesh)
     sampler = make_sampler(config, model_cfg, vocabulary, mesh)
-    task = TrainTask(init_state=algo.init_state, train_step=algo.train_step, train_iter=None,
-                     meta={**config_meta(model_cfg), "algo": config.algo},
-                     metric_prefix="", shown=SHOWN)
+    task = TrainTask(
+        init_state=algo.init_state,
+        train_step=algo.train_step,
+        train_iter=None,
+        meta={**config_meta(model_cfg), "algo": config.algo},
+        metric_prefix="",
+        shown=SHOWN,
+    )
     if for_planning:
         return task, algo, sampler
     rows = algo.rollout.rollout_size
     if rows % sharding.batch_divisor(mesh):
-        raise ConfigError(f"the rollout's {rows} rows are not divisible by the "
-                          f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
+        raise ConfigError(
+            f"the rollout's {rows} rows are not divisible by the "
+            f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh"
+        )
     prompts = load_prompts(config, vocabulary)
     init_step = config.init_step or None
 
@@ -166,10 +219,18 @@ def make_task(config: ml_collections.ConfigDict, mesh: Any, *,
     if config.eval.per_level:
         policy_eval = PolicyEval(config, sampler, vocabulary)
         evaluate = lambda state: policy_eval(state.params)  # noqa: E731
-    return dataclasses.replace(
-        task, train_iter=prompt_stream(prompts, config.seed, algo.rollout.prompts_per_step),
-        warm_start=warm_start, host_stage=make_host_stage(config, algo, sampler),
-        evaluate=evaluate, evaluate_at_start=True), algo, sampler
+    return (
+        dataclasses.replace(
+            task,
+            train_iter=prompt_stream(prompts, config.seed, algo.rollout.prompts_per_step),
+            warm_start=warm_start,
+            host_stage=make_host_stage(config, algo, sampler),
+            evaluate=evaluate,
+            evaluate_at_start=True,
+        ),
+        algo,
+        sampler,
+    )
 
 
 def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -186,12 +247,14 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     mesh = sharding.config_mesh(config.mesh.to_dict())
     task, _, _ = make_task(config, mesh)
-    loop = LoopConfig(num_steps=num_steps, log_every=config.train.log_every,
-                      checkpoint_every=config.train.checkpoint_every,
-                      eval_every=config.eval.every,
-                      keep_checkpoints=config.train.keep_checkpoints,
-                      async_checkpoints=config.train.async_checkpoints)
-    train(task, loop, mesh, config.sharding.rules, workdir, config.seed, config=config,
-          label="rl")
+    loop = LoopConfig(
+        num_steps=num_steps,
+        log_every=config.train.log_every,
+        checkpoint_every=config.train.checkpoint_every,
+        eval_every=config.eval.every,
+        keep_checkpoints=config.train.keep_checkpoints,
+        async_checkpoints=config.train.async_checkpoints,
+    )
+    train(task, loop, mesh, config.sharding.rules, workdir, config.seed, config=config, label="rl")
     if jax.process_index() == 0:
         report.plot_rl(workdir)

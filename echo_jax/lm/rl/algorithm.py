@@ -14,7 +14,8 @@ One RL step of the training loop (`core.train_loop`) is:
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -76,13 +77,16 @@ def get(name: str) -> type[Algorithm]:
     return _ALGORITHMS[name]
 
 
-def init_policy_state(algo: Algorithm, rng: jax.Array,
-                      tx: optax.GradientTransformation) -> RLState:
+def init_policy_state(algo: Algorithm, rng: jax.Array, tx: optax.GradientTransformation) -> RLState:
     """A freshly initialised policy with `tx`'s optimizer state and, if the algorithm uses one,
     the reference (the same initial values: `warm_start` gives each its own buffers)."""
     policy = TrainState.create(algo.model.init(rng, *dummy_inputs())["params"], tx)
-    return RLState(step=policy.step, params=policy.params, opt_state=policy.opt_state,
-                   ref_params=policy.params if algo.uses_reference else None)
+    return RLState(
+        step=policy.step,
+        params=policy.params,
+        opt_state=policy.opt_state,
+        ref_params=policy.params if algo.uses_reference else None,
+    )
 
 
 def dummy_inputs(length: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -101,8 +105,9 @@ class Algorithm(abc.ABC):
     rollout: RolloutConfig
     uses_reference: bool  # the state carries the frozen reference (in the loss, or reported)
 
-    def __init__(self, rl: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any,
-                 num_steps: int):
+    def __init__(
+        self, rl: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any, num_steps: int
+    ):
         self.model_cfg, self.model = model_cfg, Transformer(model_cfg)
         self.vocabulary, self.num_steps = vocabulary, num_steps
 
@@ -115,40 +120,48 @@ class Algorithm(abc.ABC):
         """`state` with the pretrained policy (and, where used, the reference and what else starts
         from it); each gets its own buffers, since the train step donates the state."""
         copy = lambda: jax.tree.map(jnp.copy, pretrained)  # noqa: E731
-        return state.replace(params=copy(),
-                             ref_params=copy() if state.ref_params is not None else None)
+        return state.replace(
+            params=copy(), ref_params=copy() if state.ref_params is not None else None
+        )
 
     @abc.abstractmethod
-    def batch(self, sample: Sample, rng: np.random.Generator
-              ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def batch(
+        self, sample: Sample, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """The numpy batch of the train step from a graded rollout (rows first), and host-side
         metrics of its own."""
 
     @abc.abstractmethod
-    def train_step(self, state: RLState, batch: dict[str, jax.Array],
-                   rng: jax.Array) -> tuple[RLState, dict[str, jax.Array]]:
+    def train_step(
+        self, state: RLState, batch: dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[RLState, dict[str, jax.Array]]:
         """Pure: every update that follows from one rollout. Metrics include "loss"."""
 
 
 def rollout_arrays(sample: Sample) -> dict[str, np.ndarray]:
     """The sampler's output with the rewards: what the policy-gradient train steps read."""
-    return {"prompts_BxP": np.asarray(sample.prompts_BxP),
-            "prompt_lengths_B": np.asarray(sample.prompt_lengths_B),
-            "completions_BxN": np.asarray(sample.completions_BxN),
-            "completion_lengths_B": np.asarray(sample.completion_lengths_B),
-            "rewards_B": np.asarray(sample.info.rewards, np.float32)}
+    return {
+        "prompts_BxP": np.asarray(sample.prompts_BxP),
+        "prompt_lengths_B": np.asarray(sample.prompt_lengths_B),
+        "completions_BxN": np.asarray(sample.completions_BxN),
+        "completion_lengths_B": np.asarray(sample.completion_lengths_B),
+        "rewards_B": np.asarray(sample.info.rewards, np.float32),
+    }
 
 
 def epoch_minibatches(rng: jax.Array, rollout: RolloutConfig) -> jax.Array:
     """Row indices [updates, train_batch_size]: each epoch a fresh permutation of the rollout,
     cut into optimizer steps (epoch e draws with `fold_in(rng, e)`)."""
-    orders = [jax.random.permutation(jax.random.fold_in(rng, e), rollout.rollout_size)
-              for e in range(rollout.epochs)]
+    orders = [
+        jax.random.permutation(jax.random.fold_in(rng, e), rollout.rollout_size)
+        for e in range(rollout.epochs)
+    ]
     return jnp.concatenate(orders).reshape(-1, rollout.train_batch_size)
 
 
-def scan_updates(update: Callable, state: Any, data: Any, rows_UxM: jax.Array,
-                 rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+def scan_updates(
+    update: Callable, state: Any, data: Any, rows_UxM: jax.Array, rng: jax.Array
+) -> tuple[Any, dict[str, jax.Array]]:
     """Runs `update(state, minibatch, rng)` on `data[rows]` for each row set, in order, inside
     one `lax.scan`; returns the final state and each metric's mean over the updates."""
 
@@ -162,14 +175,20 @@ def scan_updates(update: Callable, state: Any, data: Any, rows_UxM: jax.Array,
     return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
-def reference_kl(model: Transformer, rollout: RolloutConfig, kl_estimator: str, ref_params: Any,
-                 data: common.Rollout) -> jax.Array:
+def reference_kl(
+    model: Transformer,
+    rollout: RolloutConfig,
+    kl_estimator: str,
+    ref_params: Any,
+    data: common.Rollout,
+) -> jax.Array:
     """Token mean of the KL estimator (policy at rollout time || reference) over the completions:
     what is reported when the KL is not part of the loss."""
     inputs = (data.tokens_BxT, data.positions_BxT, data.segment_ids_BxT)
     ref_logp = common.map_micro_batches(
-        lambda micro: common.sequence_logprobs(model, ref_params, *micro,
-                                               rollout.temperature)[0],
-        inputs, rollout.micro_batch_size)
+        lambda micro: common.sequence_logprobs(model, ref_params, *micro, rollout.temperature)[0],
+        inputs,
+        rollout.micro_batch_size,
+    )
     kl = common.get("kl", kl_estimator)(data.old_logp_BxT, ref_logp)
     return common.masked_mean(kl, data.mask_BxT)

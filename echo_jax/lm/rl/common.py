@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -129,8 +130,13 @@ def seq_mean_token_sum_norm(loss_BxT: jax.Array, mask_BxT: jax.Array, max_len: i
 
 
 @register("policy_loss", "clipped")
-def clipped_policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: jax.Array,
-                        eps_low: float, eps_high: float) -> tuple[jax.Array, jax.Array]:
+def clipped_policy_loss(
+    logp_BxT: jax.Array,
+    old_logp_BxT: jax.Array,
+    advantages_BxT: jax.Array,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[jax.Array, jax.Array]:
     """PPO's clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (Schulman et al.
     2017) with decoupled bounds (DAPO's clip-higher, Yu et al. 2025). Returns the per-token loss
     and where the clipped branch is active, i.e. where the token's gradient is zero."""
@@ -192,8 +198,12 @@ class RolloutInfo:
     lengths: np.ndarray
 
 
-def join_prompt_completion(prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
-                           completions_BxN: jax.Array, completion_lengths_B: jax.Array):
+def join_prompt_completion(
+    prompts_BxP: jax.Array,
+    prompt_lengths_B: jax.Array,
+    completions_BxN: jax.Array,
+    completion_lengths_B: jax.Array,
+):
     """Each right-padded prompt followed directly by its completion, then padding, as (B, T)
     tokens, positions, segment ids (1 on real tokens) and the completion mask (float32)."""
     B, P = prompts_BxP.shape
@@ -204,16 +214,26 @@ def join_prompt_completion(prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
     in_completion = ~in_prompt & (slot_BxT < start_Bx1 + completion_lengths_B[:, None])
     from_prompt = jnp.take_along_axis(prompts_BxP, jnp.minimum(slot_BxT, P - 1), axis=1)
     from_completion = jnp.take_along_axis(
-        completions_BxN, jnp.clip(slot_BxT - start_Bx1, 0, N - 1), axis=1)
+        completions_BxN, jnp.clip(slot_BxT - start_Bx1, 0, N - 1), axis=1
+    )
     tokens_BxT = jnp.where(in_prompt, from_prompt, jnp.where(in_completion, from_completion, 0))
     segment_ids_BxT = (in_prompt | in_completion).astype(jnp.int32)
-    return (tokens_BxT.astype(jnp.int32), slot_BxT, segment_ids_BxT,
-            in_completion.astype(jnp.float32))
+    return (
+        tokens_BxT.astype(jnp.int32),
+        slot_BxT,
+        segment_ids_BxT,
+        in_completion.astype(jnp.float32),
+    )
 
 
-def sequence_logprobs(model: Transformer, params: Any, tokens_BxT: jax.Array,
-                      positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(
+    model: Transformer,
+    params: Any,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log p(token_t | tokens_<t) under softmax(logits / temperature), and the
     entropy of that next-token distribution, both (B, T) with column 0 set to 0."""
     logits_BxTxV, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
@@ -225,8 +245,15 @@ def sequence_logprobs(model: Transformer, params: Any, tokens_BxT: jax.Array,
     return pad(picked - logz), pad(entropy)
 
 
-def make_policy_loss_fn(model: Transformer, loss: PolicyLossConfig, *, temperature: float,
-                        max_len: int, kl_coef: float = 0.0, kl_estimator: str = "k3"):
+def make_policy_loss_fn(
+    model: Transformer,
+    loss: PolicyLossConfig,
+    *,
+    temperature: float,
+    max_len: int,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+):
     """`loss_fn(params, rollout) -> (loss_sum, stats)`; stats hold sums (see `finish_stats`).
 
     Per token: the clipped surrogate, plus kl_coef * KL(policy || reference) when the rollout
@@ -238,13 +265,16 @@ def make_policy_loss_fn(model: Transformer, loss: PolicyLossConfig, *, temperatu
 
     def loss_fn(params: Any, batch: Rollout) -> tuple[jax.Array, dict[str, jax.Array]]:
         logp_BxT, entropy_BxT = sequence_logprobs(
-            model, params, batch.tokens_BxT, batch.positions_BxT, batch.segment_ids_BxT,
-            temperature)
+            model, params, batch.tokens_BxT, batch.positions_BxT, batch.segment_ids_BxT, temperature
+        )
         mask = batch.mask_BxT
-        loss_BxT, clipped_BxT = surrogate(logp_BxT, batch.old_logp_BxT, batch.advantages_BxT,
-                                          loss.eps_low, loss.eps_high)
-        stats = {"clip_fraction": masked_sum(clipped_BxT, mask),
-                 "entropy": masked_sum(entropy_BxT, mask)}
+        loss_BxT, clipped_BxT = surrogate(
+            logp_BxT, batch.old_logp_BxT, batch.advantages_BxT, loss.eps_low, loss.eps_high
+        )
+        stats = {
+            "clip_fraction": masked_sum(clipped_BxT, mask),
+            "entropy": masked_sum(entropy_BxT, mask),
+        }
         if batch.ref_logp_BxT is not None:
             kl_BxT = kl_fn(logp_BxT, batch.ref_logp_BxT)
             loss_BxT = loss_BxT + kl_coef * kl_BxT
@@ -271,13 +301,17 @@ def _split_micro(batch: Any, micro_batch_size: int) -> Any:
     Every loss here is a sum over rows, so the grouping changes nothing but the summation order;
     striding keeps each micro-batch spread over the batch-sharded devices (a contiguous split would
     put a micro-batch on one device, and the SPMD partitioner then computes it everywhere)."""
+
     def split(x):
         if x.shape[0] % micro_batch_size:
-            raise ValueError(f"batch of {x.shape[0]} rows is not divisible into micro-batches "
-                             f"of {micro_batch_size}")
+            raise ValueError(
+                f"batch of {x.shape[0]} rows is not divisible into micro-batches "
+                f"of {micro_batch_size}"
+            )
         x = x.reshape(micro_batch_size, x.shape[0] // micro_batch_size, *x.shape[1:])
         x = jnp.swapaxes(x, 0, 1)
         return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
     return jax.tree.map(split, batch)
 
 
@@ -286,16 +320,18 @@ def _join_micro(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any,
-                         micro_batch_size: int) -> tuple[Any, dict[str, jax.Array]]:
+def accumulate_gradients(
+    loss_fn: Callable, params: Any, batch: Any, micro_batch_size: int
+) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of sum(loss sums) / sum(normalisers) over micro-batches of `batch`, one
     micro-batch in memory at a time; `loss_fn(params, micro) -> (loss_sum, stats)` where stats
     hold summed quantities including "normaliser". Returns (grads, summed stats)."""
     micro = _split_micro(batch, micro_batch_size)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, params, first))
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first)
+    )
 
     def body(carry, micro_batch):
         grads, stats = grad_fn(params, micro_batch)
@@ -333,10 +369,18 @@ class OptimConfig:
         """The optimizer for a run of `num_updates` optimizer steps (the schedule's length)."""
         if num_updates < 1:
             raise ValueError(f"num_updates must be >= 1, got {num_updates}")
-        return pretrain.make_optimizer(types.SimpleNamespace(
-            lr=self.lr, warmup_steps=math.ceil(self.warmup_ratio * num_updates),
-            num_steps=num_updates, min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip,
-            b1=self.b1, b2=self.b2, weight_decay=self.weight_decay))
+        return pretrain.make_optimizer(
+            types.SimpleNamespace(
+                lr=self.lr,
+                warmup_steps=math.ceil(self.warmup_ratio * num_updates),
+                num_steps=num_updates,
+                min_lr_ratio=self.min_lr_ratio,
+                grad_clip=self.grad_clip,
+                b1=self.b1,
+                b2=self.b2,
+                weight_decay=self.weight_decay,
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,16 +401,27 @@ class RolloutConfig:
     epochs: int = 1
 
     def __post_init__(self):
-        sizes = (self.prompts_per_step, self.samples_per_prompt, self.max_new_tokens,
-                 self.max_prompt_len, self.train_batch_size, self.micro_batch_size, self.epochs)
+        sizes = (
+            self.prompts_per_step,
+            self.samples_per_prompt,
+            self.max_new_tokens,
+            self.max_prompt_len,
+            self.train_batch_size,
+            self.micro_batch_size,
+            self.epochs,
+        )
         if min(sizes) < 1:
             raise ValueError(f"every size must be >= 1: {self}")
         if self.rollout_size % self.train_batch_size:
-            raise ValueError(f"rollout of {self.rollout_size} rows is not divisible into "
-                             f"train batches of {self.train_batch_size}")
+            raise ValueError(
+                f"rollout of {self.rollout_size} rows is not divisible into "
+                f"train batches of {self.train_batch_size}"
+            )
         if self.train_batch_size % self.micro_batch_size:
-            raise ValueError(f"train_batch_size {self.train_batch_size} is not divisible by "
-                             f"micro_batch_size {self.micro_batch_size}")
+            raise ValueError(
+                f"train_batch_size {self.train_batch_size} is not divisible by "
+                f"micro_batch_size {self.micro_batch_size}"
+            )
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1: {self}")
 
@@ -377,4 +432,3 @@ class RolloutConfig:
     @property
     def updates_per_step(self) -> int:
         return self.epochs * self.rollout_size // self.train_batch_size
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,25 +76,41 @@ def make_prepare_fn(model: Transformer, cfg: GRPOConfig) -> Callable:
     advantage_fn = common.get("advantage", cfg.advantage)
     rc = cfg.rollout
 
-    def prepare(state: TrainState | RLState, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
-                completion_lengths_B, rewards_B) -> tuple[Rollout, dict[str, jax.Array]]:
+    def prepare(
+        state: TrainState | RLState,
+        ref_params,
+        prompts_BxP,
+        prompt_lengths_B,
+        completions_BxN,
+        completion_lengths_B,
+        rewards_B,
+    ) -> tuple[Rollout, dict[str, jax.Array]]:
         if (ref_params is not None) != cfg.uses_reference:
-            raise ValueError(f"ref_params must be given exactly when kl_coef > 0 "
-                             f"(kl_coef={cfg.kl_coef})")
+            raise ValueError(
+                f"ref_params must be given exactly when kl_coef > 0 (kl_coef={cfg.kl_coef})"
+            )
         tokens, positions, segments, mask = common.join_prompt_completion(
-            prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengths_B)
+            prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengths_B
+        )
 
         def score(micro):
             logp = lambda p: common.sequence_logprobs(model, p, *micro, rc.temperature)[0]
             return logp(state.params), (None if ref_params is None else logp(ref_params))
 
         old_logp, ref_logp = common.map_micro_batches(
-            score, (tokens, positions, segments), rc.micro_batch_size)
+            score, (tokens, positions, segments), rc.micro_batch_size
+        )
         r_QxG = rewards_B.reshape(rc.prompts_per_step, rc.samples_per_prompt).astype(jnp.float32)
         advantages_B = advantage_fn(r_QxG).reshape(-1)
-        rollout = Rollout(tokens_BxT=tokens, positions_BxT=positions, segment_ids_BxT=segments,
-                          mask_BxT=mask, old_logp_BxT=old_logp,
-                          advantages_BxT=advantages_B[:, None] * mask, ref_logp_BxT=ref_logp)
+        rollout = Rollout(
+            tokens_BxT=tokens,
+            positions_BxT=positions,
+            segment_ids_BxT=segments,
+            mask_BxT=mask,
+            old_logp_BxT=old_logp,
+            advantages_BxT=advantages_B[:, None] * mask,
+            ref_logp_BxT=ref_logp,
+        )
         flat = jnp.all(r_QxG == r_QxG[:, :1], axis=-1)
         return rollout, {"flat_groups": flat.mean()}
 
@@ -104,8 +120,13 @@ def make_prepare_fn(model: Transformer, cfg: GRPOConfig) -> Callable:
 def make_loss_fn(model: Transformer, cfg: GRPOConfig) -> Callable:
     """`loss_fn(params, rollout) -> (loss_sum, stats)`: clipped surrogate + beta * KL per token."""
     return common.make_policy_loss_fn(
-        model, cfg.loss, temperature=cfg.rollout.temperature,
-        max_len=cfg.rollout.max_new_tokens, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
+        model,
+        cfg.loss,
+        temperature=cfg.rollout.temperature,
+        max_len=cfg.rollout.max_new_tokens,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator,
+    )
 
 
 def make_update_step(model: Transformer, tx: optax.GradientTransformation, cfg: GRPOConfig):
@@ -114,11 +135,13 @@ def make_update_step(model: Transformer, tx: optax.GradientTransformation, cfg: 
     `loss`, `clip_fraction`, `entropy`, `kl` (only with a reference) and `grad_norm`."""
     loss_fn = make_loss_fn(model, cfg)
 
-    def grpo_update_step(state: TrainState, minibatch: Rollout,
-                         rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def grpo_update_step(
+        state: TrainState, minibatch: Rollout, rng: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         del rng  # the loss is deterministic given the rollout
-        grads, stats = common.accumulate_gradients(loss_fn, state.params, minibatch,
-                                                   cfg.rollout.micro_batch_size)
+        grads, stats = common.accumulate_gradients(
+            loss_fn, state.params, minibatch, cfg.rollout.micro_batch_size
+        )
         metrics = {**common.finish_stats(stats), "grad_norm": optax.tree.norm(grads)}
         return state.apply_gradients(grads, tx), metrics
 
@@ -131,9 +154,14 @@ class GRPO(policy_gradient.PolicyGradient):
     the clipped loss's `eps_low`/`eps_high`/`aggregation`, `lr` and its schedule."""
 
     def make_config(self, rl: ml_collections.ConfigDict) -> GRPOConfig:
-        return GRPOConfig(rollout=self.rollout, loss=policy_gradient.loss_config(rl),
-                          optim=policy_gradient.optim_config(rl, rl.lr), advantage=rl.advantage,
-                          kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator)
+        return GRPOConfig(
+            rollout=self.rollout,
+            loss=policy_gradient.loss_config(rl),
+            optim=policy_gradient.optim_config(rl, rl.lr),
+            advantage=rl.advantage,
+            kl_coef=rl.kl_coef,
+            kl_estimator=rl.kl_estimator,
+        )
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:

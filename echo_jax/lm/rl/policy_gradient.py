@@ -9,7 +9,8 @@ A subclass supplies `make_prepare` (old log-probs, values, advantages: `common.R
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -23,15 +24,22 @@ from echo_jax.lm.rl.rollout import Sample
 
 def rollout_config(rl: ml_collections.ConfigDict) -> common.RolloutConfig:
     return common.RolloutConfig(
-        prompts_per_step=rl.prompts_per_step, samples_per_prompt=rl.samples_per_prompt,
-        temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
-        max_prompt_len=rl.max_prompt_len, train_batch_size=rl.train_batch_size,
-        micro_batch_size=rl.micro_batch_size, epochs=rl.epochs)
+        prompts_per_step=rl.prompts_per_step,
+        samples_per_prompt=rl.samples_per_prompt,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        max_new_tokens=rl.max_new_tokens,
+        max_prompt_len=rl.max_prompt_len,
+        train_batch_size=rl.train_batch_size,
+        micro_batch_size=rl.micro_batch_size,
+        epochs=rl.epochs,
+    )
 
 
 def loss_config(rl: ml_collections.ConfigDict) -> common.PolicyLossConfig:
-    return common.PolicyLossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high,
-                                   aggregation=rl.aggregation)
+    return common.PolicyLossConfig(
+        eps_low=rl.eps_low, eps_high=rl.eps_high, aggregation=rl.aggregation
+    )
 
 
 def optim_config(rl: ml_collections.ConfigDict, lr: float) -> common.OptimConfig:
@@ -44,8 +52,9 @@ class PolicyGradient(algorithm.Algorithm):
 
     cfg: Any
 
-    def __init__(self, rl: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any,
-                 num_steps: int):
+    def __init__(
+        self, rl: ml_collections.ConfigDict, model_cfg: ModelConfig, vocabulary: Any, num_steps: int
+    ):
         super().__init__(rl, model_cfg, vocabulary, num_steps)
         self.rollout = rollout_config(rl)
         self.num_updates = num_steps * self.rollout.updates_per_step
@@ -66,21 +75,31 @@ class PolicyGradient(algorithm.Algorithm):
     def make_update(self) -> Callable:
         """`(RLState, minibatch Rollout, rng) -> (RLState, metrics)`: one optimizer step."""
 
-    def batch(self, sample: Sample, rng: np.random.Generator
-              ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def batch(
+        self, sample: Sample, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         del rng  # the train step shuffles on the device
         return algorithm.rollout_arrays(sample), {}
 
-    def train_step(self, state: RLState, batch: dict[str, jax.Array],
-                   rng: jax.Array) -> tuple[RLState, dict[str, jax.Array]]:
+    def train_step(
+        self, state: RLState, batch: dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[RLState, dict[str, jax.Array]]:
         in_loss = state.ref_params if self.kl_in_loss else None
         data, metrics = self._prepare(
-            state, in_loss, batch["prompts_BxP"], batch["prompt_lengths_B"],
-            batch["completions_BxN"], batch["completion_lengths_B"], batch["rewards_B"])
+            state,
+            in_loss,
+            batch["prompts_BxP"],
+            batch["prompt_lengths_B"],
+            batch["completions_BxN"],
+            batch["completion_lengths_B"],
+            batch["rewards_B"],
+        )
         rows_UxM = algorithm.epoch_minibatches(rng, self.rollout)
         state, update_metrics = algorithm.scan_updates(
-            self._update, state, data, rows_UxM, jax.random.fold_in(rng, self.rollout.epochs))
+            self._update, state, data, rows_UxM, jax.random.fold_in(rng, self.rollout.epochs)
+        )
         if state.ref_params is not None and in_loss is None:
-            metrics["kl"] = algorithm.reference_kl(self.model, self.rollout,
-                                                   self.cfg.kl_estimator, state.ref_params, data)
+            metrics["kl"] = algorithm.reference_kl(
+                self.model, self.rollout, self.cfg.kl_estimator, state.ref_params, data
+            )
         return state, {**update_metrics, **metrics}

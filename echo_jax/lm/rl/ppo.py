@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +41,21 @@ class ValueModel(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL):
         cfg = self.cfg
-        init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                            ("vocab", "embed"))
+        init = nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("vocab", "embed")
+        )
         embedding = self.param("embedding", init, (cfg.vocab_size, cfg.d_model), jnp.float32)
         x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(jnp.dtype(cfg.dtype))
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.n_layers):
             x_BxLxD, _ = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
-        head = self.param("value_head", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                     ("embed",)),
-                          (cfg.d_model,), jnp.float32)
+        head = self.param(
+            "value_head",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            (cfg.d_model,),
+            jnp.float32,
+        )
         return jnp.einsum("BLD,D->BL", x_BxLxD.astype(jnp.float32), head)
 
 
@@ -59,15 +64,17 @@ def critic_params_from_policy(policy_params: Any, critic_params: Any) -> Any:
     return {k: jax.tree.map(jnp.array, policy_params.get(k, v)) for k, v in critic_params.items()}
 
 
-def token_values(critic: ValueModel, params: Any, tokens_BxT, positions_BxT,
-                 segment_ids_BxT) -> jax.Array:
+def token_values(
+    critic: ValueModel, params: Any, tokens_BxT, positions_BxT, segment_ids_BxT
+) -> jax.Array:
     """V of the state in which token t is chosen (the prefix before it), aligned like `logp_BxT`."""
     values_BxT = critic.apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
     return jnp.pad(values_BxT[:, :-1], ((0, 0), (1, 0)))
 
 
-def token_rewards(scores_B: jax.Array, kl_BxT: jax.Array, mask_BxT: jax.Array,
-                  kl_coef: float) -> jax.Array:
+def token_rewards(
+    scores_B: jax.Array, kl_BxT: jax.Array, mask_BxT: jax.Array, kl_coef: float
+) -> jax.Array:
     """-kl_coef * kl on every completion token, plus the score on each row's last one (as
     OpenRLHF's `compute_reward`)."""
     T = mask_BxT.shape[1]
@@ -77,8 +84,9 @@ def token_rewards(scores_B: jax.Array, kl_BxT: jax.Array, mask_BxT: jax.Array,
     return (final_BxT - kl_coef * kl_BxT) * mask_BxT
 
 
-def gae(rewards_BxT: jax.Array, values_BxT: jax.Array, mask_BxT: jax.Array, gamma: float,
-        lam: float) -> tuple[jax.Array, jax.Array]:
+def gae(
+    rewards_BxT: jax.Array, values_BxT: jax.Array, mask_BxT: jax.Array, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
     """Generalized advantage estimation (Schulman et al. 2016) as a reverse `lax.scan` over T.
 
     Each row's episode is its masked (completion) span; the state after its last token is
@@ -95,19 +103,22 @@ def gae(rewards_BxT: jax.Array, values_BxT: jax.Array, mask_BxT: jax.Array, gamm
         advantage_B = delta_B + gamma * lam * next_mask_B * next_advantage_B
         return advantage_B, advantage_B
 
-    _, advantages_TxB = jax.lax.scan(step, jnp.zeros(m.shape[0]), (delta_BxT.T, shift(m).T),
-                                     reverse=True)
+    _, advantages_TxB = jax.lax.scan(
+        step, jnp.zeros(m.shape[0]), (delta_BxT.T, shift(m).T), reverse=True
+    )
     advantages_BxT = advantages_TxB.T * m
     return advantages_BxT, advantages_BxT + v
 
 
-def clipped_value_loss(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: jax.Array,
-                       clip: float) -> jax.Array:
+def clipped_value_loss(
+    values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: jax.Array, clip: float
+) -> jax.Array:
     """1/2 max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -c, c): the critic
     cannot gain by moving further than c from its rollout-time value (PPO2 / OpenRLHF)."""
     clipped = old_values_BxT + jnp.clip(values_BxT - old_values_BxT, -clip, clip)
-    return 0.5 * jnp.maximum(jnp.square(values_BxT - returns_BxT),
-                             jnp.square(clipped - returns_BxT))
+    return 0.5 * jnp.maximum(
+        jnp.square(values_BxT - returns_BxT), jnp.square(clipped - returns_BxT)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,30 +158,50 @@ def make_prepare_fn(model: Transformer, critic: ValueModel, cfg: PPOConfig) -> C
     kl_fn = common.get("kl", cfg.kl_estimator)
     rc = cfg.rollout
 
-    def prepare(state: RLState, ref_params, prompts_BxP, prompt_lengths_B, completions_BxN,
-                completion_lengths_B, scores_B) -> tuple[Rollout, dict[str, jax.Array]]:
+    def prepare(
+        state: RLState,
+        ref_params,
+        prompts_BxP,
+        prompt_lengths_B,
+        completions_BxN,
+        completion_lengths_B,
+        scores_B,
+    ) -> tuple[Rollout, dict[str, jax.Array]]:
         if (ref_params is not None) != cfg.uses_reference:
-            raise ValueError(f"ref_params must be given exactly when kl_coef > 0 "
-                             f"(kl_coef={cfg.kl_coef})")
+            raise ValueError(
+                f"ref_params must be given exactly when kl_coef > 0 (kl_coef={cfg.kl_coef})"
+            )
         tokens, positions, segments, mask = common.join_prompt_completion(
-            prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengths_B)
+            prompts_BxP, prompt_lengths_B, completions_BxN, completion_lengths_B
+        )
 
         def score(micro):
             logp = lambda p: common.sequence_logprobs(model, p, *micro, rc.temperature)[0]
             old_logp = logp(state.params)
-            kl = jnp.zeros_like(old_logp) if ref_params is None else kl_fn(old_logp,
-                                                                           logp(ref_params))
+            kl = (
+                jnp.zeros_like(old_logp)
+                if ref_params is None
+                else kl_fn(old_logp, logp(ref_params))
+            )
             return old_logp, kl, token_values(critic, state.critic.params, *micro)
 
         old_logp, kl, values = common.map_micro_batches(
-            score, (tokens, positions, segments), rc.micro_batch_size)
+            score, (tokens, positions, segments), rc.micro_batch_size
+        )
         rewards = token_rewards(scores_B.astype(jnp.float32), kl, mask, cfg.kl_coef)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = common.masked_whiten(advantages, mask)
-        rollout = Rollout(tokens_BxT=tokens, positions_BxT=positions, segment_ids_BxT=segments,
-                          mask_BxT=mask, old_logp_BxT=old_logp, advantages_BxT=advantages,
-                          returns_BxT=returns, old_values_BxT=values * mask)
+        rollout = Rollout(
+            tokens_BxT=tokens,
+            positions_BxT=positions,
+            segment_ids_BxT=segments,
+            mask_BxT=mask,
+            old_logp_BxT=old_logp,
+            advantages_BxT=advantages,
+            returns_BxT=returns,
+            old_values_BxT=values * mask,
+        )
         metrics = {"value_mean": common.masked_mean(values, mask)}
         if ref_params is not None:
             metrics["kl"] = common.masked_mean(kl, mask)
@@ -184,41 +215,54 @@ def make_value_loss_fn(critic: ValueModel, cfg: PPOConfig) -> Callable:
     aggregate = common.get("aggregation", cfg.loss.aggregation)
 
     def loss_fn(params, batch: Rollout):
-        values = token_values(critic, params, batch.tokens_BxT, batch.positions_BxT,
-                              batch.segment_ids_BxT)
-        loss_BxT = clipped_value_loss(values, batch.old_values_BxT, batch.returns_BxT,
-                                      cfg.value_clip)
+        values = token_values(
+            critic, params, batch.tokens_BxT, batch.positions_BxT, batch.segment_ids_BxT
+        )
+        loss_BxT = clipped_value_loss(
+            values, batch.old_values_BxT, batch.returns_BxT, cfg.value_clip
+        )
         total, normaliser = aggregate(loss_BxT, batch.mask_BxT, cfg.rollout.max_new_tokens)
         return total, {"loss": total, "normaliser": normaliser}
 
     return loss_fn
 
 
-def make_update_step(model: Transformer, critic: ValueModel, actor_tx: optax.GradientTransformation,
-                     critic_tx: optax.GradientTransformation, cfg: PPOConfig):
+def make_update_step(
+    model: Transformer,
+    critic: ValueModel,
+    actor_tx: optax.GradientTransformation,
+    critic_tx: optax.GradientTransformation,
+    cfg: PPOConfig,
+):
     """The pure `ppo_update_step(state, rollout_minibatch, rng) -> (state, metrics)`: one actor
     and one critic optimizer step on the same minibatch (the KL is in the rewards, so the policy
     loss has no KL term)."""
-    actor_loss = common.make_policy_loss_fn(model, cfg.loss, temperature=cfg.rollout.temperature,
-                                            max_len=cfg.rollout.max_new_tokens)
+    actor_loss = common.make_policy_loss_fn(
+        model, cfg.loss, temperature=cfg.rollout.temperature, max_len=cfg.rollout.max_new_tokens
+    )
     value_loss = make_value_loss_fn(critic, cfg)
     micro = cfg.rollout.micro_batch_size
 
-    def ppo_update_step(state: RLState, minibatch: Rollout,
-                        rng: jax.Array) -> tuple[RLState, dict[str, jax.Array]]:
+    def ppo_update_step(
+        state: RLState, minibatch: Rollout, rng: jax.Array
+    ) -> tuple[RLState, dict[str, jax.Array]]:
         del rng  # the losses are deterministic given the rollout
         actor_grads, actor_stats = common.accumulate_gradients(
-            actor_loss, state.params, minibatch, micro)
+            actor_loss, state.params, minibatch, micro
+        )
         critic_grads, critic_stats = common.accumulate_gradients(
-            value_loss, state.critic.params, minibatch, micro)
-        metrics = {**common.finish_stats(actor_stats),
-                   "value_loss": critic_stats["loss"] / jnp.maximum(critic_stats["normaliser"],
-                                                                    1e-9),
-                   "grad_norm": optax.tree.norm(actor_grads),
-                   "critic_grad_norm": optax.tree.norm(critic_grads)}
+            value_loss, state.critic.params, minibatch, micro
+        )
+        metrics = {
+            **common.finish_stats(actor_stats),
+            "value_loss": critic_stats["loss"] / jnp.maximum(critic_stats["normaliser"], 1e-9),
+            "grad_norm": optax.tree.norm(actor_grads),
+            "critic_grad_norm": optax.tree.norm(critic_grads),
+        }
         new_state = state.with_policy(state.policy.apply_gradients(actor_grads, actor_tx))
-        return new_state.replace(critic=state.critic.apply_gradients(critic_grads, critic_tx)), \
-            metrics
+        return new_state.replace(
+            critic=state.critic.apply_gradients(critic_grads, critic_tx)
+        ), metrics
 
     return ppo_update_step
 
@@ -229,11 +273,17 @@ class PPO(policy_gradient.PolicyGradient):
     `lam`, `value_clip`; the KL (`kl_coef`, `kl_estimator`) is a per-token reward penalty."""
 
     def make_config(self, rl: ml_collections.ConfigDict) -> PPOConfig:
-        return PPOConfig(rollout=self.rollout, loss=policy_gradient.loss_config(rl),
-                         actor_optim=policy_gradient.optim_config(rl, rl.lr),
-                         critic_optim=policy_gradient.optim_config(rl, rl.critic_lr),
-                         kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator, gamma=rl.gamma,
-                         lam=rl.lam, value_clip=rl.value_clip)
+        return PPOConfig(
+            rollout=self.rollout,
+            loss=policy_gradient.loss_config(rl),
+            actor_optim=policy_gradient.optim_config(rl, rl.lr),
+            critic_optim=policy_gradient.optim_config(rl, rl.critic_lr),
+            kl_coef=rl.kl_coef,
+            kl_estimator=rl.kl_estimator,
+            gamma=rl.gamma,
+            lam=rl.lam,
+            value_clip=rl.value_clip,
+        )
 
     @functools.cached_property
     def critic(self) -> ValueModel:
@@ -257,7 +307,8 @@ class PPO(policy_gradient.PolicyGradient):
         policy_rng, critic_rng = jax.random.split(rng)
         critic_params = self.critic.init(critic_rng, *algorithm.dummy_inputs())["params"]
         return algorithm.init_policy_state(self, policy_rng, self.actor_tx).replace(
-            critic=TrainState.create(critic_params, self.critic_tx))
+            critic=TrainState.create(critic_params, self.critic_tx)
+        )
 
     def warm_start(self, state: RLState, pretrained: Any) -> RLState:
         """The policy (and reference) as every algorithm's; the critic's trunk from the

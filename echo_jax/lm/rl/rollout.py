@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,9 @@ from echo_jax.lm.rl.common import RolloutInfo
 from echo_jax.lm.sampler import Sampler, SamplingParams, pad_prompts
 
 
-def encode_prompts(questions: Sequence[str], vocabulary: Any,
-                   max_prompt_len: int) -> list[list[int]]:
+def encode_prompts(
+    questions: Sequence[str], vocabulary: Any, max_prompt_len: int
+) -> list[list[int]]:
     """`question + "\\n\\n"`, the pretraining layout without the solution (no chat template)."""
     prompts = [list(vocabulary.encode(q + "\n\n")) for q in questions]
     longest = max(len(p) for p in prompts)
@@ -31,8 +33,7 @@ def encode_prompts(questions: Sequence[str], vocabulary: Any,
     return prompts
 
 
-def decode_completions(tokens_BxN: np.ndarray, lengths_B: np.ndarray,
-                       vocabulary: Any) -> list[str]:
+def decode_completions(tokens_BxN: np.ndarray, lengths_B: np.ndarray, vocabulary: Any) -> list[str]:
     """Text of each completion (the vocabulary drops EOS and everything after it)."""
     return [vocabulary.decode(row[:n].tolist()) for row, n in zip(tokens_BxN, lengths_B)]
 
@@ -50,10 +51,20 @@ class Sample:
     seconds_grading: float
 
 
-def sample_and_grade(sampler: Sampler, params: Any, problems: Sequence[dict], vocabulary: Any,
-                     sampling: SamplingParams, samples_per_prompt: int, max_prompt_len: int,
-                     rng: jax.Array, *, dataset: str, grade_timeout_s: float = 2.0,
-                     rows_per_call: int = 0) -> Sample:
+def sample_and_grade(
+    sampler: Sampler,
+    params: Any,
+    problems: Sequence[dict],
+    vocabulary: Any,
+    sampling: SamplingParams,
+    samples_per_prompt: int,
+    max_prompt_len: int,
+    rng: jax.Array,
+    *,
+    dataset: str,
+    grade_timeout_s: float = 2.0,
+    rows_per_call: int = 0,
+) -> Sample:
     """Samples `samples_per_prompt` completions of each problem ({"question", "answer"}; rows
     are prompt-major) and grades them: reward 1 if the extracted answer is correct, else 0.
     `rows_per_call` > 0 samples that many rows at a time, so the KV cache does not grow with
@@ -67,9 +78,16 @@ def sample_and_grade(sampler: Sampler, params: Any, problems: Sequence[dict], vo
     chunk = rows_per_call or rows
     if rows % chunk:
         raise ValueError(f"rows_per_call {chunk} does not divide the {rows} rows of a rollout")
-    outs = [sampler(params, prompts_BxP[i:i + chunk], prompt_lengths_B[i:i + chunk],
-                    rng if chunk == rows else jax.random.fold_in(rng, i), sampling)
-            for i in range(0, rows, chunk)]
+    outs = [
+        sampler(
+            params,
+            prompts_BxP[i : i + chunk],
+            prompt_lengths_B[i : i + chunk],
+            rng if chunk == rows else jax.random.fold_in(rng, i),
+            sampling,
+        )
+        for i in range(0, rows, chunk)
+    ]
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0], *outs)
     tokens_BxN, lengths_B = jax.device_get((out.tokens_BxN, out.lengths_B))
     sampled = time.perf_counter()
@@ -77,11 +95,22 @@ def sample_and_grade(sampler: Sampler, params: Any, problems: Sequence[dict], vo
     refs = repeat([str(p["answer"]) for p in problems])
     graded = grading.grade_batch(texts, refs, dataset=dataset, timeout_s=grade_timeout_s)
     info = RolloutInfo(
-        questions=tuple(questions), texts=tuple(texts), styles=tuple(g.style for g in graded),
+        questions=tuple(questions),
+        texts=tuple(texts),
+        styles=tuple(g.style for g in graded),
         rewards=np.array([g.reward for g in graded], np.float32),
-        correct=np.array([g.correct for g in graded]), lengths=np.asarray(lengths_B))
-    return Sample(prompts_BxP, prompt_lengths_B, out.tokens_BxN, out.lengths_B, info,
-                  sampled - start, time.perf_counter() - sampled)
+        correct=np.array([g.correct for g in graded]),
+        lengths=np.asarray(lengths_B),
+    )
+    return Sample(
+        prompts_BxP,
+        prompt_lengths_B,
+        out.tokens_BxN,
+        out.lengths_B,
+        info,
+        sampled - start,
+        time.perf_counter() - sampled,
+    )
 
 
 def _columns(info: RolloutInfo) -> list:
@@ -94,15 +123,19 @@ def truncate_info(info: RolloutInfo, rows: int) -> RolloutInfo:
 
 def concat_infos(infos: Sequence[RolloutInfo]) -> RolloutInfo:
     columns = zip(*(_columns(i) for i in infos))
-    return RolloutInfo(*(np.concatenate(c) if isinstance(c[0], np.ndarray) else sum(c, ())
-                         for c in columns))
+    return RolloutInfo(
+        *(np.concatenate(c) if isinstance(c[0], np.ndarray) else sum(c, ()) for c in columns)
+    )
 
 
 def rollout_metrics(info: RolloutInfo) -> dict[str, float]:
     """Reward, accuracy, response length and, per style label, its share and accuracy."""
     styles = np.asarray(info.styles)
-    out = {"reward_mean": float(info.rewards.mean()), "accuracy": float(info.correct.mean()),
-           "response_length": float(info.lengths.mean())}
+    out = {
+        "reward_mean": float(info.rewards.mean()),
+        "accuracy": float(info.correct.mean()),
+        "response_length": float(info.lengths.mean()),
+    }
     for style in grading.STYLE_LABELS:
         rows = styles == style
         out[f"style_share/{style}"] = float(rows.mean())

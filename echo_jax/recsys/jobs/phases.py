@@ -21,8 +21,9 @@ from echo_jax.recsys import phases
 from echo_jax.recsys.jobs.train import train_and_evaluate
 
 
-def sub_config(config: ml_collections.ConfigDict, encoder: str, rho: float,
-               seed: int) -> ml_collections.ConfigDict:
+def sub_config(
+    config: ml_collections.ConfigDict, encoder: str, rho: float, seed: int
+) -> ml_collections.ConfigDict:
     """The `recsys_train` config of one sub-run."""
     sub = ml_collections.ConfigDict(config.to_dict())
     del sub["phases"]
@@ -41,11 +42,22 @@ def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for index, (encoder, rho, seed) in enumerate(runs, start=1):
         name = phases.run_name(encoder, rho, seed)
         sub_dir = os.path.join(workdir, "runs", name)
-        train = functools.partial(train_and_evaluate, sub_config(config, encoder, rho, seed),
-                                  sub_dir, cache_dir, evaluate_in_loop=False, label=name)
-        results[name] = run_stage(train, label="phases", index=index, total=len(runs),
-                                  name=name, result_file=os.path.join(sub_dir, "result.json")
-                                  ).result
+        train = functools.partial(
+            train_and_evaluate,
+            sub_config(config, encoder, rho, seed),
+            sub_dir,
+            cache_dir,
+            evaluate_in_loop=False,
+            label=name,
+        )
+        results[name] = run_stage(
+            train,
+            label="phases",
+            index=index,
+            total=len(runs),
+            name=name,
+            result_file=os.path.join(sub_dir, "result.json"),
+        ).result
     summary = phases.summarise(config.phases, results)
     write_json(os.path.join(workdir, "results.json"), summary)
     if jax.process_index() == 0:

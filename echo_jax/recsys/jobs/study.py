@@ -21,8 +21,14 @@ from echo_jax.recsys import phases
 from echo_jax.recsys.feedback_loop import UNDEBIASED, LoopData, arm_name, check_settings, run_arm
 from echo_jax.recsys.jobs.phases import run_phases
 
-LOOP_COLUMNS = ("aigc_click_share", "llm_ratio", "rela_delta_ndcg@5", "ndcg@5/human_target",
-                "ndcg@5/llm_target", "ndcg@5")
+LOOP_COLUMNS = (
+    "aigc_click_share",
+    "llm_ratio",
+    "rela_delta_ndcg@5",
+    "ndcg@5/human_target",
+    "ndcg@5/llm_target",
+    "ndcg@5",
+)
 
 
 def phase_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -48,10 +54,14 @@ def summarise_loop(results: dict[str, dict[int, list[dict]]]) -> dict:
     out = {}
     for arm, by_seed in results.items():
         runs = list(by_seed.values())
-        out[arm] = {k: np.stack([[r[k] for r in run] for run in runs]) for k in runs[0][0]
-                    if isinstance(runs[0][0][k], (int, float))}
-        out[arm] = {k: np.stack([v.mean(0), v.min(0), v.max(0)], -1).tolist()
-                    for k, v in out[arm].items()}
+        out[arm] = {
+            k: np.stack([[r[k] for r in run] for run in runs])
+            for k in runs[0][0]
+            if isinstance(runs[0][0][k], (int, float))
+        }
+        out[arm] = {
+            k: np.stack([v.mean(0), v.min(0), v.max(0)], -1).tolist() for k, v in out[arm].items()
+        }
     return out
 
 
@@ -65,10 +75,15 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sub.model.cache_dir = cache_dir
         phase_summary = run_phases(sub, os.path.join(workdir, "phases"))
     data = LoopData(config, cache_dir)  # the arms differ only in the debiaser
-    results = {arm: run_arm(cfg, os.path.join(workdir, "loop", arm), data, label=arm)
-               for arm, cfg in arm_configs(config).items()}
-    summary = {"seeds": list(config.loop.seeds), "loop": summarise_loop(results),
-               "phases": phase_summary}
+    results = {
+        arm: run_arm(cfg, os.path.join(workdir, "loop", arm), data, label=arm)
+        for arm, cfg in arm_configs(config).items()
+    }
+    summary = {
+        "seeds": list(config.loop.seeds),
+        "loop": summarise_loop(results),
+        "phases": phase_summary,
+    }
     write_json(os.path.join(workdir, "results.json"), summary)
     if jax.process_index() == 0:
         plot_loop(summary["loop"], workdir)
@@ -79,14 +94,17 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def plot_loop(loop: dict, workdir: str) -> str:
     """Click share, RelaΔ NDCG@5 and NDCG@5 per iteration, per arm, with min-max bands."""
-    panels = (("aigc_click_share", "AIGC click share"), ("rela_delta_ndcg@5",
-              "RelaΔ NDCG@5 % (< 0: AIGC preferred)"), ("ndcg@5", "NDCG@5 (dev, HGC lists)"))
+    panels = (
+        ("aigc_click_share", "AIGC click share"),
+        ("rela_delta_ndcg@5", "RelaΔ NDCG@5 % (< 0: AIGC preferred)"),
+        ("ndcg@5", "NDCG@5 (dev, HGC lists)"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, title) in zip(axes, panels):
         for arm, metrics in loop.items():
             values = np.asarray(metrics[key])
             iters = np.arange(len(values))
-            line, = ax.plot(iters, values[:, 0], marker="o", label=arm)
+            (line,) = ax.plot(iters, values[:, 0], marker="o", label=arm)
             ax.fill_between(iters, values[:, 1], values[:, 2], color=line.get_color(), alpha=0.2)
         if key == "aigc_click_share":
             ax.axhline(0.5, color="grey", lw=0.8)
@@ -106,40 +124,67 @@ def _fmt(value: list[float], digits: int = 3) -> str:
 
 def loop_markdown(loop: dict, seeds: list[int]) -> str:
     """Per arm, the per-iteration table; then first against last click share and NDCG@5."""
-    lines = [f"### Phase 3: the feedback loop (mean over seeds {seeds}, [min, max])", "",
-             "`ndcg@5/*_target`: the paired dev lists (both copies of every candidate) with the "
-             "human or the AIGC copy as the relevant one; `ndcg@5`: the dev lists of human "
-             "copies, as shown.", ""]
+    lines = [
+        f"### Phase 3: the feedback loop (mean over seeds {seeds}, [min, max])",
+        "",
+        "`ndcg@5/*_target`: the paired dev lists (both copies of every candidate) with the "
+        "human or the AIGC copy as the relevant one; `ndcg@5`: the dev lists of human "
+        "copies, as shown.",
+        "",
+    ]
     for arm, m in loop.items():
-        lines += [f"**{arm}**", "", "| iteration | " + " | ".join(LOOP_COLUMNS) + " |",
-                  "|---" * (len(LOOP_COLUMNS) + 1) + "|"]
+        lines += [
+            f"**{arm}**",
+            "",
+            "| iteration | " + " | ".join(LOOP_COLUMNS) + " |",
+            "|---" * (len(LOOP_COLUMNS) + 1) + "|",
+        ]
         for t in range(len(m["iteration"])):
             cells = [_fmt(m[c][t], 1 if c.startswith("rela") else 3) for c in LOOP_COLUMNS]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["Iteration 0 trains on human text only; its click share is 0 by construction. "
-              "Last iteration against the first with simulated clicks:", "",
-              "| arm | click share, iteration 1 | click share, last | mean NDCG@5, iterations "
-              "1..T |", "|---|---|---|---|"]
+    lines += [
+        "Iteration 0 trains on human text only; its click share is 0 by construction. "
+        "Last iteration against the first with simulated clicks:",
+        "",
+        "| arm | click share, iteration 1 | click share, last | mean NDCG@5, iterations 1..T |",
+        "|---|---|---|---|",
+    ]
     for arm, m in loop.items():
         ndcg = np.mean([v[0] for v in m["ndcg@5"][1:]])
-        lines.append(f"| {arm} | {_fmt(m['aigc_click_share'][1])} | "
-                     f"{_fmt(m['aigc_click_share'][-1])} | {ndcg:.3f} |")
+        lines.append(
+            f"| {arm} | {_fmt(m['aigc_click_share'][1])} | "
+            f"{_fmt(m['aigc_click_share'][-1])} | {ndcg:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def report(config: ml_collections.ConfigDict, summary: dict) -> str:
     """`report.md`: the setup in one paragraph, the loop figure and tables, phases 1 and 2."""
     d, loop = config.data, config.loop
-    parts = [f"# Source bias in the recommender feedback loop ({config.variant})", "",
-             f"Data `{d.name}`, item tower `{config.model.item_tower}`, loop recommender "
-             f"`{config.model.user_encoder}`; {loop.iterations} loop iterations of "
-             f"{loop.train_steps} steps (batch {config.train.batch_size}) from scratch, clicks "
-             + ("on the better-ranked copy" if loop.click_eta <= 0 else
-                f"position-biased (eta {loop.click_eta})")
-             + f"; debiaser alpha {config.debias.alpha}, beta {config.debias.beta}.", "",
-             "![loop](plots/loop.png)", "", loop_markdown(summary["loop"], summary["seeds"])]
+    parts = [
+        f"# Source bias in the recommender feedback loop ({config.variant})",
+        "",
+        f"Data `{d.name}`, item tower `{config.model.item_tower}`, loop recommender "
+        f"`{config.model.user_encoder}`; {loop.iterations} loop iterations of "
+        f"{loop.train_steps} steps (batch {config.train.batch_size}) from scratch, clicks "
+        + (
+            "on the better-ranked copy"
+            if loop.click_eta <= 0
+            else f"position-biased (eta {loop.click_eta})"
+        )
+        + f"; debiaser alpha {config.debias.alpha}, beta {config.debias.beta}.",
+        "",
+        "![loop](plots/loop.png)",
+        "",
+        loop_markdown(summary["loop"], summary["seeds"]),
+    ]
     if summary["phases"] is not None:
-        parts += ["## Phases 1 and 2", "", "![phase 2](phases/plots/phase2.png)", "",
-                  phases.markdown(summary["phases"])]
+        parts += [
+            "## Phases 1 and 2",
+            "",
+            "![phase 2](phases/plots/phase2.png)",
+            "",
+            phases.markdown(summary["phases"]),
+        ]
     return "\n".join(parts)

@@ -30,15 +30,20 @@ from echo_jax.recsys.text_encoder import WordVocab
 DATASETS = ("controlled", "beauty637")
 
 
-def load_dataset(data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
-                 ) -> tuple[data.RecDataset, TextRows]:
+def load_dataset(
+    data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
+) -> tuple[data.RecDataset, TextRows]:
     """The dataset and its text rows: `(hgc, aigc)` sources, every item in both, plus the
     rewrite of the AIGC text (the debiaser's third source) when `with_rewrite`."""
     if data_cfg.name == "controlled":
         ds = catalogue.make_controlled_catalogue(
-            seed=data_cfg.catalogue_seed, num_users=data_cfg.num_users,
-            num_items=data_cfg.num_items, num_topics=data_cfg.num_topics,
-            history_len=data_cfg.history_len, rewrite_strength=data_cfg.rewrite_strength)
+            seed=data_cfg.catalogue_seed,
+            num_users=data_cfg.num_users,
+            num_items=data_cfg.num_items,
+            num_topics=data_cfg.num_topics,
+            history_len=data_cfg.history_len,
+            rewrite_strength=data_cfg.rewrite_strength,
+        )
         aigc = data_cfg.aigc_source or catalogue.SIM_LLM
         rewrite = data_cfg.rewrite_source or catalogue.SIM_LLM_REWRITE
     elif data_cfg.name == "beauty637":
@@ -52,17 +57,22 @@ def load_dataset(data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
     if not with_rewrite:
         return ds, TextRows(tuple(ds.items), (data.HGC, aigc))
     if rewrite not in ds.texts:
-        raise ConfigError(f"data.rewrite_source {rewrite!r} not in {sorted(ds.texts)} (the "
-                          f"feedback loop loads it for both arms, the undebiased one included)")
+        raise ConfigError(
+            f"data.rewrite_source {rewrite!r} not in {sorted(ds.texts)} (the "
+            f"feedback loop loads it for both arms, the undebiased one included)"
+        )
     missing = set(ds.items) - set(ds.texts[rewrite])
     if missing:
-        raise ConfigError(f"data.rewrite_source {rewrite!r} has no text for {len(missing)} "
-                          f"items (e.g. {sorted(missing)[0]!r})")
+        raise ConfigError(
+            f"data.rewrite_source {rewrite!r} has no text for {len(missing)} "
+            f"items (e.g. {sorted(missing)[0]!r})"
+        )
     return ds, TextRows(tuple(ds.items), (data.HGC, aigc, rewrite))
 
 
-def feature_table(config: ml_collections.ConfigDict, ds: data.RecDataset, rows: TextRows,
-                  cache_dir: str) -> tuple[np.ndarray, int]:
+def feature_table(
+    config: ml_collections.ConfigDict, ds: data.RecDataset, rows: TextRows, cache_dir: str
+) -> tuple[np.ndarray, int]:
     """`[R, F]` item features and the vocabulary size (0 for frozen vectors)."""
     texts = rows.texts(ds)
     if config.model.item_tower == "minilm":
@@ -98,21 +108,37 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str) -> Prepared:
     table, vocab_size = feature_table(config, ds, rows, cache_dir)
     d = config.data
     return Prepared(
-        rows=rows, texts=rows.texts(ds), table=table,
+        rows=rows,
+        texts=rows.texts(ds),
+        table=table,
         model=Recommender(model_config(config, vocab_size)),
-        train_arrays=encode_impressions(ds.splits[d.train_split], rows, d.history_len,
-                                        d.aigc_share, swap_seed=config.seed + rng.TRAIN_SWAP),
-        eval_arrays=encode_impressions(ds.splits[d.eval_split], rows, d.history_len,
-                                       d.aigc_share, swap_seed=config.seed + rng.EVAL_SWAP))
+        train_arrays=encode_impressions(
+            ds.splits[d.train_split],
+            rows,
+            d.history_len,
+            d.aigc_share,
+            swap_seed=config.seed + rng.TRAIN_SWAP,
+        ),
+        eval_arrays=encode_impressions(
+            ds.splits[d.eval_split],
+            rows,
+            d.history_len,
+            d.aigc_share,
+            swap_seed=config.seed + rng.EVAL_SWAP,
+        ),
+    )
 
 
-def build_task(config: ml_collections.ConfigDict, mesh, prep: Prepared
-               ) -> tuple[TrainTask, Callable]:
+def build_task(
+    config: ml_collections.ConfigDict, mesh, prep: Prepared
+) -> tuple[TrainTask, Callable]:
     """The shared loop's task (without evaluation) and `evaluate(state)` on the dev split."""
     d, t = config.data, config.train
     if t.batch_size % (sharding.batch_divisor(mesh) * jax.process_count()):
-        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the "
-                          f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh")
+        raise ConfigError(
+            f"train.batch_size {t.batch_size} is not divisible by the "
+            f"{sharding.batch_divisor(mesh)} data x fsdp shards of the mesh"
+        )
     tx = rtrain.make_optimizer(t.lr, t.weight_decay)
     num_items = len(prep.rows.items)
     num_candidates = prep.train_arrays["candidates"].shape[1]
@@ -124,30 +150,54 @@ def build_task(config: ml_collections.ConfigDict, mesh, prep: Prepared
     except ValueError as e:
         raise ConfigError(str(e)) from None
     task = TrainTask(
-        init_state=rtrain.make_init_state(prep.model, tx, prep.table, d.history_len,
-                                          num_candidates),
+        init_state=rtrain.make_init_state(
+            prep.model, tx, prep.table, d.history_len, num_candidates
+        ),
         train_step=step,
         train_iter=make_train_iterator(
-            prep.train_arrays, t.batch_size // jax.process_count(), config.seed,
-            jax.process_index(), jax.process_count()),
-        meta={"model": {**dataclasses.asdict(prep.model.cfg), "data": d.to_dict(),
-                        "loss": t.loss, "debias": dataclasses.asdict(debias)}},
+            prep.train_arrays,
+            t.batch_size // jax.process_count(),
+            config.seed,
+            jax.process_index(),
+            jax.process_count(),
+        ),
+        meta={
+            "model": {
+                **dataclasses.asdict(prep.model.cfg),
+                "data": d.to_dict(),
+                "loss": t.loss,
+                "debias": dataclasses.asdict(debias),
+            }
+        },
         tokens_per_step=t.batch_size,  # examples per step
     )
     scorer = rtrain.Scorer(prep.model, prep.table)
     return task, rtrain.make_evaluate(scorer, prep.eval_arrays, num_items)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
-                       evaluate_in_loop: bool = True, label: str = "recsys") -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    cache_dir: str,
+    evaluate_in_loop: bool = True,
+    label: str = "recsys",
+) -> dict[str, float]:
     """One training run through the shared loop (resumed if `workdir` has checkpoints); returns
     the final evaluation."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
     task, evaluate = build_task(config, mesh, prepare(config, cache_dir))
     if evaluate_in_loop:
         task.evaluate = evaluate
-    state = train(task, LoopConfig.from_config(config.train), mesh, config.sharding.rules,
-                  workdir, config.seed, config=config, label=label)
+    state = train(
+        task,
+        LoopConfig.from_config(config.train),
+        mesh,
+        config.sharding.rules,
+        workdir,
+        config.seed,
+        config=config,
+        label=label,
+    )
     return evaluate(state)
 
 
@@ -158,6 +208,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     if jax.process_index() == 0:
         plots.plot_curves(workdir, ["train/loss"], "train_loss.png", "training loss")
         plots.plot_curves(workdir, ["eval/ndcg@", "eval/full/"], "eval.png", "dev ranking")
-        plots.plot_curves(workdir, ["bias/llm_ratio", "bias/rela_delta/ndcg@"],
-                          "source_bias.png", "source bias on paired lists")
+        plots.plot_curves(
+            workdir,
+            ["bias/llm_ratio", "bias/rela_delta/ndcg@"],
+            "source_bias.png",
+            "source bias on paired lists",
+        )
     return result

@@ -22,16 +22,20 @@ from tests.lm.packing import ragged_packed
 
 
 # Unshuffled rows take the kernel's per-example key ranges, shuffled ones its whole-row path.
-@pytest.mark.parametrize("length,head_dim,shuffled", [
-    (40, 32, False), (5, 64, False), (37, 128, False), (48, 32, True), (23, 64, True)])
+@pytest.mark.parametrize(
+    "length,head_dim,shuffled",
+    [(40, 32, False), (5, 64, False), (37, 128, False), (48, 32, True), (23, 64, True)],
+)
 def test_kernel_equals_xla_attention(length, head_dim, shuffled):
     """Smeared keys, RoPE and dense attention as the model's XLA path computes them."""
     build.require()
     batch, heads, theta = 3, 2, 10_000.0
     _, positions, segments = ragged_packed(batch, length, seed=length, shuffled=shuffled)
     rng = np.random.default_rng(head_dim)
-    q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
-               for _ in range(3))
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+        for _ in range(3)
+    )
     gate = jnp.asarray(rng.uniform(size=heads), jnp.float32)
     real = (segments > 0)[:, :, None, None]
     weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # reads real rows only
@@ -42,12 +46,19 @@ def test_kernel_equals_xla_attention(length, head_dim, shuffled):
     def xla(q, k, v, gate):
         k = attention.rope(attention.smear_keys(k, positions, gate), positions, theta)
         return attention.dense_attention(
-            attention.rope(q, positions, theta), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-            positions, segments, positions, segments)
+            attention.rope(q, positions, theta),
+            k.transpose(0, 2, 1, 3),
+            v.transpose(0, 2, 1, 3),
+            positions,
+            segments,
+            positions,
+            segments,
+        )
 
     cos, sin = attention.rope_tables(length, head_dim, theta)
-    kernel = jax.jit(lambda q, k, v, gate: cpu_attention.attention(
-        q, k, v, positions, segments, cos, sin, gate))
+    kernel = jax.jit(
+        lambda q, k, v, gate: cpu_attention.attention(q, k, v, positions, segments, cos, sin, gate)
+    )
     want, got = xla(q, k, v, gate), kernel(q, k, v, gate)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
     np.testing.assert_array_equal(np.where(real, 0, got), 0)  # padding queries: zeros
@@ -68,15 +79,25 @@ def test_positions_outside_the_rope_table_are_an_error():
     positions = jnp.arange(8)[None]
     cos, sin = attention.rope_tables(4, 32, 10_000.0)
     with pytest.raises(Exception, match=r"position lies outside the RoPE table \[0, 4\)"):
-        jax.block_until_ready(cpu_attention.attention(q, q, q, positions, positions * 0 + 1,
-                                                      cos, sin, jnp.zeros(2)))
+        jax.block_until_ready(
+            cpu_attention.attention(q, q, q, positions, positions * 0 + 1, cos, sin, jnp.zeros(2))
+        )
 
 
 def test_model_with_kernel_equals_xla():
     """Loss and parameter gradients of a (rematerialised) model, kernel vs XLA blocked path."""
-    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
-                          max_len=48, smear_keys=True, remat=True, attention_block=16,
-                          kernel_overrides=(("attention", "xla"),))
+    xla_cfg = ModelConfig(
+        vocab_size=64,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        mlp_dim=128,
+        max_len=48,
+        smear_keys=True,
+        remat=True,
+        attention_block=16,
+        kernel_overrides=(("attention", "xla"),),
+    )
     assert_same_loss_and_grads(xla_cfg, with_choices(xla_cfg, attention="cpu"), seed=7)
 
 
@@ -108,13 +129,29 @@ def test_checkpoints_do_not_record_the_kernel_choice():
 
 def test_kernel_choice_is_validated():
     with pytest.raises(ValueError, match="kernels must be 'auto' or 'xla'"):
-        ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
-                    kernels="fast")
+        ModelConfig(
+            vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8, kernels="fast"
+        )
     with pytest.raises(ValueError, match="kernel_overrides holds"):
-        ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
-                    kernel_overrides=(("attention", "fast"),))
-    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
-                      dtype="bfloat16", kernel_overrides=(("attention", "cpu"),))
+        ModelConfig(
+            vocab_size=8,
+            d_model=64,
+            n_layers=1,
+            n_heads=2,
+            mlp_dim=8,
+            max_len=8,
+            kernel_overrides=(("attention", "fast"),),
+        )
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=64,
+        n_layers=1,
+        n_heads=2,
+        mlp_dim=8,
+        max_len=8,
+        dtype="bfloat16",
+        kernel_overrides=(("attention", "cpu"),),
+    )
     tokens = jnp.zeros((1, 8), jnp.int32)
     with pytest.raises(ValueError, match="needs float32 activations and a head dim"):
         Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
@@ -138,10 +175,16 @@ for choice in ("auto", "cpu"):
 
 
 def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path):
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
-           "ECHO_JAX_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", _NO_COMPILER], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "ECHO_JAX_CACHE": str(tmp_path / "cache"),
+        "XLA_FLAGS": "",
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_COMPILER], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "auto ran"

@@ -38,12 +38,18 @@ def test_prepare_builds_only_where_a_kernel_may_run(monkeypatch):
     assert built(with_choices(xla_cfg, attention="cpu"), four_devices) == ["require"]
 
 
-@pytest.mark.parametrize("overrides,kernels,kernel_overrides", [
-    ((), "auto", ()),
-    (("model.kernels=xla",), "xla", ()),
-    (("model.kernel_overrides=(('attention', 'xla'), ('swiglu', 'cpu'))",), "auto",
-     (("attention", "xla"), ("swiglu", "cpu"))),
-])
+@pytest.mark.parametrize(
+    "overrides,kernels,kernel_overrides",
+    [
+        ((), "auto", ()),
+        (("model.kernels=xla",), "xla", ()),
+        (
+            ("model.kernel_overrides=(('attention', 'xla'), ('swiglu', 'cpu'))",),
+            "auto",
+            (("attention", "xla"), ("swiglu", "cpu")),
+        ),
+    ],
+)
 def test_switches_from_the_command_line(overrides, kernels, kernel_overrides):
     config = load_config(str(REPO / "configs/lm_pretrain.py:tiny"), overrides)
     cfg = pretrain.model_config(config)

@@ -23,8 +23,9 @@ def test_kernel_equals_xla_norm(shape):
     x = rng.normal(size=shape) * rng.choice([1e-4, 1.0, 30.0], size=(*shape[:-1], 1))
     x, weights = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, size=shape[-1]), jnp.float32)
-    xla_cfg = ModelConfig(vocab_size=8, d_model=shape[-1], n_layers=1, n_heads=1, mlp_dim=8,
-                          max_len=8, kernels="xla")
+    xla_cfg = ModelConfig(
+        vocab_size=8, d_model=shape[-1], n_layers=1, n_heads=1, mlp_dim=8, max_len=8, kernels="xla"
+    )
 
     def xla(x, scale):
         return Norm(xla_cfg).apply({"params": {"scale": scale}}, x)
@@ -46,43 +47,66 @@ def test_scale_gradient_does_not_depend_on_threads():
     build.require()
     rng = np.random.default_rng(0)
     x, dy = (jnp.asarray(rng.normal(size=(4096, 128)), jnp.float32) for _ in range(2))
-    grad = jax.jit(jax.grad(lambda x, s: (cpu_rms_norm.rms_norm(x, s, ops.NORM_EPS) * dy).sum(),
-                            argnums=1))
+    grad = jax.jit(
+        jax.grad(lambda x, s: (cpu_rms_norm.rms_norm(x, s, ops.NORM_EPS) * dy).sum(), argnums=1)
+    )
     first = np.asarray(grad(x, jnp.ones(128)))
     for _ in range(5):
         np.testing.assert_array_equal(grad(x, jnp.ones(128)), first)
 
 
 def test_model_with_the_kernel_equals_xla():
-    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
-                          max_len=32, smear_keys=True,
-                          kernel_overrides=(("attention", "xla"), ("rms_norm", "xla")))
+    xla_cfg = ModelConfig(
+        vocab_size=64,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        mlp_dim=128,
+        max_len=32,
+        smear_keys=True,
+        kernel_overrides=(("attention", "xla"), ("rms_norm", "xla")),
+    )
     assert_same_loss_and_grads(xla_cfg, with_choices(xla_cfg, rms_norm="cpu"), seed=5)
 
 
 def test_cached_decoding_through_the_kernel_equals_xla():
     """The sampler's path: a prefill, then one token at a time through the KV cache."""
     build.require()
-    xla_cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, mlp_dim=128,
-                          max_len=16, smear_keys=True,
-                          kernel_overrides=(("attention", "xla"), ("rms_norm", "xla")))
+    xla_cfg = ModelConfig(
+        vocab_size=64,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        mlp_dim=128,
+        max_len=16,
+        smear_keys=True,
+        kernel_overrides=(("attention", "xla"), ("rms_norm", "xla")),
+    )
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 10)), jnp.int32)
     positions, segments = jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), jnp.int32)
     params = Transformer(xla_cfg).init(jax.random.key(0), tokens, positions, segments)
 
     def decode(cfg):
         model, cache = Transformer(cfg), init_cache(cfg, 2, 16)
-        logits, cache = model.apply(params, tokens[:, :6], positions[:, :6], segments[:, :6],
-                                    cache=cache, cache_index=0)
+        logits, cache = model.apply(
+            params, tokens[:, :6], positions[:, :6], segments[:, :6], cache=cache, cache_index=0
+        )
         steps = [logits]
         for i in range(6, 10):
-            logits, cache = model.apply(params, tokens[:, i:i + 1], positions[:, i:i + 1],
-                                        segments[:, i:i + 1], cache=cache, cache_index=i)
+            logits, cache = model.apply(
+                params,
+                tokens[:, i : i + 1],
+                positions[:, i : i + 1],
+                segments[:, i : i + 1],
+                cache=cache,
+                cache_index=i,
+            )
             steps.append(logits)
         return np.concatenate(steps, 1)
 
-    np.testing.assert_allclose(decode(with_choices(xla_cfg, rms_norm="cpu")),
-                               decode(xla_cfg), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        decode(with_choices(xla_cfg, rms_norm="cpu")), decode(xla_cfg), rtol=1e-5, atol=1e-5
+    )
 
 
 def _runs_kernel(cfg, mesh=None) -> bool:
@@ -91,8 +115,15 @@ def _runs_kernel(cfg, mesh=None) -> bool:
 
 def test_auto_runs_the_kernel_on_one_cpu_device_only():
     build.require()
-    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=16,
-                      kernel_overrides=(("attention", "xla"),))
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=64,
+        n_layers=1,
+        n_heads=2,
+        mlp_dim=8,
+        max_len=16,
+        kernel_overrides=(("attention", "xla"),),
+    )
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     four_devices = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
     assert _runs_kernel(cfg, one_device)
@@ -105,15 +136,30 @@ def test_auto_runs_the_kernel_on_one_cpu_device_only():
 
 def test_what_the_kernel_cannot_run_is_an_error_for_cpu():
     with pytest.raises(ValueError, match="choice one of \\('auto', 'cpu', 'xla'\\)"):
-        ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
-                    kernel_overrides=(("rms_norm", "fast"),))
+        ModelConfig(
+            vocab_size=8,
+            d_model=64,
+            n_layers=1,
+            n_heads=2,
+            mlp_dim=8,
+            max_len=8,
+            kernel_overrides=(("rms_norm", "fast"),),
+        )
     tokens = jnp.zeros((1, 8), jnp.int32)
-    cfg = ModelConfig(vocab_size=8, d_model=72, n_layers=1, n_heads=2, mlp_dim=8, max_len=8,
-                      kernel_overrides=(("rms_norm", "cpu"), ("attention", "xla")))
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=72,
+        n_layers=1,
+        n_heads=2,
+        mlp_dim=8,
+        max_len=8,
+        kernel_overrides=(("rms_norm", "cpu"), ("attention", "xla")),
+    )
     with pytest.raises(ValueError, match="'cpu' needs d_model a multiple of 16, got 72"):
         Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1)
     with pytest.raises(ValueError, match="rms_norm='cpu' needs norm='rms'"):
         Transformer(dataclasses.replace(cfg, d_model=64, norm="layernorm")).init(
-            jax.random.key(0), tokens, tokens, tokens + 1)
+            jax.random.key(0), tokens, tokens, tokens + 1
+        )
     cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=2, mlp_dim=8, max_len=8)
     assert config_meta(cfg) == config_meta(with_choices(cfg, rms_norm="xla"))
