@@ -7,6 +7,7 @@ are read (an Orbax partial restore), so neither the optimizer nor its config is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -57,12 +58,20 @@ def latest_step(workdir: str) -> int:
     return max(steps)
 
 
+def _from_meta(fields: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint's meta describes. Checkpoints written before the CPU choices
+    became `kernels` (RL's, up to session 6) also hold `attention_kernel`, `dense_grads`,
+    `norm_kernel` and `mlp_kernel`, which choose how a step runs: dropped."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+
+
 def model_config(workdir: str, step: int | None = None) -> ModelConfig:
     """The model config of the latest checkpoint (or `step`) of `workdir`, from its metadata."""
     step = latest_step(workdir) if step is None else step
     ckpt = Checkpointer(str(checkpoint_dir(workdir)), async_save=False)
     try:
-        return ModelConfig(**ckpt.read_meta(step)["model"])
+        return _from_meta(ckpt.read_meta(step)["model"])
     finally:
         ckpt.close()
 
@@ -83,7 +92,7 @@ def load_params(
     try:
         if step not in ckpt.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}")
-        cfg = ModelConfig(**ckpt.read_meta(step)["model"])
+        cfg = _from_meta(ckpt.read_meta(step)["model"])
         tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
         shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
         where = (

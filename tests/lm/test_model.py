@@ -12,8 +12,8 @@ from flax import linen as nn
 from echo_jax.core import sharding
 from echo_jax.core.config import load_config
 from echo_jax.core.train_loop import initial_state, jit_train_step
-from echo_jax.lm import attention, pretrain
-from echo_jax.lm.model import ModelConfig, Transformer, init_cache, param_count
+from echo_jax.lm import attention, pretrain, restore
+from echo_jax.lm.model import ModelConfig, Transformer, config_meta, init_cache, param_count
 from tests.conftest import REPO
 from tests.lm.packing import ragged_packed
 
@@ -207,3 +207,16 @@ def test_sharded_step_equals_single_device():
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params
         )
+
+
+def test_model_meta_of_a_checkpoint_from_before_the_kernels_switch_still_loads():
+    """RL checkpoints of session 6 and earlier recorded the four CPU-path choices."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, mlp_dim=64, max_len=16)
+    old = {
+        **config_meta(cfg)["model"],
+        "attention_kernel": "auto",
+        "dense_grads": "auto",
+        "norm_kernel": "auto",
+        "mlp_kernel": "auto",
+    }
+    assert dataclasses.asdict(restore._from_meta(old)) == dataclasses.asdict(cfg)
