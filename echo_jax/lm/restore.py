@@ -19,14 +19,10 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from echo_jax.core import stages
 from echo_jax.core.checkpoint import Checkpointer
+from echo_jax.core.stages import checkpoint_dir
 from echo_jax.lm.model import ModelConfig, Transformer
-
-
-def checkpoint_dir(workdir: str) -> pathlib.Path:
-    """`workdir/checkpoints` for a run directory; `workdir` itself when it is that folder."""
-    path = pathlib.Path(workdir).resolve()
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
 def vocab_name(workdir: str) -> str:
@@ -49,13 +45,10 @@ def vocab_name(workdir: str) -> str:
 
 def latest_step(workdir: str) -> int:
     """The newest checkpointed step of `workdir`; FileNotFoundError naming the folder if none."""
-    directory = checkpoint_dir(workdir)
-    steps = (
-        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
-    )
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
-    return max(steps)
+    step = stages.latest_step(workdir)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+    return step
 
 
 def _from_meta(fields: dict) -> ModelConfig:

@@ -21,6 +21,7 @@ from echo_jax.core.train_loop import TrainTask, initial_state, jit_train_step
 from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig
 from tests.conftest import REPO
+from tests.lm import test_rl_job as rl_job_test
 
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 SHARDED = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -172,21 +173,9 @@ def test_sharded_update_equals_one_device_update(algo_name):
 # --- A sharded RL run killed with SIGKILL resumes bitwise. ---
 
 STEPS = 8
-# An untrained pretraining run whose dims divide the mesh (d_model 32 / fsdp; 2 heads, mlp 64 and
-# the 1024-piece vocabulary / tensor), on one device.
-PRETRAIN = [
-    "--config.model.d_model=32",
-    "--config.model.n_layers=1",
-    "--config.model.n_heads=2",
-    "--config.model.mlp_dim=64",
-    "--config.data.examples_per_style=500",
-    "--config.data.eval_examples=4",
-    "--config.train.num_steps=2",
-    "--config.train.batch_size=4",
-    "--config.train.warmup_steps=1",
-    "--config.train.checkpoint_every=2",
-    "--config.mesh.data=1",
-]
+# test_rl_job's untrained pretraining run: its dims divide the mesh (d_model 32 / fsdp; 2 heads,
+# mlp 64 and the 1024-piece vocabulary / tensor), trained on one device.
+PRETRAIN = rl_job_test.PRETRAIN
 # 8 rows per rollout (divisible by data x fsdp = 4), sampled 4 at a time; no evaluation.
 RL = [
     "--config.mesh.data=2",
