@@ -74,11 +74,13 @@ def {call}():
 class Extraction:
     """`style` is the study's label; `status` is "ok", "no_answer", "no_code" or the sandbox's
     failure status ("error", "timeout", "memory", "killed"). A non-"ok" code status with an
-    answer means the answer came from the text fallback."""
+    answer means the answer came from the text fallback. `error` is the sandbox's one-line
+    reason for a failure status (`SandboxResult.error`), "" otherwise."""
 
     style: str
     answer: str | None
     status: str
+    error: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Graded:
     answer: str | None
     correct: bool
     status: str
+    error: str = ""
 
     @property
     def reward(self) -> float:
@@ -211,7 +214,7 @@ def _extraction(text: str, style: str, result: sandbox.SandboxResult | None) -> 
     if result is None:
         return Extraction(style, text_answer(text), "no_code")
     if result.status != "ok":
-        return Extraction(style, text_answer(text), result.status)
+        return Extraction(style, text_answer(text), result.status, result.error)
     answer = _code_answer(style, result.value)
     if answer is None:
         return Extraction(style, text_answer(text), "no_answer")
@@ -330,7 +333,7 @@ def grade_batch(
         raise ValueError(f"grade_batch: {len(texts)} texts but {len(refs)} refs")
     extractions = extract_answers(texts, timeout_s=timeout_s, memory_mb=memory_mb)
     return [
-        Graded(e.style, e.answer, is_correct(e.answer, ref, dataset=dataset), e.status)
+        Graded(e.style, e.answer, is_correct(e.answer, ref, dataset=dataset), e.status, e.error)
         for e, ref in zip(extractions, refs)
     ]
 

@@ -4,7 +4,10 @@ A `Sandbox` owns a few *fork servers*: fresh ``python -I`` processes running thi
 so they import only the stdlib and never inherit the caller's JAX/TF threads. Each server starts
 with a minimal fixed environment (nothing of the caller's), isolates itself once (new network, IPC
 and mount namespaces; private tmpfs over /tmp-like dirs; procfs with hidepid) and then forks one
-child per program; it never runs untrusted code itself. The child starts a new session, applies
+child per program; it never runs untrusted code itself. The interpreter's directories (its prefixes
+and ``sys.path``) stay importable: where a tmpfs would hide them (a virtualenv under /tmp, pyenv
+under a 0700 /root) they are bind-mounted back read-only, and the per-program cleanup of the
+private tmp dirs never touches them. The child starts a new session, applies
 rlimits (CPU, address space, NPROC=0, file size, fds), drops to an unprivileged uid/gid of its own
 (one per server, from `UID_BASE`; needs root), sets no_new_privs and PDEATHSIG, installs a seccomp
 filter (socket, kill & co, ptrace, namespace, mount and io_uring syscalls fail with EPERM) and only
@@ -67,6 +70,8 @@ _ENV = {
 }
 _NEWNS, _NEWIPC, _NEWUSER, _NEWNET = 0x20000, 0x8000000, 0x10000000, 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+_MS_RDONLY, _MS_REMOUNT, _MNT_DETACH = 1, 32, 2
+_ST_LOCKABLE = os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME | os.ST_RELATIME  # = their MS_*
 _PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_SET_NO_NEW_PRIVS, _SECCOMP_MODE_FILTER = 1, 22, 38, 2
 # Syscalls denied with EPERM: socket, ptrace, bpf, userfaultfd, perf_event_open, keyctl, add_key,
 # request_key, unshare, setns, mount, umount2, pivot_root, kill, tkill, tgkill, rt_sigqueueinfo,
@@ -136,6 +141,19 @@ class SandboxResult:
     stderr: str
     value: str | None  # repr() of call's return value when status == "ok" and call was given
 
+    @property
+    def error(self) -> str:
+        """Why the program failed, in one line; "" when it did not.
+
+        The last line of stderr: for "error"/"memory" the traceback's last line (e.g.
+        "ModuleNotFoundError: No module named 'sympy'"), for "timeout"/"killed" the
+        ``[sandbox] ...`` note, which is always appended last.
+        """
+        if self.status == "ok":
+            return ""
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1].strip() if lines else ""
+
 
 def _send(fd: int, obj: object) -> None:
     data = json.dumps(obj).encode()
@@ -168,6 +186,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class _SockFilter(ctypes.Structure):
@@ -304,16 +323,12 @@ def _isolate_server(uid: int) -> dict:
         "private_tmp": False,
         "hidepid": False,
         "server_pid": os.getpid(),
+        "keep": [],  # environment dirs bound into the private tmp dirs: `_cleanup` skips them
     }
     if root and _libc.unshare(_NEWNS | _NEWNET | _NEWIPC) == 0:
         ctx["netns"] = True
         if _libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:  # else: no mounts
-            _expose_python()
-            ctx["private_tmp"] = all(
-                _libc.mount(b"tmpfs", d.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, TMPFS_OPTS) == 0
-                for d in _PRIVATE_TMP
-                if os.path.isdir(d)
-            )
+            ctx["private_tmp"], ctx["keep"] = _mount_private_tmp()
             # Before 5.8 all procfs mounts of a pid namespace share options: leave them alone.
             if tuple(map(int, platform.release().split(".")[:2])) >= (5, 8):
                 flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
@@ -329,30 +344,91 @@ def _isolate_server(uid: int) -> dict:
     return ctx
 
 
-def _expose_python() -> None:
-    """Keeps the interpreter importable for the sandbox uid inside the mount namespace.
+def _python_paths() -> set[str]:
+    """The interpreter's directories (prefixes, existing sys.path dirs), as given and resolved."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *filter(os.path.isdir, sys.path)}
+    return {os.path.normpath(f(p)) for p in paths for f in (os.path.abspath, os.path.realpath)}
+
+
+def _is_under(path: str, root: str) -> bool:
+    """`path` lies strictly inside `root` (both normalised; "/" contains nothing here)."""
+    return path.startswith(root + os.sep)
+
+
+def _outermost(paths: set[str]) -> list[str]:
+    """The paths not inside another of them: exposing these exposes all."""
+    return sorted(p for p in paths if not any(_is_under(p, q) for q in paths))
+
+
+def _makedirs(path: str) -> None:
+    """`os.makedirs` with mode 0755 whatever the umask: the sandbox uid must traverse them."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _makedirs(parent)
+    if not os.path.isdir(path):
+        os.mkdir(path)
+        os.chmod(path, 0o755)
+
+
+def _bind_readonly(fd: int, path: str) -> None:
+    """Bind-mounts the directory open as O_PATH `fd` on `path` (created as needed), read-only.
+
+    A bind mount takes its source's write permission: the read-only remount is a second step,
+    which must repeat the source's exec/atime flags (they may be locked). Where it fails the
+    bind is detached again, so the environment is never exposed writable.
+    """
+    _makedirs(path)
+    target = path.encode()
+    if _libc.mount(f"/proc/self/fd/{fd}".encode(), target, None, _MS_BIND | _MS_REC, None) != 0:
+        return
+    same = os.statvfs(path).f_flag & _ST_LOCKABLE
+    flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | same
+    if _libc.mount(None, target, None, flags, None) != 0 and _libc.umount2(target, _MNT_DETACH):
+        raise OSError(ctypes.get_errno(), f"cannot make the bind mount on {path} read-only")
+
+
+def _expose_python(paths: set[str], fds: dict[str, int]) -> None:
+    """Keeps `paths` (none inside a private tmp dir) importable for the sandbox uid.
 
     With e.g. pyenv under /root (mode 0700), a tmpfs is mounted over the first untraversable
     ancestor, hiding its contents, and only the Python directories are bind-mounted back.
     """
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *filter(os.path.isdir, sys.path)}
-    paths = {p for p in paths if not any(p.startswith(q + os.sep) for q in paths)}
     by_blocker: dict[str, list[str]] = {}
-    for path in paths:
+    for path in _outermost(paths):
         parts = path.split(os.sep)
         blocked = (os.sep.join(parts[:i]) for i in range(2, len(parts)))
         blocker = next((a for a in blocked if not os.stat(a).st_mode & 0o001), None)
         if blocker:
             by_blocker.setdefault(blocker, []).append(path)
     for blocker, inner in by_blocker.items():
-        fds = [os.open(p, os.O_PATH) for p in inner]
+        for path in inner:
+            fds[path] = os.open(path, os.O_PATH)  # before the tmpfs hides it
         _libc.mount(b"tmpfs", blocker.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755")
-        for path, fd in zip(inner, fds):
-            os.makedirs(path, 0o755, exist_ok=True)
-            _libc.mount(
-                f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None
-            )
-            os.close(fd)
+
+
+def _mount_private_tmp() -> tuple[bool, list[str]]:
+    """Private tmpfs over each of `_PRIVATE_TMP`, the interpreter's directories kept importable.
+
+    Directories of the interpreter inside a private tmp dir (a virtualenv under /tmp) are opened
+    before the tmpfs hides them and bound back read-only after. Returns whether every tmpfs was
+    mounted and the paths bound into them (empty dirs where a bind failed), which `_cleanup`
+    must never delete.
+    """
+    tmp_dirs = [d for d in _PRIVATE_TMP if os.path.isdir(d)]
+    paths = _python_paths()
+    inside = {p for p in paths if any(_is_under(p, d) for d in tmp_dirs)}
+    fds = {p: os.open(p, os.O_PATH) for p in _outermost(inside)}
+    _expose_python(paths - inside, fds)
+    flags = _MS_NOSUID | _MS_NODEV
+    mounted = [
+        d for d in tmp_dirs if _libc.mount(b"tmpfs", d.encode(), b"tmpfs", flags, TMPFS_OPTS) == 0
+    ]
+    keep = [p for p in fds if p in inside and any(_is_under(p, d) for d in mounted)]
+    for path, fd in fds.items():
+        if path not in inside or path in keep:
+            _bind_readonly(fd, path)
+        os.close(fd)
+    return len(mounted) == len(tmp_dirs), keep
 
 
 def _probe_seccomp() -> bool:
@@ -463,25 +539,42 @@ def _verdict(
     return {"status": status, "stdout": out, "stderr": err, "value": value}
 
 
+def _holds(entry: str, keep: Sequence[str]) -> bool:
+    """`entry` is a kept path or one of its ancestors."""
+    return any(k == entry or _is_under(k, entry) for k in keep)
+
+
+def _clear_dir(directory: str, spare: str, keep: Sequence[str]) -> None:
+    """Deletes every entry of `directory` but `spare` and the kept paths and their ancestors.
+
+    The kept paths are the bind-mounted environment: deleting them, or descending into them from
+    an ancestor, would delete the real virtualenv. An entry is judged by its own name (under the
+    directory's real path too), never by where it points: a symlink to a kept path is unlinked.
+    """
+    real = os.path.realpath(directory)
+    for entry in os.scandir(directory):
+        names = (entry.path, os.path.join(real, entry.name))
+        if spare in names or any(_holds(n, keep) for n in names):
+            continue
+        _delete(entry.path)
+
+
+def _delete(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except (OSError, RecursionError):  # e.g. absurdly deep trees
+        subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
+
+
 def _cleanup(ctx: dict, work: str) -> None:
     """Deletes the work dir and, in a private mount namespace, whatever is left in tmp dirs."""
-    paths = [work]
+    _delete(work)
     if ctx["private_tmp"]:
-        paths += [
-            e.path
-            for d in _PRIVATE_TMP
-            if os.path.isdir(d)
-            for e in os.scandir(d)
-            if e.path != ctx["base"]
-        ]
-    for path in paths:
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        except (OSError, RecursionError):  # e.g. absurdly deep trees
-            subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
+        for directory in filter(os.path.isdir, _PRIVATE_TMP):
+            _clear_dir(directory, ctx["base"], ctx["keep"])
 
 
 def _serve(uid: int) -> None:
@@ -492,7 +585,7 @@ def _serve(uid: int) -> None:
     for name in _PRELOAD:
         __import__(name)
     ctx = _isolate_server(uid)
-    _send(wfd, {k: v for k, v in ctx.items() if k not in ("base", "server_pid")})
+    _send(wfd, {k: v for k, v in ctx.items() if k not in ("base", "server_pid", "keep")})
     try:
         for n in range(1, sys.maxsize):
             try:

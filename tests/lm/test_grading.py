@@ -1,5 +1,6 @@
 """Answer extraction, style labels and correctness (echo_jax.lm.grading)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -206,7 +207,9 @@ def extracted():
 @pytest.mark.parametrize("i", range(len(EXTRACT)))
 def test_extract_answers(extracted, i):
     _, style, answer, status = EXTRACT[i]
-    assert extracted[0][i] == Extraction(style, answer, status)
+    got = extracted[0][i]
+    assert dataclasses.replace(got, error="") == Extraction(style, answer, status), got.error
+    assert bool(got.error) == (status in ("error", "timeout", "memory", "killed")), got
 
 
 def test_hostile_code_returns_promptly(extracted):
@@ -217,9 +220,23 @@ def test_hostile_code_returns_promptly(extracted):
 def test_extract_answer_single_and_custom_timeout():
     start = time.monotonic()
     loop = extract_answer("<llm-code>\nwhile True:\n    pass\n</llm-code>", timeout_s=0.5)
-    assert loop == Extraction("omi1", None, "timeout")
+    assert (loop.style, loop.answer, loop.status) == ("omi1", None, "timeout")
+    assert loop.error.startswith("[sandbox] ") and "limit" in loop.error
     assert time.monotonic() - start < 5.0
     assert extract_answer(TINYGSM) == Extraction("tinygsm", "18", "ok")
+
+
+def test_failed_code_carries_its_error_text():
+    text = "<llm-code>\nimport no_such_module_echo\n</llm-code>\nSo \\boxed{3}."
+    missing = "ModuleNotFoundError: No module named 'no_such_module_echo'"
+    assert extract_answer(text) == Extraction("omi1", "3", "error", missing)  # text fallback
+    crash = "def simple_math_problem():\n    return 1 / 0\n"
+    graded = grading.grade_batch([text, crash, TINYGSM], ["3", "7", "18"], dataset="gsm8k")
+    assert [(g.status, g.correct, g.error) for g in graded] == [
+        ("error", True, missing),
+        ("error", False, "ZeroDivisionError: division by zero"),
+        ("ok", True, ""),
+    ]
 
 
 def test_one_sandbox_round_trip_per_batch(monkeypatch):
@@ -337,5 +354,6 @@ def test_sympy_code_output_is_graded_as_math():
     graded = grading.grade_batch(
         [code, code], [PI_HALF, "\\frac{\\sqrt{2}}{2}"], dataset="math500", timeout_s=20.0
     )
-    assert [(g.style, g.answer, g.status) for g in graded] == [("omi1", "(3, pi/2)", "ok")] * 2
+    got = [(g.style, g.answer, g.status) for g in graded]
+    assert got == [("omi1", "(3, pi/2)", "ok")] * 2, [g.error for g in graded]
     assert [g.correct for g in graded] == [True, False]

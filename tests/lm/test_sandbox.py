@@ -1,9 +1,14 @@
 """Hostile programs against `echo_jax.lm.sandbox`: each must be contained, get the right status,
 change nothing outside its work dir, leave no process behind, and leave the pool working."""
 
+import json
 import os
+import pathlib
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import time
 
@@ -102,6 +107,18 @@ def test_print_exception_and_missing_function(sb):
     assert 'File "<program>", line 2' in error.stderr
     missing = sb.run("x = 1", call="simple_math_problem")
     assert missing.status == "error" and "simple_math_problem" in missing.stderr
+
+
+def test_failed_program_carries_its_error_text(sb):
+    assert sb.run("print(1)").error == ""
+    missing = sb.run("import os\nimport no_such_module_echo")
+    assert missing.error == "ModuleNotFoundError: No module named 'no_such_module_echo'"
+    assert sb.run("import sys; sys.exit(3)").error == "SystemExit: 3"
+    assert sb.run("x = []\nwhile True: x.append(' ' * 10**6)", memory_mb=128).error == "MemoryError"
+    timeout = sb.run("while True: pass", timeout_s=0.5)  # wall clock or CPU time, whichever first
+    assert timeout.error.startswith("[sandbox] ") and "limit" in timeout.error
+    segfault = sb.run("import ctypes; ctypes.string_at(0)")
+    assert segfault.error == "[sandbox] killed by signal SIGSEGV"
 
 
 def test_run_many_keeps_order_and_module_api():
@@ -329,3 +346,95 @@ def test_cannot_kill_a_concurrent_sibling(sb):
     killer = "import os, time; time.sleep(0.1); os.kill(-1, 9)"
     results = sb.run_many([sleeper, killer], max_workers=2)
     assert results[0].status == "ok" and results[0].stdout == "alive\n"
+
+
+# ------------------------------------------------------------ the environment under /tmp
+
+
+def test_cleanup_spares_kept_paths_and_their_ancestors(tmp_path):
+    """`_clear_dir` (run as root on the private /tmp after every program) must never delete or
+    descend into the bind-mounted environment; here on a plain dir, no namespace needed."""
+    keep = [str(tmp_path / "outer" / "venv"), str(tmp_path / "env")]
+    for kept in keep:
+        os.makedirs(os.path.join(kept, "lib"))
+        pathlib.Path(kept, "lib", "mod.py").write_text("VALUE = 1")
+    (tmp_path / "outer" / "sibling").write_text("x")  # inside a kept path's ancestor: spared
+    (tmp_path / "base").mkdir()
+    for junk in ("env2", "outer2", "junk_dir/deep"):
+        (tmp_path / junk).mkdir(parents=True)
+    (tmp_path / "junk_file").write_text("x")
+    os.symlink(keep[0], tmp_path / "link_to_venv")
+    sandbox._clear_dir(str(tmp_path), str(tmp_path / "base"), keep)
+    assert sorted(os.listdir(tmp_path)) == ["base", "env", "outer"]
+    assert sorted(os.listdir(tmp_path / "outer")) == ["sibling", "venv"]
+    for kept in keep:
+        assert pathlib.Path(kept, "lib", "mod.py").read_text() == "VALUE = 1"
+
+
+_VENV_SCRIPT = textwrap.dedent("""\
+    import json, os, sys
+    from echo_jax.lm import sandbox
+    site = sys.argv[1]
+    programs = {
+        "import": "import echo_probe_mod; print(echo_probe_mod.VALUE)",
+        "write": f"open({os.path.join(site, 'echo_evil.py')!r}, 'w').write('x')",
+        "delete": f"import os; os.remove({os.path.join(site, 'echo_probe_mod.py')!r})",
+        "litter": "open('/tmp/echo-litter', 'w').write('x')",
+        "after": "import os, echo_probe_mod\\n"
+        "print(os.path.exists('/tmp/echo-litter'), echo_probe_mod.VALUE)",
+    }
+    with sandbox.Sandbox(num_workers=1) as sb:
+        results = {name: sb.run(code) for name, code in programs.items()}
+    print(json.dumps({name: [r.status, r.stdout, r.error] for name, r in results.items()}))
+""")
+
+
+@pytest.fixture
+def tmp_venv():
+    """A throwaway virtualenv under a 0700 dir in /tmp (as a CI runner's), its site-packages
+    world-writable so only a read-only mount keeps programs out; yields (python, site)."""
+    parent = tempfile.mkdtemp(prefix="echo-sandbox-venv-", dir="/tmp")
+    try:
+        venv = os.path.join(parent, "venv")
+        made = subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv],
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode != 0:
+            pytest.skip(f"python -m venv is unavailable: {made.stderr.strip()[-300:]}")
+        python = os.path.join(venv, "bin", "python")
+        site = subprocess.run(
+            [python, "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        pathlib.Path(site, "echo_probe_mod.py").write_text("VALUE = 6 * 7\n")
+        os.chmod(site, 0o777)
+        yield python, site
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="the private /tmp (a mount namespace) needs root")
+def test_virtualenv_under_tmp_is_importable_read_only_and_survives_cleanup(pool, tmp_venv):
+    if not pool.isolation()["private_tmp"]:
+        pytest.skip("no mount namespace here: /tmp is not replaced, so nothing is hidden")
+    python, site = tmp_venv
+    files = [os.path.join(site, "echo_probe_mod.py"), python, os.path.dirname(python)]
+    files.append(os.path.join(os.path.dirname(os.path.dirname(python)), "pyvenv.cfg"))
+    repo = str(pathlib.Path(__file__).resolve().parents[2])  # the venv's caller imports echo_jax
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": repo}
+    ran = subprocess.run(
+        [python, "-c", _VENV_SCRIPT, site], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+    assert out["import"] == ["ok", "42\n", ""], out
+    for attempt in ("write", "delete"):
+        status, _, error = out[attempt]
+        assert status == "error" and "Read-only file system" in error, out
+    assert out["litter"][0] == "ok" and out["after"] == ["ok", "False 42\n", ""], out
+    assert all(os.path.exists(f) for f in files), files  # cleanup left the environment alone
+    assert os.listdir(site) == ["echo_probe_mod.py"]
