@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from echo_jax.core.config import check_variant, load_config_file
+from echo_jax.core.config import check_variant, load_config_file, resume_options
 
 VARIANTS = ("tiny", "smoke")
 
@@ -34,6 +34,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.pretrain = _family("lm_pretrain.py:tiny")
     c.rl = _family("lm_rl.py:grpo")
     c.eval = _family("lm_eval.py:synthetic")
+    for block in (c.pretrain, c.rl, c.eval):  # one `resume` block, the job's, for every stage
+        del block["resume"]
+    c.resume = resume_options()
     c.eval.synthetic.levels = (1, 2, 3)  # the pretraining levels, then a harder one (transfer)
     c.eval.synthetic.per_level = 32
     c.eval.sampling.num_samples = 8

@@ -12,7 +12,7 @@ A rerun with the same --workdir resumes: prompts already in samples.jsonl are sk
 
 import ml_collections
 
-from echo_jax.core.config import check_variant
+from echo_jax.core.config import check_variant, resume_options
 
 VARIANTS = ("synthetic", "gsm8k", "math500", "aime24", "aime25", "aime_all")
 
@@ -46,4 +46,5 @@ def get_config(variant: str = "synthetic") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = (("batch", ("data", "fsdp")),)  # params replicated; the batch is split
+    c.resume = resume_options()
     return c

@@ -8,7 +8,7 @@ Variants: `tiny` (learns on 2 CPU cores in minutes; the README's default), `smal
 
 import ml_collections
 
-from echo_jax.core.config import check_variant
+from echo_jax.core.config import check_variant, resume_options
 
 VARIANTS = ("tiny", "small", "base", "150m", "1b")
 
@@ -97,4 +97,5 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         ("length", None),
         ("act_embed", None),
     )
+    c.resume = resume_options()
     return c

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from echo_jax.core.config import check_variant, load_config_file
+from echo_jax.core.config import check_variant, load_config_file, resume_options
 
 VARIANTS = ("grpo", "ppo", "ei", "grpo_1b", "ppo_1b")
 
@@ -99,6 +99,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.sharding = pretrain.sharding  # the pretraining rules: parameters shard over fsdp / tensor
     if size == "1b":
         _study_scale(c)
+    c.resume = resume_options()
     return c
 
 

@@ -11,7 +11,7 @@ Amazon-Beauty items that have both human and Mistral text, frozen MiniLM item ve
 
 import ml_collections
 
-from echo_jax.core.config import check_variant
+from echo_jax.core.config import check_variant, resume_options
 
 VARIANTS = ("controlled", "beauty637")
 
@@ -67,4 +67,5 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
+    c.resume = resume_options()
     return c

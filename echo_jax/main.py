@@ -2,8 +2,13 @@
 
     python -m echo_jax.main --config=configs/<family>.py:<variant> --workdir=DIR [--config.a.b=v]
 
-Dispatches on `config.kind`. Mistakes in the config exit with status 2 and one line on stderr;
-a NaN loss exits 1 naming the step; SIGTERM (preemption) checkpoints and exits 143.
+Dispatches on `config.kind`, with the workdir locked for the run (`core.workdir`). Exit status:
+
+  2    a mistake the user can fix (a config key or value, a data file, a workdir, a checkpoint):
+       one line on stderr, nothing written (`--verbose` or ECHO_JAX_VERBOSE=1 adds the traceback);
+  1    the run stopped: a NaN loss or a failed checkpoint save, one line naming the step and the
+       last good checkpoint;
+  143  SIGTERM (preemption): the current step was checkpointed; rerun to resume.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio imports TensorFlow; keep its logs quiet
 
@@ -23,6 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", lock_config=True, help_string="configs/X.py:variant"
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed when it exists).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a one-line error too.")
 
 
 # config.kind -> (module, function); imported lazily so one track's imports stay out of the other
@@ -54,23 +61,31 @@ def main(argv: list[str]) -> None:
         import jax
 
         jax.distributed.initialize()
-    from echo_jax.core.checkpoint import IncompatibleCheckpointError
+    from echo_jax.core.checkpoint import CheckpointSaveError
+    from echo_jax.core.config import validate
     from echo_jax.core.train_loop import NonFiniteLossError, Preempted
+    from echo_jax.core.workdir import lock_workdir
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; Orbax's INFO is noise
     try:
         runner = _runner(config.kind)
-        runner(config, workdir)
-    except (ConfigError, IncompatibleCheckpointError, FileNotFoundError) as e:
-        print(f"echo_jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print(f"echo_jax: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        validate(config)
+        with lock_workdir(workdir):
+            runner(config, workdir)
+    except ConfigError as e:
+        _fail(f"echo_jax: error: {e}", 2)
+    except (NonFiniteLossError, CheckpointSaveError) as e:
+        _fail(f"echo_jax: error: {e}", 1)
     except Preempted as e:
-        print(f"echo_jax: {e}", file=sys.stderr)
-        sys.exit(143)
+        _fail(f"echo_jax: {e}", 143, show_traceback=False)
+
+
+def _fail(line: str, status: int, show_traceback: bool = True) -> None:
+    if show_traceback and (_VERBOSE.value or os.environ.get("ECHO_JAX_VERBOSE") == "1"):
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    sys.exit(status)
 
 
 def run() -> None:

@@ -24,9 +24,10 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture
 def shared_data() -> pathlib.Path:
     """$ECHO_JAX_DATA (or ../shared/data); a test that needs it is skipped where it is absent."""
+    from echo_jax.core.config import MissingFileError
     from echo_jax.core.files import data_dir
 
     try:
         return data_dir()
-    except FileNotFoundError:
+    except MissingFileError:
         pytest.skip("shared data not found; set ECHO_JAX_DATA")

@@ -1,14 +1,22 @@
 """Orbax checkpoints holding the train state, the data iterator and run metadata together.
 
-A workdir identifies a run: `Checkpointer.restore_or_none` resumes from its latest checkpoint by
-default. Each checkpoint stores a `meta` item with the model's signature (its config and
+A workdir identifies a run: `Checkpointer.restore_latest` resumes from its newest intact
+checkpoint. Each checkpoint stores a `meta` item with the model's signature (its config and
 parameter shapes); resuming with a different one refuses with a message instead of crashing
 inside Orbax or silently starting over.
+
+Damage is survivable: a checkpoint that cannot be read (a missing or truncated file) is moved
+aside to `<step>.corrupt` and the next older one is used; a background save that failed stops
+the run at the next step (`raise_if_save_failed`) naming the newest complete checkpoint. Orbax
+writes a checkpoint into a temporary folder and renames it when complete, and deletes old ones
+only after that, so the previous checkpoint is intact whatever happens to the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Any
 
 import grain
@@ -16,9 +24,30 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from echo_jax.core.config import ConfigError
 
-class IncompatibleCheckpointError(RuntimeError):
+
+class IncompatibleCheckpointError(ConfigError):
     """The workdir holds a checkpoint of a different model than the config describes."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (e.g. a full disk); the run stopped."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message (Orbax and TensorStore write dozens)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps with a complete checkpoint folder (`<step>/`; Orbax writes into a temporary
+    folder and renames it when done), ascending."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def tree_signature(tree: Any) -> dict[str, str]:
@@ -48,15 +77,41 @@ class Checkpointer:
                 max_to_keep=keep, create=True, enable_async_checkpointing=async_save
             ),
         )
+        self._saving = False  # a save was started and not yet waited for
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def last_good(self) -> str:
+        """'step N in DIR' for the newest complete checkpoint, or 'none written'."""
+        steps = complete_steps(self.directory)
+        return f"step {steps[-1]} in {self.directory}" if steps else "none written"
+
     def save(self, step: int, state: Any, data_iter: Any, meta: dict, force: bool = False) -> None:
+        """Starts saving `step` (in the background when async); `CheckpointSaveError` when it
+        cannot start, or when the previous background save failed."""
+        self.raise_if_save_failed()
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+            raise self._save_error(step, e) from None
+        self._saving = True
+
+    def raise_if_save_failed(self) -> None:
+        """`CheckpointSaveError` if the background save has failed; does not wait for one that
+        is still running (Orbax reports a failed commit only once its save has ended)."""
+        if self._saving and not self.manager.is_saving_in_progress():
+            self.wait()  # ended: returns at once, or raises its error
+
+    def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return CheckpointSaveError(
+            f"saving {what} in {self.directory} failed ({one_line(error)}); stopped. "
+            f"Last good checkpoint: {self.last_good()}"
+        )
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -81,6 +136,52 @@ class Checkpointer:
                     "the original config"
                 )
 
+    def restore_latest(
+        self, abstract_state: Any, data_iter: Any, meta: dict, label: str
+    ) -> tuple[int, Any]:
+        """(step, state) of the newest checkpoint that restores, the iterator restored in place;
+        (0, None) without checkpoints.
+
+        A checkpoint written with another `meta` refuses (`check_compatible`). One that cannot be
+        read is moved aside to `<step>.corrupt` (said on stderr) once an older one restored; when
+        none restores, nothing is moved and a `ConfigError` names the folder.
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self.check_compatible(step, meta)
+                state = self.restore(step, abstract_state, data_iter)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever Orbax or TensorStore raise
+                damaged.append((step, one_line(e)))
+                continue
+            for bad, why in damaged:
+                self._move_aside(bad, why, label)
+            return step, state
+        if damaged:
+            listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
+            raise ConfigError(
+                f"no checkpoint in {self.directory} can be restored ({listed}); move the folder "
+                "away to start afresh"
+            )
+        return 0, None
+
+    def _move_aside(self, step: int, why: str, label: str) -> None:
+        source = os.path.join(self.directory, str(step))
+        target, n = f"{source}.corrupt", 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{source}.corrupt{n}"
+        os.replace(source, target)
+        self.manager.reload()
+        print(
+            f"[{label}] checkpoint step {step} in {self.directory} cannot be restored ({why}); "
+            f"moved to {os.path.basename(target)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
         """Restores the state (with the shardings of `abstract_state`) and the iterator in place."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -89,8 +190,20 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the background save; `CheckpointSaveError` if it failed."""
+        self._saving = False
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(None, e) from None
+
+    def abandon(self) -> None:
+        """Closes while another error is being reported: a failing save adds nothing to it."""
+        with contextlib.suppress(Exception):
+            self.manager.close()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

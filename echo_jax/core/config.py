@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import fnmatch
 import importlib.util
-import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -18,11 +19,15 @@ from typing import Any
 
 import ml_collections
 from absl import flags
-from etils import epath
 
 
 class ConfigError(ValueError):
-    """A config problem the user can fix: the message is one line and names the culprit."""
+    """A mistake the user can fix (a config value, a data file, a workdir, a checkpoint): the
+    message is one line naming the culprit; `main` prints it and exits 2."""
+
+
+class MissingFileError(ConfigError):
+    """A data file, checkpoint or run folder the config points at does not exist."""
 
 
 def check_variant(variant: str | None, valid: Sequence[str], family: str) -> str:
@@ -32,6 +37,12 @@ def check_variant(variant: str | None, valid: Sequence[str], family: str) -> str
             f"unknown variant {variant!r} for configs/{family}.py; valid: {', '.join(valid)}"
         )
     return variant
+
+
+def resume_options() -> ml_collections.ConfigDict:
+    """Every config's `resume` block: `allow_changes` lets a resume change settings outside the
+    allow-list, recorded in the workdir's `config_history.jsonl` (`core.workdir.record_run`)."""
+    return ml_collections.ConfigDict({"allow_changes": False})
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -86,6 +97,77 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     return float(value) if isinstance(current, float) else value
 
 
+# Value rules by leaf name (`fnmatch`, first match wins); every float must also be finite.
+_AT_LEAST_ONE = "an integer >= 1"
+_NON_NEGATIVE = "an integer >= 0"
+_VALUE_RULES = (
+    (("sampler_batch_size", "max_new_tokens", "top_k", "num_samples", "per_level"), _NON_NEGATIVE),
+    (("*_step", "*_every", "warmup_steps", "attention_block", "text_layers"), _NON_NEGATIVE),
+    (("num_examples", "epochs"), _NON_NEGATIVE),
+    (("seed", "seeds", "*_seed"), _NON_NEGATIVE),
+    (
+        ("*batch_size", "num_steps", "train_steps", "iterations", "*_len", "log_every"),
+        _AT_LEAST_ONE,
+    ),
+    (
+        ("checkpoint_every", "keep_checkpoints", "prompts_per_step", "samples_per_prompt"),
+        _AT_LEAST_ONE,
+    ),
+    (
+        ("d_model", "mlp_dim", "n_heads", "n_layers", "num_heads", "num_layers", "dim"),
+        _AT_LEAST_ONE,
+    ),
+    (("vocab_size", "num_users", "num_items", "num_topics", "chunk_prompts"), _AT_LEAST_ONE),
+    (("eval_examples", "examples_per_style"), _AT_LEAST_ONE),
+    (("*lr", "weight_decay", "*kl_coef", "grad_clip", "*timeout_s", "click_eta"), ">= 0"),
+    (("temperature",), "> 0"),
+    (("top_p",), "in (0, 1]"),
+    (("*_ratio", "*_share", "*_prob", "dropout", "rewrite_strength"), "in [0, 1]"),
+)
+_CHECKS = {
+    _AT_LEAST_ONE: lambda v: isinstance(v, int) and v >= 1,
+    _NON_NEGATIVE: lambda v: isinstance(v, int) and v >= 0,
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", key, value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Refuses values no run can use, before anything is written: a NaN or infinite float
+    anywhere; sizes, step counts and cadences that must be >= 1; seeds and counts that must be
+    >= 0; rates and probabilities out of range (`_VALUE_RULES`, by leaf name, also applied to
+    each element of a tuple). `ConfigError` naming the key, its value and the rule."""
+    for path, name, value in _leaves(config):
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for v in numbers:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key {path!r} is {v}; it must be a finite number")
+        rule = next(
+            (
+                r
+                for patterns, r in _VALUE_RULES
+                if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            ),
+            None,
+        )
+        if rule is None or not numbers:
+            continue
+        for v in numbers:
+            if not _CHECKS[rule](v):
+                raise ConfigError(f"config key {path!r} is {value!r}; it must be {rule}")
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads a config and applies `a.b=value` overrides, as the command line does (for tests and
     notebooks that do not go through absl flags)."""
@@ -119,14 +201,3 @@ def parse_flags_with_clear_errors(argv: list[str]) -> list[str]:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"echo_jax: error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def to_json(config: ml_collections.ConfigDict) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the resolved config to `workdir/config.json`."""
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(to_json(config) + "\n")

@@ -13,13 +13,15 @@ from typing import Any
 
 from etils import epath
 
+from echo_jax.core.config import ConfigError, MissingFileError
+
 DATA_ENV = "ECHO_JAX_DATA"
 DEFAULT_DATA_DIR = pathlib.Path("..") / "shared" / "data"
 
 
 def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
     """The shared data folder: `path`, else `$ECHO_JAX_DATA`, else `../shared/data`, resolved.
-    FileNotFoundError naming `$ECHO_JAX_DATA` when it is not a folder."""
+    MissingFileError naming `$ECHO_JAX_DATA` when it is not a folder."""
     if path is not None:
         root = pathlib.Path(path)
     elif os.environ.get(DATA_ENV):
@@ -27,7 +29,7 @@ def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
     else:
         root = DEFAULT_DATA_DIR
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data directory {str(root.resolve())!r} not found; set "
             f"{DATA_ENV} to the shared data directory"
         )
@@ -35,20 +37,28 @@ def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def data_file(*parts: str) -> pathlib.Path:
-    """`data_dir() / parts...`; FileNotFoundError naming the file and `$ECHO_JAX_DATA` when it
+    """`data_dir() / parts...`; MissingFileError naming the file and `$ECHO_JAX_DATA` when it
     does not exist."""
     path = data_dir().joinpath(*parts)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found (data folder: ${DATA_ENV})")
+        raise MissingFileError(f"data file {path} not found (data folder: ${DATA_ENV})")
     return path
 
 
 def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
     """The JSON objects of a jsonl file, one per line (blank lines skipped); [] when the file does
-    not exist. Local paths and gs://.
+    not exist. Local paths and gs://. See `read_jsonl_lines`."""
+    return [row for _, row in read_jsonl_lines(path, repair=repair)]
 
-    A malformed line, or one that is not an object, raises ValueError naming the file and its
-    1-based line. With `repair`, for files appended to a line at a time by a job that may be
+
+def read_jsonl_lines(
+    path: str | os.PathLike, *, repair: bool = False
+) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line of a jsonl file, so a loader can
+    name the line of a row it rejects; [] when the file does not exist.
+
+    A malformed line, or one that is not an object, raises `ConfigError` naming the file and its
+    line. With `repair`, for files appended to a line at a time by a job that may be
     killed: reading stops at the first line that does not parse or lacks its newline (a parsing
     last line without one counts too, so the next append cannot run two rows together), and the
     file is truncated there.
@@ -57,7 +67,7 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict[st
     if not path.exists():
         return []
     data = path.read_bytes()
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     start = lineno = 0
     while start < len(data):
         end = data.find(b"\n", start)
@@ -71,14 +81,14 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict[st
             except json.JSONDecodeError as e:
                 if repair:
                     break
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                raise ConfigError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
                 if repair:
                     break
-                raise ValueError(
+                raise ConfigError(
                     f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
                 )
-            rows.append(row)
+            rows.append((lineno, row))
         start = len(data) if end < 0 else end + 1
     if repair and start < len(data):
         if "://" in str(path):  # a bucket: rewritten

@@ -36,7 +36,11 @@ class MetricWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [r for r in read_jsonl(self.path) if resume_step and r.get("step", 0) <= resume_step]
+        rows = [
+            r
+            for r in read_jsonl(self.path, repair=True)
+            if resume_step and r.get("step", 0) <= resume_step
+        ]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
 

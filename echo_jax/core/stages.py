@@ -8,7 +8,8 @@ same command skips what is done and resumes the rest. One stage's protocol, for 
 - `reached_step`: the `done` test of a training stage (its checkpoints reached the last step);
 - `check_workdir`: the workdir guard: a workdir belongs to one experiment; a rerun whose settings
   differ from the ones saved there (outside an allow-list of keys that may change) is refused
-  with a `ConfigError` naming the first differing key with its old and new value;
+  with a `ConfigError` naming each differing key with its old and new value (a run's own
+  `config.json` and its history are `workdir.record_run`'s);
 - `reuse_or_move_aside`: for a stage that reruns when its inputs change (an evaluation after
   more training): its workdir is reused when its saved settings match, else renamed to
   `<workdir>.old<N>` (`move_aside`) so nothing is lost.
@@ -17,8 +18,6 @@ same command skips what is done and resumes the rest. One stage's protocol, for 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import json
 import os
 import pathlib
 import sys
@@ -30,6 +29,7 @@ import ml_collections
 
 from echo_jax.core.config import ConfigError
 from echo_jax.core.files import read_json, write_json
+from echo_jax.core.workdir import describe, differences, plain
 
 # --- skip if done, timing, header lines ----------------------------------------------------------
 
@@ -107,37 +107,6 @@ def reached_step(workdir: str | os.PathLike, num_steps: int) -> bool:
 # --- the workdir guard ---------------------------------------------------------------------------
 
 
-def _plain(tree: Mapping | ml_collections.ConfigDict) -> dict:
-    """As it comes back from a JSON file: tuples as lists, other objects as str."""
-    if isinstance(tree, ml_collections.ConfigDict):
-        tree = tree.to_dict()
-    return json.loads(json.dumps(tree, default=str))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict) or not tree:
-        return {prefix[:-1]: tree} if prefix else {}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
-def first_difference(
-    saved: Mapping, current: Mapping, may_change: Sequence[str] = ()
-) -> tuple[str, Any, Any] | None:
-    """(dotted key, saved value, current value) of the first key (sorted) whose value differs,
-    ignoring the keys matched by a `may_change` pattern (`fnmatch`: `eval.*`, `*.log_every`);
-    a key missing on one side has the value None. None when nothing else differs."""
-    old, new = _flatten(_plain(saved)), _flatten(_plain(current))
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key) and not any(
-            fnmatch.fnmatchcase(key, pattern) for pattern in may_change
-        ):
-            return key, old.get(key), new.get(key)
-    return None
-
-
 def check_workdir(
     workdir: str | os.PathLike,
     current: Mapping | ml_collections.ConfigDict,
@@ -151,23 +120,21 @@ def check_workdir(
     run saved in `workdir/filename`.
 
     `current` (a ConfigDict or a JSON-able dict) is compared key by key with the saved file,
-    except for the keys matched by `may_change` (see `first_difference`); the first difference
-    raises `ConfigError("<workdir> holds <what> with another <key> (<old>, now <new>); use a
-    fresh --workdir")`. Otherwise (or without a saved file) `current` is saved there when
-    `save`, on process 0, in `save_config`'s format.
+    except for the keys matched by `may_change` (see `workdir.differences`); differences raise a
+    `ConfigError` naming each changed key with its old and new value. Otherwise (or without a
+    saved file) `current` is saved there when `save`, on process 0, in `save_config`'s format.
     """
     path = os.path.join(os.fspath(workdir), filename)
     saved = read_json(path)
     if saved is not None:
-        difference = first_difference(saved, current, may_change)
-        if difference is not None:
-            key, old, new = difference
+        changed = differences(saved, current, may_change)
+        if changed:
             raise ConfigError(
-                f"{workdir} holds {what} with another {key} ({old!r}, now "
-                f"{new!r}); use a fresh --workdir"
+                f"{workdir} holds {what} with other settings: {describe(changed)}; "
+                "use a fresh --workdir"
             )
     if save:
-        write_json(path, _plain(current), indent=2)
+        write_json(path, plain(current), indent=2)
 
 
 # --- move aside ----------------------------------------------------------------------------------
@@ -196,7 +163,7 @@ def reuse_or_move_aside(
     may_change: Sequence[str] = (),
 ) -> bool:
     """True if `workdir` holds a finished stage (`done_file` exists) of the settings `current`
-    (equal to `workdir/filename`, see `first_difference`).
+    (equal to `workdir/filename`, see `workdir.differences`).
 
     A started stage of the same settings returns False (it resumes). One of other settings,
     finished or not, is moved aside (`move_aside`), so the stage starts afresh. Single-host.
@@ -204,7 +171,7 @@ def reuse_or_move_aside(
     saved = read_json(os.path.join(os.fspath(workdir), filename))
     if saved is None:
         return False
-    if first_difference(saved, current, may_change) is None:
+    if not differences(saved, current, may_change):
         return os.path.exists(os.path.join(os.fspath(workdir), done_file))
     move_aside(workdir, label=label, why=why)
     return False

@@ -26,8 +26,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from echo_jax.core import sharding
+from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.checkpoint import Checkpointer, tree_signature
-from echo_jax.core.config import save_config
 from echo_jax.core.metrics import MetricWriter, Progress
 
 State = Any
@@ -174,34 +174,46 @@ def train(
     seed: int,
     config: Any = None,
     label: str = "train",
+    may_change: Sequence[str] = workdir_lib.RESUME_MAY_CHANGE,
 ) -> State:
-    """Trains `task` to `loop.num_steps`, resuming from `workdir/checkpoints` when possible.
+    """Trains `task` to `loop.num_steps`, resuming from the newest intact checkpoint in
+    `workdir/checkpoints`, with the workdir locked (`workdir.lock_workdir`).
 
-    `config` (a ConfigDict) is written to `workdir/config.json` once the checkpoint, if any, is
-    known to be compatible, so a refused resume leaves the workdir untouched.
+    `config` (a ConfigDict) is recorded (`workdir.record_run`: `config.json` on a fresh run, the
+    history on a resume, refused outside `may_change`) once the checkpoint, if any, is known to
+    be compatible, so a refused resume leaves the workdir untouched.
     """
+    with workdir_lib.lock_workdir(workdir):
+        return _train(task, loop, mesh, rules, workdir, seed, config, label, may_change)
+
+
+def _train(task, loop, mesh, rules, workdir, seed, config, label, may_change) -> State:
     init_rng, loop_rng = jax.random.split(jax.random.key(seed))
     state, abstract = initial_state(task, mesh, rules, init_rng)
     is_chief = jax.process_index() == 0
     ckpt = Checkpointer(
         f"{workdir}/checkpoints", keep=loop.keep_checkpoints, async_save=loop.async_checkpoints
     )
-    meta = {**task.meta, "seed": seed, "signature": tree_signature(abstract)}
-    start = ckpt.latest_step() or 0
+    try:
+        meta = {**task.meta, "seed": seed, "signature": tree_signature(abstract)}
+        start, restored = ckpt.restore_latest(abstract, task.train_iter, meta, label)
+        if config is not None:
+            workdir_lib.record_run(workdir, config, step=start, may_change=may_change, label=label)
+    except BaseException:
+        ckpt.abandon()
+        raise
     if start:
-        ckpt.check_compatible(start, meta)
-        state = ckpt.restore(start, abstract, task.train_iter)
+        state = restored
         print(f"[{label}] resumed from {ckpt.directory} at step {start}", file=sys.stderr)
     elif task.warm_start is not None:
         with jax.set_mesh(mesh):
             state = task.warm_start(state)
-    if config is not None and is_chief:
-        save_config(config, workdir)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_chief)
     progress = Progress(loop.num_steps, start, task.tokens_per_step, label)
     show = lambda step, row: progress.show(step, _shown(row, task.shown))
     step_fn = jit_train_step(task, mesh, rules, abstract)
-    step, pending, last_good = start, [], start
+    step, pending = start, []
+    failed = True
     try:
         with SigtermFlag() as sigterm, jax.set_mesh(mesh):
             if task.evaluate and task.evaluate_at_start and start == 0:
@@ -219,6 +231,7 @@ def train(
                     jax.block_until_ready(metrics)
                     host_metrics["time/train_step"] = time.perf_counter() - started
                 step += 1
+                ckpt.raise_if_save_failed()  # a background save failed: stop now, not later
                 pending.append((step, {**metrics, **host_metrics}))
                 done = step == loop.num_steps
                 save = done or step % loop.checkpoint_every == 0 or sigterm.raised
@@ -239,16 +252,19 @@ def train(
                     show(step, writer.write(step, row))
                 if save:
                     ckpt.save(step, state, task.train_iter, meta)
-                    last_good = step
                 if sigterm.raised:
                     ckpt.wait()
                     raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
+        failed = False
     except NonFiniteLossError as e:
         ckpt.wait()
         raise NonFiniteLossError(
-            f"{e}; stopped. Last good checkpoint: step {last_good} in {ckpt.directory}"
+            f"{e}; stopped. Last good checkpoint: {ckpt.last_good()}"
         ) from None
     finally:
-        ckpt.close()
         writer.close()
+        if failed:  # the error in flight is the one to report
+            ckpt.abandon()
+        else:
+            ckpt.close()
     return state

@@ -21,33 +21,34 @@ from jax.sharding import PartitionSpec as P
 
 from echo_jax.core import stages
 from echo_jax.core.checkpoint import Checkpointer
+from echo_jax.core.config import MissingFileError
 from echo_jax.core.stages import checkpoint_dir
 from echo_jax.lm.model import ModelConfig, Transformer
 
 
 def vocab_name(workdir: str) -> str:
     """The `data.vocab` the model in `workdir` was trained with, from the run's `config.json`
-    (next to its checkpoints/). Without it the token ids cannot be read, so FileNotFoundError."""
+    (next to its checkpoints/). Without it the token ids cannot be read, so MissingFileError."""
     for folder in (pathlib.Path(workdir).resolve(), checkpoint_dir(workdir).parent):
         path = folder / "config.json"
         if path.is_file():
             vocab = json.loads(path.read_text()).get("data", {}).get("vocab")
             if vocab is None:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{path} has no data.vocab: the vocabulary of the checkpoint is unknown"
                 )
             return vocab
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no config.json in {pathlib.Path(workdir).resolve()} or next to "
         f"{checkpoint_dir(workdir)}: the checkpoint's vocabulary is unknown"
     )
 
 
 def latest_step(workdir: str) -> int:
-    """The newest checkpointed step of `workdir`; FileNotFoundError naming the folder if none."""
+    """The newest checkpointed step of `workdir`; MissingFileError naming the folder if none."""
     step = stages.latest_step(workdir)
     if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+        raise MissingFileError(f"no checkpoint found in {checkpoint_dir(workdir)}")
     return step
 
 
@@ -75,16 +76,16 @@ def load_params(
     """(model config, params) from the latest checkpoint (or `step`) of `workdir`.
 
     Params are placed by `shardings` (a tree like the params, e.g. a sharded state's), else
-    replicated over `mesh` (on the first device without one). Raises FileNotFoundError naming the
+    replicated over `mesh` (on the first device without one). Raises MissingFileError naming the
     folder when it holds no such checkpoint.
     """
     step = latest_step(workdir) if step is None else step
     if not checkpoint_dir(workdir).is_dir():  # the manager would create a mistyped folder
-        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+        raise MissingFileError(f"no checkpoint found in {checkpoint_dir(workdir)}")
     ckpt = Checkpointer(str(checkpoint_dir(workdir)), async_save=False)
     try:
         if step not in ckpt.manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}")
+            raise MissingFileError(f"no checkpoint for step {step} in {ckpt.directory}")
         cfg = _from_meta(ckpt.read_meta(step)["model"])
         tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
         shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from echo_jax.core.config import ConfigError, MissingFileError
 from echo_jax.core.files import DATA_ENV, data_dir
 
 log = logging.getLogger(__name__)
@@ -87,20 +88,20 @@ def clean_text(s: str) -> str:
 
 def _parse_behaviors_row(fields: list[str], where: str) -> Impression:
     if len(fields) != 5:
-        raise ValueError(f"{where}: expected 5 tab-separated fields, got {len(fields)}")
+        raise ConfigError(f"{where}: expected 5 tab-separated fields, got {len(fields)}")
     imp_id, user, ts, history, impressions = fields
     candidates = []
     for token in impressions.split():
         item, sep, label = token.rpartition("-")
         if not sep or not item or label not in ("0", "1"):
-            raise ValueError(f"{where}: malformed candidate {token!r} (want ITEM-0 or ITEM-1)")
+            raise ConfigError(f"{where}: malformed candidate {token!r} (want ITEM-0 or ITEM-1)")
         candidates.append((item, int(label)))
     try:
         timestamp = int(ts)
     except ValueError:
-        raise ValueError(f"{where}: timestamp {ts!r} is not an integer") from None
+        raise ConfigError(f"{where}: timestamp {ts!r} is not an integer") from None
     if not imp_id or not user or not candidates:
-        raise ValueError(f"{where}: empty impression id, user or candidate list")
+        raise ConfigError(f"{where}: empty impression id, user or candidate list")
     return Impression(imp_id, user, timestamp, tuple(history.split()), tuple(candidates))
 
 
@@ -131,16 +132,16 @@ def read_item_texts(path: str | os.PathLike, clean: bool = False) -> dict[str, s
             except StopIteration:
                 break
             except csv.Error as e:
-                raise ValueError(f"{path}:{start}: malformed row ({e})") from None
+                raise ConfigError(f"{path}:{start}: malformed row ({e})") from None
             where, start = f"{path}:{start}", reader.line_num + 1
             if not row:
                 continue
             if len(row) != NEWS_COLUMNS or not row[0]:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}: expected {NEWS_COLUMNS} columns with an id, got {row!r}"
                 )
             if row[0] in texts:
-                raise ValueError(f"{where}: duplicate item id {row[0]!r}")
+                raise ConfigError(f"{where}: duplicate item id {row[0]!r}")
             texts[row[0]] = clean_text(row[4]) if clean else row[4]
     return texts
 
@@ -254,7 +255,7 @@ def build_beauty637(
     """
     root = Path(root) if root is not None else data_dir() / "rec_source_bias"
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} not found; set {DATA_ENV} to the shared data directory")
+        raise MissingFileError(f"{root} not found; set {DATA_ENV} to the shared data directory")
     sources = tuple(dict.fromkeys((HGC, MISTRAL, *sources)))
     table = load_texts(root / "Amazon_Beauty_sample", sources, clean=clean)
     pool = sorted(set(table.texts[HGC]) & set(table.texts[MISTRAL]))

@@ -6,19 +6,20 @@ import json
 import pytest
 
 from echo_jax.core import files
+from echo_jax.core.config import MissingFileError
 
 
 def test_missing_data_dir_names_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("ECHO_JAX_DATA", str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="ECHO_JAX_DATA"):
+    with pytest.raises(MissingFileError, match="ECHO_JAX_DATA"):
         files.data_dir()
     monkeypatch.delenv("ECHO_JAX_DATA")
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here
-    with pytest.raises(FileNotFoundError, match="ECHO_JAX_DATA"):
+    with pytest.raises(MissingFileError, match="ECHO_JAX_DATA"):
         files.data_dir()
     monkeypatch.setenv("ECHO_JAX_DATA", str(tmp_path))
     assert files.data_dir() == tmp_path.resolve()
-    with pytest.raises(FileNotFoundError, match=r"gsm8k/test\.jsonl.*ECHO_JAX_DATA"):
+    with pytest.raises(MissingFileError, match=r"gsm8k/test\.jsonl.*ECHO_JAX_DATA"):
         files.data_file("gsm8k", "test.jsonl")
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from echo_jax.core import stages
-from echo_jax.core.config import ConfigError, load_config, save_config
+from echo_jax.core import stages, workdir
+from echo_jax.core.config import ConfigError, load_config
 from tests.conftest import REPO
 
 
@@ -52,19 +52,21 @@ def test_workdir_guard_names_the_key_with_both_values(tmp_path):
     )
     with pytest.raises(
         ConfigError,
-        match=r"holds a run with another train\.lr \(0\.1, now "
+        match=r"holds a run with other settings: seed \(0 -> 1\), train\.lr \(0\.1 -> "
         r"0\.2\); use a fresh --workdir",
     ):
-        stages.check_workdir(tmp_path, {"seed": 0, "train": {"lr": 0.2, "log_every": 5}})
-    with pytest.raises(ConfigError, match=r"another train\.extra \(None, now 1\)"):
+        stages.check_workdir(tmp_path, {"seed": 1, "train": {"lr": 0.2, "log_every": 5}})
+    with pytest.raises(ConfigError, match=r"settings: train\.extra \(None -> 1\)"):
         stages.check_workdir(
             tmp_path, {"seed": 0, "train": {"lr": 0.1, "log_every": 5, "extra": 1}}
         )
 
 
-def test_workdir_guard_takes_a_config_as_save_config_writes_it(tmp_path):
+def test_workdir_guard_takes_a_config_as_record_run_writes_it(tmp_path):
     config = load_config(f"{REPO}/configs/echo_chamber.py:smoke")
-    save_config(config, str(tmp_path / "a"))
+    workdir.record_run(tmp_path / "a", config)
+    with config.unlocked():
+        del config["resume"]  # not part of the record
     stages.check_workdir(tmp_path / "b", config)
     assert (tmp_path / "a" / "config.json").read_text() == (
         tmp_path / "b" / "config.json"

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from echo_jax.core.config import MissingFileError
 from echo_jax.lm import restore
 from tests.conftest import REPO
 
@@ -31,7 +32,7 @@ PRETRAIN_OVERRIDES = [
 def _finished(workdir: str) -> bool:
     try:
         return restore.latest_step(workdir) >= PRETRAIN_STEPS
-    except FileNotFoundError:
+    except MissingFileError:
         return False
 
 

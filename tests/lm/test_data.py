@@ -10,6 +10,7 @@ import re
 import pytest
 
 from echo_jax.core import files
+from echo_jax.core.config import MissingFileError
 from echo_jax.lm.data import download, generators, mixtures, real, templates
 
 N_PROBLEMS = 2400  # 400 per level, enough to hit every template at every level
@@ -210,11 +211,11 @@ def test_real_loaders_parse_the_shared_data(shared_data):
 
 def test_real_loader_errors(tmp_path, monkeypatch):
     monkeypatch.setenv(files.DATA_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(MissingFileError) as err:
         files.data_dir()
     assert files.DATA_ENV in str(err.value) and "nowhere" in str(err.value)
     monkeypatch.setenv(files.DATA_ENV, str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(MissingFileError) as err:
         real.load_math500()
     assert str(tmp_path / "math500" / "test.jsonl") in str(err.value)
     assert files.DATA_ENV in str(err.value)

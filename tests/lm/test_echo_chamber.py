@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from echo_jax.core.config import ConfigError, load_config, save_config
+from echo_jax.core.config import ConfigError, load_config
 from echo_jax.core.metrics import read_jsonl
 from echo_jax.lm import grading
 from echo_jax.lm.jobs import echo_chamber
@@ -176,10 +176,10 @@ def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monk
     ],
 )
 def test_a_rerun_may_extend_rl_but_not_change_the_experiment(tmp_path, override, refused):
-    save_config(load_config(f"{REPO}/configs/echo_chamber.py:smoke"), str(tmp_path))
+    echo_chamber.check_rerun(load_config(f"{REPO}/configs/echo_chamber.py:smoke"), str(tmp_path))
     rerun = load_config(f"{REPO}/configs/echo_chamber.py:smoke", [override])
     if refused is None:
         echo_chamber.check_rerun(rerun, str(tmp_path))
     else:
-        with pytest.raises(ConfigError, match=f"another {refused}"):
+        with pytest.raises(ConfigError, match=f"other settings: {refused}"):
             echo_chamber.check_rerun(rerun, str(tmp_path))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from echo_jax.core.config import ConfigError, load_config
+from echo_jax.core.config import ConfigError, MissingFileError, load_config
 from echo_jax.lm import eval as eval_lib
 from echo_jax.lm import restore
 from echo_jax.lm.jobs import eval as eval_job
@@ -117,9 +117,9 @@ def test_load_params_reads_the_workdir_or_its_checkpoints(pretrained):
     cfg, params = restore.load_params(str(pretrained))
     assert cfg.d_model == 32 and params["embedding"].shape == (cfg.vocab_size, 32)
     assert restore.latest_step(str(pretrained / "checkpoints")) == 2
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(MissingFileError, match="no checkpoint"):
         restore.load_params(str(pretrained / "missing"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(MissingFileError, match="no checkpoint"):
         restore.load_params(str(pretrained / "mistyped"), step=2)
     assert not (pretrained / "mistyped").exists()  # nothing created on a mistyped path
 
@@ -130,10 +130,10 @@ def test_checkpoint_without_its_config_names_the_missing_vocabulary(pretrained, 
     copied = tmp_path / "copied"
     copied.mkdir()
     os.symlink(pretrained / "checkpoints", copied / "checkpoints")  # config.json left behind
-    with pytest.raises(FileNotFoundError, match="no config.json.*vocabulary is unknown"):
+    with pytest.raises(MissingFileError, match="no config.json.*vocabulary is unknown"):
         restore.vocab_name(str(copied))
     (copied / "config.json").write_text(json.dumps({"data": {}}))
-    with pytest.raises(FileNotFoundError, match="has no data.vocab"):
+    with pytest.raises(MissingFileError, match="has no data.vocab"):
         restore.vocab_name(str(copied))
 
 

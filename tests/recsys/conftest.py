@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 
 from echo_jax.core import files
+from echo_jax.core.config import MissingFileError
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     try:
         return files.data_dir()
-    except FileNotFoundError as e:
+    except MissingFileError as e:
         pytest.skip(str(e))
 
 

@@ -8,7 +8,8 @@ source's other useful fields.
 
 import os
 
-from echo_jax.core.files import data_file, read_jsonl
+from echo_jax.core.config import ConfigError
+from echo_jax.core.files import data_file, read_jsonl_lines
 
 AIME_SETS = ("aime24", "aime25", "aime_all")
 
@@ -16,30 +17,30 @@ AIME_SETS = ("aime24", "aime25", "aime_all")
 def _require(row: dict, keys: tuple[str, ...], path: os.PathLike, lineno: int) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+        raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}")
 
 
-def gsm8k_answer(solution: str) -> str:
+def gsm8k_answer(solution: str, where: str = "GSM8K") -> str:
     """The final answer of a GSM8K solution: the text after '#### ', commas removed."""
-    if "####" not in solution:
-        raise ValueError(f"no '####' answer marker in GSM8K solution {solution[:60]!r}")
+    if not isinstance(solution, str) or "####" not in solution:
+        raise ConfigError(f"{where}: no '####' answer marker in solution {str(solution)[:60]!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
 def load_gsm8k(split: str) -> list[dict]:
     """GSM8K train (7473) or test (1319): question, answer, solution (with <<calc>> notes)."""
     if split not in ("train", "test"):
-        raise ValueError(f"unknown GSM8K split {split!r}; valid splits: ('train', 'test')")
+        raise ConfigError(f"unknown GSM8K split {split!r}; valid splits: ('train', 'test')")
     path = data_file("gsm8k", f"{split}.jsonl")
     out = []
-    for i, row in enumerate(read_jsonl(path), start=1):
-        _require(row, ("question", "answer"), path, i)
+    for i, (lineno, row) in enumerate(read_jsonl_lines(path)):
+        _require(row, ("question", "answer"), path, lineno)
         out.append(
             {
                 "question": row["question"],
-                "answer": gsm8k_answer(row["answer"]),
+                "answer": gsm8k_answer(row["answer"], f"{path}:{lineno}"),
                 "solution": row["answer"],
-                "id": f"gsm8k-{split}-{i - 1}",
+                "id": f"gsm8k-{split}-{i}",
             }
         )
     return out
@@ -49,8 +50,8 @@ def load_math500() -> list[dict]:
     """MATH-500: question, answer (a LaTeX string), solution, subject, level, id."""
     path = data_file("math500", "test.jsonl")
     out = []
-    for i, row in enumerate(read_jsonl(path), start=1):
-        _require(row, ("problem", "answer"), path, i)
+    for i, (lineno, row) in enumerate(read_jsonl_lines(path)):
+        _require(row, ("problem", "answer"), path, lineno)
         out.append(
             {
                 "question": row["problem"],
@@ -58,7 +59,7 @@ def load_math500() -> list[dict]:
                 "solution": row.get("solution", ""),
                 "subject": row.get("subject", ""),
                 "level": row.get("level"),
-                "id": row.get("unique_id", f"math500-{i - 1}"),
+                "id": row.get("unique_id", f"math500-{i}"),
             }
         )
     return out
@@ -73,7 +74,7 @@ def _aime_answer(raw: str) -> str:
 def load_aime(name: str) -> list[dict]:
     """AIME 2024 ("aime24", 30), 2025 ("aime25", 30) or 1983-2025 ("aime_all": 1983-2024 + 2025)."""
     if name not in AIME_SETS:
-        raise ValueError(f"unknown AIME set {name!r}; valid sets: {AIME_SETS}")
+        raise ConfigError(f"unknown AIME set {name!r}; valid sets: {AIME_SETS}")
     files = {
         "aime24": ["aime24.jsonl"],
         "aime25": ["aime25.jsonl"],
@@ -82,9 +83,9 @@ def load_aime(name: str) -> list[dict]:
     out = []
     for filename in files:
         path = data_file("aime", filename)
-        for i, row in enumerate(read_jsonl(path), start=1):
-            _require(row, ("problem", "answer"), path, i)
-            rid = row.get("id", i - 1)
+        for i, (lineno, row) in enumerate(read_jsonl_lines(path)):
+            _require(row, ("problem", "answer"), path, lineno)
+            rid = row.get("id", i)
             out.append(
                 {
                     "question": row["problem"],

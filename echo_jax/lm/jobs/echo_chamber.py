@@ -16,6 +16,7 @@ import sys
 import ml_collections
 
 from echo_jax.core import stages
+from echo_jax.core import workdir as workdir_lib
 from echo_jax.lm import report
 from echo_jax.lm.jobs import eval as eval_job
 from echo_jax.lm.jobs import pretrain as pretrain_job
@@ -38,9 +39,10 @@ RERUN_MAY_CHANGE = (
 
 
 def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """The workdir guard of the job: `ConfigError` if `workdir` holds a run whose `config.json`
-    differs from `config` outside `RERUN_MAY_CHANGE`; then saves `config` there."""
-    stages.check_workdir(workdir, config, may_change=RERUN_MAY_CHANGE)
+    """The workdir guard of the job (`workdir.record_run`): `ConfigError` if `workdir` holds a
+    run started with other settings outside `RERUN_MAY_CHANGE` (unless `resume.allow_changes`);
+    else records `config` (`config.json`, or a line of `config_history.jsonl`)."""
+    workdir_lib.record_run(workdir, config, may_change=RERUN_MAY_CHANGE, label="echo_chamber")
 
 
 def stage_configs(
@@ -60,6 +62,7 @@ def stage_configs(
     }
     for stage in configs.values():
         stage.seed = config.seed
+        stage.resume = copy.deepcopy(config.resume)
     configs["eval_before"].checkpoint = configs["rl"].init_from = dirs["pretrain"]
     configs["eval_after"].checkpoint = dirs["rl"]
     return dirs, configs

@@ -25,7 +25,8 @@ import ml_collections
 from tqdm import tqdm
 
 from echo_jax.core import sharding, stages
-from echo_jax.core.config import ConfigError, save_config
+from echo_jax.core import workdir as workdir_lib
+from echo_jax.core.config import ConfigError
 from echo_jax.core.files import read_jsonl
 from echo_jax.lm import cpu, grading, restore
 from echo_jax.lm import sampler as sampler_lib
@@ -34,6 +35,16 @@ from echo_jax.lm.eval import summarize
 
 META_FILE = "eval_meta.json"
 RESULT_FILE = "eval.json"
+# An evaluation may resume with other batching (the samples do not depend on it) or a later
+# checkpoint step of the same run (`eval_meta.json` is the guard of what was evaluated).
+EVAL_MAY_CHANGE = (
+    *workdir_lib.RESUME_MAY_CHANGE,
+    "batch_size",
+    "chunk_prompts",
+    "grading_timeout_s",
+    "checkpoint",
+    "checkpoint_step",
+)
 
 
 def load_examples(config: ml_collections.ConfigDict) -> list[dict]:
@@ -136,7 +147,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step, vocab_name, sp = meta["step"], meta["vocab"], config.sampling
     os.makedirs(workdir, exist_ok=True)
     stages.check_workdir(workdir, meta, filename=META_FILE, what="an eval")
-    save_config(config, workdir)
+    workdir_lib.record_run(workdir, config, may_change=EVAL_MAY_CHANGE, label="eval")
 
     cpu.prepare(restore.model_config(config.checkpoint, step), mesh)
     cfg, params = restore.load_params(config.checkpoint, step, mesh)
@@ -185,6 +196,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "pred": g.answer,
                 "style": g.style,
                 "correct": g.correct,
+                "status": g.status,
+                **({"error": g.error} if g.error else {}),
                 "length": len(tokens),
                 "stopped": stopped,
             }

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from echo_jax.core import sharding, stages
+from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.lm import cpu, report, restore
@@ -242,6 +243,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
     prompt_dataset(config)
     num_steps = config.train.num_steps
     if stages.reached_step(workdir, num_steps):
+        workdir_lib.record_run(workdir, config, step=stages.latest_step(workdir), label="rl")
         print(f"[rl] {workdir} already finished {num_steps} steps", file=sys.stderr)
         report.plot_rl(workdir)
         return

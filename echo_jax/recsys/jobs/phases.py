@@ -15,10 +15,15 @@ import os
 import jax
 import ml_collections
 
+from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.files import write_json
 from echo_jax.core.stages import run_stage
 from echo_jax.recsys import phases
 from echo_jax.recsys.jobs.train import train_and_evaluate
+
+# Besides the usual (`workdir.RESUME_MAY_CHANGE`), a rerun may add or drop sub-runs: each is
+# named by its (encoder, rho, seed) and finished ones are kept.
+GRID_MAY_CHANGE = (*workdir_lib.RESUME_MAY_CHANGE, "phases.encoders", "phases.rhos", "phases.seeds")
 
 
 def sub_config(
@@ -36,6 +41,7 @@ def sub_config(
 
 def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or skips) every sub-run, then writes the tables and the phase-2 figure."""
+    workdir_lib.record_run(workdir, config, may_change=GRID_MAY_CHANGE, label="phases")
     cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
     runs = phases.plan(config.phases)
     results = {}

@@ -15,11 +15,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.files import write_json
 from echo_jax.core.plots import plt, save_figure
 from echo_jax.recsys import phases
 from echo_jax.recsys.feedback_loop import UNDEBIASED, LoopData, arm_name, check_settings, run_arm
-from echo_jax.recsys.jobs.phases import run_phases
+from echo_jax.recsys.jobs.phases import GRID_MAY_CHANGE, run_phases
 
 LOOP_COLUMNS = (
     "aigc_click_share",
@@ -68,6 +69,12 @@ def summarise_loop(results: dict[str, dict[int, list[dict]]]) -> dict:
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Phases 1 and 2 (if `loop.with_phases`), both loops, then the report and figures."""
     check_settings(config.loop)
+    workdir_lib.record_run(
+        workdir,
+        config,
+        may_change=(*GRID_MAY_CHANGE, "loop.iterations", "loop.seeds"),
+        label="study",
+    )
     cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
     phase_summary = None
     if config.loop.with_phases:
