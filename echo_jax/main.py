@@ -44,10 +44,14 @@ _RUNNERS = {
 }
 
 
-def _runner(kind: str):
+def _runner_path(kind: str) -> tuple[str, str]:
     if kind not in _RUNNERS:
         raise ConfigError(f"unknown config.kind {kind!r}")
-    module, function = _RUNNERS[kind]
+    return _RUNNERS[kind]
+
+
+def _runner(kind: str):
+    module, function = _runner_path(kind)
     return getattr(importlib.import_module(module), function)
 
 
@@ -69,10 +73,10 @@ def main(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; Orbax's INFO is noise
     try:
-        runner = _runner(config.kind)
         validate(config)
+        _runner_path(config.kind)
         with lock_workdir(workdir):
-            runner(config, workdir)
+            _runner(config.kind)(config, workdir)
     except ConfigError as e:
         _fail(f"echo_jax: error: {e}", 2)
     except (NonFiniteLossError, CheckpointSaveError) as e:

@@ -95,10 +95,13 @@ def ensure_workdir(workdir: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
-    """Holds `<workdir>/.lock` (see the module docstring) on process 0; creates the workdir."""
+    """Holds `<workdir>/.lock` (see the module docstring) on process 0; creates the workdir, and
+    removes it again when the run it was created for wrote nothing else (a refused start)."""
     import jax  # here: the lock itself needs no jax
 
-    path = ensure_workdir(workdir)
+    path = os.fspath(workdir)
+    created = _is_local(path) and not os.path.exists(path)
+    ensure_workdir(path)
     if not _is_local(path) or jax.process_index() != 0:
         yield
         return
@@ -116,6 +119,9 @@ def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
             _held[key] = (fd, depth - 1)
         else:
             del _held[key]
+            if created and os.listdir(path) == [LOCK_FILE]:  # still locked while removed
+                os.remove(os.path.join(path, LOCK_FILE))
+                os.rmdir(path)
             os.close(fd)  # releases the flock; the file stays (its content is the last holder)
 
 

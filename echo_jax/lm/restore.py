@@ -20,10 +20,23 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from echo_jax.core import stages
-from echo_jax.core.checkpoint import Checkpointer
-from echo_jax.core.config import MissingFileError
+from echo_jax.core.checkpoint import Checkpointer, one_line
+from echo_jax.core.config import ConfigError, MissingFileError
 from echo_jax.core.stages import checkpoint_dir
 from echo_jax.lm.model import ModelConfig, Transformer
+
+LM_KINDS = ("lm_pretrain", "lm_rl")  # the jobs whose checkpoints hold a language model
+
+
+def _run_config(path: pathlib.Path) -> dict:
+    """A run's `config.json`; `ConfigError` when it is not a language model's run."""
+    config = json.loads(path.read_text())
+    if config.get("kind") not in LM_KINDS:
+        raise ConfigError(
+            f"{path.parent} holds a {config.get('kind')!r} run, not a language model "
+            f"(one of {', '.join(LM_KINDS)})"
+        )
+    return config
 
 
 def vocab_name(workdir: str) -> str:
@@ -32,7 +45,7 @@ def vocab_name(workdir: str) -> str:
     for folder in (pathlib.Path(workdir).resolve(), checkpoint_dir(workdir).parent):
         path = folder / "config.json"
         if path.is_file():
-            vocab = json.loads(path.read_text()).get("data", {}).get("vocab")
+            vocab = _run_config(path).get("data", {}).get("vocab")
             if vocab is None:
                 raise MissingFileError(
                     f"{path} has no data.vocab: the vocabulary of the checkpoint is unknown"
@@ -62,10 +75,17 @@ def _from_meta(fields: dict) -> ModelConfig:
 
 def model_config(workdir: str, step: int | None = None) -> ModelConfig:
     """The model config of the latest checkpoint (or `step`) of `workdir`, from its metadata."""
+    vocab_name(workdir)  # the workdir must be a language model's run
     step = latest_step(workdir) if step is None else step
     ckpt = Checkpointer(str(checkpoint_dir(workdir)), async_save=False)
     try:
         return _from_meta(ckpt.read_meta(step)["model"])
+    except (KeyError, TypeError, OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"cannot read the model of step {step} in {ckpt.directory} ({one_line(e)})"
+        ) from None
     finally:
         ckpt.close()
 

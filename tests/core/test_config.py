@@ -1,6 +1,7 @@
 """Config files: every variant builds; every mistake is one line on stderr with status 2."""
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -65,6 +66,10 @@ def _main(*args, cwd=REPO):
         ),
         (["--config.model.d_modle=64"], "did you mean 'model.d_model'?"),
         (["--config.train.num_steps=abc"], "--config.train.num_steps=abc"),
+        (["--config.train.batch_size=-4"], "'train.batch_size' is -4; it must be an integer >= 1"),
+        (["--config.seed=-1"], "'seed' is -1; it must be an integer >= 0"),
+        (["--config.train.lr=nan"], "'train.lr' is nan; it must be a finite number"),
+        (["--config.train.num_steps=0"], "'train.num_steps' is 0; it must be an integer >= 1"),
     ],
 )
 def test_cli_config_mistakes_are_one_line(tmp_path, args, expected):
@@ -73,6 +78,25 @@ def test_cli_config_mistakes_are_one_line(tmp_path, args, expected):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "workdir,expected",
+    [
+        ("a_file", "exists and is not a directory"),
+        ("x" * 300, "File name too long (at most 255 characters per path component)"),
+        ("/sys/echo_jax_test", "cannot use workdir /sys/echo_jax_test: Operation not permitted"),
+    ],
+)
+def test_cli_workdirs_that_cannot_be_used_are_one_line(tmp_path, workdir, expected):
+    (tmp_path / "a_file").write_text("kept")
+    out = _main("--config=configs/lm_pretrain.py:tiny", f"--workdir={tmp_path / workdir}")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert (
+        sorted(os.listdir(tmp_path)) == ["a_file"] and (tmp_path / "a_file").read_text() == "kept"
+    )
 
 
 def test_cli_unknown_variant_names_the_valid_ones(tmp_path):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from echo_jax.core import files
-from echo_jax.core.config import MissingFileError
+from echo_jax.core.config import ConfigError, MissingFileError
 
 
 def test_missing_data_dir_names_env_var(tmp_path, monkeypatch):
@@ -27,13 +27,14 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     assert files.read_jsonl(path) == []
     path.write_text('{"a": 1}\n\n{"a": 2}\n{oops\n')
-    with pytest.raises(ValueError, match=r"rows\.jsonl:4: malformed JSON"):
+    with pytest.raises(ConfigError, match=r"rows\.jsonl:4: malformed JSON"):
         files.read_jsonl(path)
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"rows\.jsonl:2: expected a JSON object, got list"):
+    with pytest.raises(ConfigError, match=r"rows\.jsonl:2: expected a JSON object, got list"):
         files.read_jsonl(path)
     path.write_text('{"a": 1}\n\n{"a": 2}')  # a last line without its newline is a row
     assert files.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert files.read_jsonl_lines(path) == [(1, {"a": 1}), (3, {"a": 2})]  # lines, not rows
 
 
 def test_samples_file_drops_a_cut_off_last_line(tmp_path):

@@ -132,15 +132,18 @@ def test_checkpoint_without_its_config_names_the_missing_vocabulary(pretrained, 
     os.symlink(pretrained / "checkpoints", copied / "checkpoints")  # config.json left behind
     with pytest.raises(MissingFileError, match="no config.json.*vocabulary is unknown"):
         restore.vocab_name(str(copied))
-    (copied / "config.json").write_text(json.dumps({"data": {}}))
+    (copied / "config.json").write_text(json.dumps({"kind": "lm_pretrain", "data": {}}))
     with pytest.raises(MissingFileError, match="has no data.vocab"):
         restore.vocab_name(str(copied))
+    (copied / "config.json").write_text(json.dumps({"kind": "recsys_train", "data": {}}))
+    with pytest.raises(ConfigError, match="holds a 'recsys_train' run, not a language model"):
+        restore.model_config(str(copied))
 
 
 def test_an_eval_of_an_older_step_is_moved_aside_so_the_stage_runs_again(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "2").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"data": {"vocab": "spm"}}))
+    (run / "config.json").write_text(json.dumps({"kind": "lm_pretrain", "data": {"vocab": "spm"}}))
     config = load_config(f"{REPO}/configs/lm_eval.py:synthetic", [f"checkpoint={run}"])
     workdir = tmp_path / "eval"
     assert not eval_job.reuse_or_move_aside(config, str(workdir))
@@ -153,6 +156,22 @@ def test_an_eval_of_an_older_step_is_moved_aside_so_the_stage_runs_again(tmp_pat
     assert not eval_job.reuse_or_move_aside(config, str(workdir))
     assert not workdir.exists()
     assert json.loads((tmp_path / "eval.old1" / "eval_meta.json").read_text())["step"] == 2
+
+
+def test_a_bad_data_file_line_is_one_line_error_naming_the_line(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    good = json.dumps({"question": "1+1?", "answer": "2 #### 2"})
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(f"{good}\n\n{json.dumps({'question': 'q'})}\n")
+    run = _main(
+        "--config=configs/lm_eval.py:gsm8k",
+        f"--workdir={tmp_path}/w",
+        f"--config.checkpoint={tmp_path}",
+        env={"ECHO_JAX_DATA": str(tmp_path)},
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    (error,) = [x for x in run.stderr.splitlines() if x.startswith("echo_jax: error")]
+    assert error.endswith("gsm8k/test.jsonl:3: missing field(s) ['answer']")
+    assert not (tmp_path / "w").exists()
 
 
 def test_missing_data_file_is_one_line_error(tmp_path):

@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from echo_jax.core.config import ConfigError
 from echo_jax.recsys.catalogue import (
     SIM_LLM,
     SIM_LLM_REWRITE,
@@ -61,7 +62,7 @@ def test_read_item_texts_handles_quoted_multiline_abstracts(tmp_path):
 )
 def test_read_item_texts_reports_file_and_line(tmp_path, body, line):
     path = _write(tmp_path / "news_bad.tsv", body)
-    with pytest.raises(ValueError, match=rf"news_bad\.tsv:{line}:"):
+    with pytest.raises(ConfigError, match=rf"news_bad\.tsv:{line}:"):
         read_item_texts(path)
 
 
@@ -78,8 +79,11 @@ def test_read_behaviors_parses_and_reports_bad_rows(tmp_path):
         (ItemRef("C1", MISTRAL), 1),
     ]
     bad = _write(tmp_path / "bad.tsv", good + "8\tU2\t1\tB1\tC1-1 C2-2\n")
-    with pytest.raises(ValueError, match=r"bad\.tsv:2:.*C2-2"):
+    with pytest.raises(ConfigError, match=r"bad\.tsv:2:.*C2-2"):
         read_behaviors(bad)
+    short = _write(tmp_path / "short.tsv", good + "\n" + "9\tU3\t1\n")  # a user mistake: exit 2
+    with pytest.raises(ConfigError, match=r"short\.tsv:3: expected 5 tab-separated fields, got 3"):
+        read_behaviors(short)
 
 
 def test_clean_text():
