@@ -47,13 +47,14 @@ def test_overrides_are_typed():
         load_config(f"{REPO}/configs/lm_pretrain.py:tiny", ["train.num_steps=1.5"])
 
 
-def _main(*args, cwd=REPO):
+def _main(*args, cwd=REPO, env=None):
     return subprocess.run(
         [sys.executable, "-m", "echo_jax.main", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -78,6 +79,17 @@ def test_cli_config_mistakes_are_one_line(tmp_path, args, expected):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_verbose_adds_the_traceback_before_the_one_line(tmp_path):
+    out = _main(
+        "--config=configs/lm_pretrain.py:tiny",
+        f"--workdir={tmp_path}/w",
+        "--config.seed=-1",
+        env={"ECHO_JAX_VERBOSE": "1"},
+    )
+    assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("echo_jax: error: config key 'seed'")
 
 
 @pytest.mark.parametrize(
