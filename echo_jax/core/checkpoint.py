@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from echo_jax.core.config import ConfigError
+from echo_jax.core.workdir import differences
 
 
 class IncompatibleCheckpointError(ConfigError):
@@ -57,13 +58,6 @@ def tree_signature(tree: Any) -> dict[str, str]:
 
 
 _META_NAMES = {"model": "model config", "signature": "state layout"}
-
-
-def _first_difference(saved: dict, current: dict) -> str:
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            return f"{key}: checkpoint has {saved.get(key)!r}, config gives {current.get(key)!r}"
-    return ""
 
 
 class Checkpointer:
@@ -122,19 +116,15 @@ class Checkpointer:
         """Refuses a resume whose `meta` differs from what `step` was saved with: the model
         config, the state layout, and what else the job puts there (the seed, RL's algorithm)."""
         saved = self.read_meta(step)
-        for key in sorted(meta):
-            old, new = saved.get(key), meta[key]
-            if old != new:
-                detail = (
-                    _first_difference(old or {}, new)
-                    if isinstance(new, dict) and isinstance(old, (dict, type(None)))
-                    else f"checkpoint has {old!r}, config gives {new!r}"
-                )
-                raise IncompatibleCheckpointError(
-                    f"{self.directory} step {step} was written with a different "
-                    f"{_META_NAMES.get(key, key)} ({detail}); use a fresh --workdir or restore "
-                    "the original config"
-                )
+        changed = differences({key: saved.get(key) for key in meta}, meta)
+        if changed:
+            key, old, new = changed[0]
+            item = key.split(".")[0]
+            raise IncompatibleCheckpointError(
+                f"{self.directory} step {step} was written with a different "
+                f"{_META_NAMES.get(item, item)} ({key}: checkpoint has {old!r}, config gives "
+                f"{new!r}); use a fresh --workdir or restore the original config"
+            )
 
     def restore_latest(
         self, abstract_state: Any, data_iter: Any, meta: dict, label: str

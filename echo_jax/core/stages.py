@@ -122,7 +122,7 @@ def check_workdir(
     `current` (a ConfigDict or a JSON-able dict) is compared key by key with the saved file,
     except for the keys matched by `may_change` (see `workdir.differences`); differences raise a
     `ConfigError` naming each changed key with its old and new value. Otherwise (or without a
-    saved file) `current` is saved there when `save`, on process 0, in `save_config`'s format.
+    saved file) `current` is saved there when `save`, on process 0.
     """
     path = os.path.join(os.fspath(workdir), filename)
     saved = read_json(path)
