@@ -42,6 +42,7 @@ def get_config(variant: str = "synthetic") -> ml_collections.ConfigDict:
     c.batch_size = 64  # sequences per sampler call (global); a multiple of the data shards
     c.chunk_prompts = 16  # prompts generated, graded and appended to samples.jsonl at a time
     c.grading_timeout_s = 2.0  # per generated program, in the sandbox
+    c.grader = "strict"  # or "paper": the study's math_verifier.py (echo_jax/lm/paper_grading.py)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding = ml_collections.ConfigDict()

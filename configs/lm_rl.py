@@ -74,6 +74,9 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.lam = 0.95  # PPO
     c.rl.value_clip = 0.2  # PPO
     c.rl.grade_timeout_s = 2.0  # per generated program, in the sandbox
+    # the reward and style labels: "strict" (echo_jax's) or "paper" (the study's math_verifier.py,
+    # prompt + completion; `echo_jax/lm/paper_grading.py`), the study presets' choice
+    c.rl.grader = "strict"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 12  # RL steps (rollout -> reward -> update)
@@ -106,6 +109,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
 def _study_scale(c: ml_collections.ConfigDict) -> None:
     """The study's rollout and batch sizes on the 1B model, sharded over 8 chips."""
     r = c.rl
+    r.grader = "paper"  # the study's reward and labels
     r.prompts_per_step, r.samples_per_prompt = 64, 8
     r.temperature, r.max_new_tokens, r.max_prompt_len = 0.7, 1024, 1024
     r.train_batch_size, r.micro_batch_size = 64, 8  # 8 optimizer steps per rollout

@@ -234,7 +234,7 @@ def _to_number(text: str) -> Fraction | None:
         return None
 
 
-def _mv_timeout() -> int | None:
+def math_verify_timeout() -> int | None:
     """math_verify times out with SIGALRM, which only works in the main thread; elsewhere it
     must run without a timeout (it raises otherwise)."""
     return _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
@@ -242,7 +242,7 @@ def _mv_timeout() -> int | None:
 
 @functools.lru_cache(maxsize=8192)
 def _mv_parse(latex: str) -> tuple:
-    return tuple(parse(latex, parsing_timeout=_mv_timeout()))
+    return tuple(parse(latex, parsing_timeout=math_verify_timeout()))
 
 
 def _replace_sqrt(text: str) -> str:
@@ -284,7 +284,7 @@ def _math_equal(pred: str, ref: str) -> bool:
     gold, target = _mv_parse(f"${ref}$"), _mv_parse(f"\\boxed{{{_latexify(pred)}}}")
     if not gold or not target:
         return False
-    return bool(verify(list(gold), list(target), timeout_seconds=_mv_timeout()))
+    return bool(verify(list(gold), list(target), timeout_seconds=math_verify_timeout()))
 
 
 def _numbers_equal(pred: str, refs: Sequence[str], rel_tol: float) -> bool:
@@ -320,6 +320,9 @@ def is_correct(pred: str | None, ref: str, *, dataset: str) -> bool:
     return _numbers_equal(pred, [ref.split("####")[-1]], rel_tol=1e-6)
 
 
+GRADERS = ("strict", "paper")
+
+
 def grade_batch(
     texts: Sequence[str],
     refs: Sequence[str],
@@ -327,10 +330,23 @@ def grade_batch(
     dataset: str,
     timeout_s: float = 2.0,
     memory_mb: int = 256,
+    rule: str = "strict",
+    prompts: Sequence[str] | None = None,
 ) -> list[Graded]:
-    """Style, answer and correctness of every completion; one sandbox round trip per batch."""
+    """Style, answer and correctness of every completion; one sandbox round trip per batch.
+
+    rule="strict" is this module's grader (completions alone; see the module docstring);
+    rule="paper" is the study's own (`paper_grading`: the prompt + completion as the study
+    decoded it, math_verify for every answer), with `prompts` the texts the completions continue.
+    """
+    if rule not in GRADERS:
+        raise ValueError(f"grade_batch: unknown rule {rule!r}; valid: {GRADERS}")
     if len(texts) != len(refs):
         raise ValueError(f"grade_batch: {len(texts)} texts but {len(refs)} refs")
+    if rule == "paper":
+        from echo_jax.lm.paper_grading import grade_paper  # it builds on this module
+
+        return grade_paper(texts, refs, prompts=prompts, timeout_s=timeout_s, memory_mb=memory_mb)
     extractions = extract_answers(texts, timeout_s=timeout_s, memory_mb=memory_mb)
     return [
         Graded(e.style, e.answer, is_correct(e.answer, ref, dataset=dataset), e.status, e.error)

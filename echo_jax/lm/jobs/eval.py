@@ -71,9 +71,10 @@ def load_examples(config: ml_collections.ConfigDict) -> list[dict]:
         examples = real.load_aime(name)
     else:
         raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(grading.DATASETS)}")
-    examples = [
-        {k: e[k] for k in ("id", "question", "answer", "level") if k in e} for e in examples
-    ]
+    keys = ("id", "question", "answer", "level")
+    if name == "gsm8k":  # its full solution is the study's label (the paper grader's gold)
+        keys += ("solution",)
+    examples = [{k: e[k] for k in keys if k in e} for e in examples]
     return examples[: config.num_examples] if config.num_examples else examples
 
 
@@ -88,6 +89,7 @@ def eval_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "seed": config.seed,
         "sampling": config.sampling.to_dict(),
         "chunk_prompts": config.chunk_prompts,
+        "grader": config.grader,
         "synthetic": config.synthetic.to_dict() if config.dataset == "synthetic" else None,
     }
     return json.loads(json.dumps(meta))  # tuples as lists, as they come back from the file
@@ -136,6 +138,8 @@ def _generate(
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not config.checkpoint:
         raise ConfigError("config.checkpoint is required: a pretraining workdir")
+    if config.grader not in grading.GRADERS:
+        raise ConfigError(f"grader must be one of {grading.GRADERS}, got {config.grader!r}")
     examples = load_examples(config)  # before the model: a missing data file fails fast
     mesh = sharding.make_mesh(config.mesh.to_dict())
     if config.batch_size % sharding.batch_divisor(mesh):
@@ -185,10 +189,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             repeated = [p for p in ids for _ in range(sp.num_samples)]
             outputs += _generate(sampler, params, repeated, width, config.batch_size, sampled, rng)
         texts = [vocabulary.decode(tokens) for tokens, _ in outputs]
-        refs = [e["answer"] for _, e in chunk]
+        answer = "solution" if config.grader == "paper" else "answer"  # the study's label
+        refs = [e.get(answer, e["answer"]) for _, e in chunk]
         refs += [r for r in refs for _ in range(sp.num_samples)]
         graded = grading.grade_batch(
-            texts, refs, dataset=config.dataset, timeout_s=config.grading_timeout_s
+            texts,
+            refs,
+            dataset=config.dataset,
+            timeout_s=config.grading_timeout_s,
+            rule=config.grader,  # the study's evaluation grades completions alone
         )
         completions = [
             {

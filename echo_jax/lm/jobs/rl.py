@@ -32,7 +32,7 @@ from echo_jax.core import sharding, stages
 from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
-from echo_jax.lm import cpu, report, restore
+from echo_jax.lm import cpu, grading, report, restore
 from echo_jax.lm.data import generators, real, vocab
 from echo_jax.lm.model import ModelConfig, config_meta
 from echo_jax.lm.rl import algorithm, rollout
@@ -147,6 +147,7 @@ def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm
             dataset=dataset,
             grade_timeout_s=r.grade_timeout_s,
             rows_per_call=r.sampler_batch_size,
+            grader=r.grader,
         )
         shuffle = np.random.default_rng(np.asarray(jax.random.key_data(batch_rng)))
         batch, metrics = algo.batch(sample, shuffle)
@@ -240,6 +241,8 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ConfigError(f"algo must be one of {algorithm.names()}, got {config.algo!r}")
     if not config.init_from:
         raise ConfigError("config.init_from is required: a pretraining workdir")
+    if config.rl.grader not in grading.GRADERS:
+        raise ConfigError(f"rl.grader must be one of {grading.GRADERS}, got {config.rl.grader!r}")
     prompt_dataset(config)
     num_steps = config.train.num_steps
     if stages.reached_step(workdir, num_steps):

@@ -26,7 +26,7 @@ class PolicyEval:
     def __init__(self, config: ml_collections.ConfigDict, sampler: Any, vocabulary: Any):
         e = config.eval
         self.sampler, self.vocabulary, self.num_samples = sampler, vocabulary, e.num_samples
-        self.timeout_s = config.rl.grade_timeout_s
+        self.timeout_s, self.grader = config.rl.grade_timeout_s, config.rl.grader
         self.problems = {
             level: [
                 generators.ProblemSource("test", config.seed, (level,), e.per_level)[i]
@@ -71,6 +71,8 @@ class PolicyEval:
                 jax.random.fold_in(self.rng, start),
                 dataset="synthetic",
                 grade_timeout_s=self.timeout_s,
+                grader=self.grader,
+                grade_with_prompt=False,  # as the study's evaluation script grades
             )
             infos.append(rollout.truncate_info(sample.info, real_rows))
         return rollout.concat_infos(infos)

@@ -64,11 +64,15 @@ def sample_and_grade(
     dataset: str,
     grade_timeout_s: float = 2.0,
     rows_per_call: int = 0,
+    grader: str = "strict",
+    grade_with_prompt: bool = True,
 ) -> Sample:
     """Samples `samples_per_prompt` completions of each problem ({"question", "answer"}; rows
     are prompt-major) and grades them: reward 1 if the extracted answer is correct, else 0.
     `rows_per_call` > 0 samples that many rows at a time, so the KV cache does not grow with
-    the rollout (it must divide the rows)."""
+    the rollout (it must divide the rows). `grader` is `grading.grade_batch`'s rule; the study's
+    ("paper") grades the prompt + completion (`grade_with_prompt`, as its RL reward does; its
+    evaluation grades completions alone) against GSM8K's full solution where a problem has one."""
     start = time.perf_counter()
     repeat = lambda xs: [x for x in xs for _ in range(samples_per_prompt)]
     questions = repeat([p["question"] for p in problems])
@@ -92,8 +96,18 @@ def sample_and_grade(
     tokens_BxN, lengths_B = jax.device_get((out.tokens_BxN, out.lengths_B))
     sampled = time.perf_counter()
     texts = decode_completions(tokens_BxN, lengths_B, vocabulary)
-    refs = repeat([str(p["answer"]) for p in problems])
-    graded = grading.grade_batch(texts, refs, dataset=dataset, timeout_s=grade_timeout_s)
+    if grader == "paper":
+        refs = repeat([str(p.get("solution", p["answer"])) for p in problems])
+    else:
+        refs = repeat([str(p["answer"]) for p in problems])
+    graded = grading.grade_batch(
+        texts,
+        refs,
+        dataset=dataset,
+        timeout_s=grade_timeout_s,
+        rule=grader,
+        prompts=[q + "\n\n" for q in questions] if grade_with_prompt else None,
+    )
     info = RolloutInfo(
         questions=tuple(questions),
         texts=tuple(texts),
