@@ -40,6 +40,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.vocab = "spm"
     c.data.examples_per_style = 20_000 if variant == "tiny" else 100_000
     c.data.loss_on = "solution"  # "solution" or "all"
+    # The share of OMI1 code blocks ending in print(answer) instead of a bare expression: the
+    # study's OMI1 example ends notebook-style (its grader eval's the last line; a print gives
+    # None, never rewarded). 1.0 renders every block as echo_jax did before session 8.
+    c.data.omi1_print_share = 0.0
     c.data.eval_examples = 64  # per style, for the validation loss
 
     c.model = ml_collections.ConfigDict()

@@ -60,19 +60,27 @@ def test_tinygsm_functions_return_the_answer(problems):
         assert value == p.answer and isinstance(value, int), (p.uid, value, p.answer)
 
 
-def test_omi1_code_prints_the_answer(problems):
+def test_omi1_code_ends_in_the_answer_as_configured(problems):
     block = re.compile(
         r"<llm-code>\n(.*?)\n</llm-code>\n<llm-code-output>\n(.*?)\n</llm-code-output>\n", re.S
     )
     for p in problems:
-        solution = generators.render_solution(p, "omi1")
-        ((code, output),) = block.findall(solution)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(code, {})
-        assert out.getvalue().strip().splitlines()[-1] == output == str(p.answer)
-        assert _boxed(solution)[-1] == str(p.answer)
-        assert "def" not in block.sub("", solution)  # prose must not trip the study's labeller
+        for share in (0.0, 1.0):  # a bare last expression (the default), or print(answer)
+            solution = generators.render_solution(p, "omi1", share)
+            ((code, output),) = block.findall(solution)
+            env, out = {}, io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(code, env)
+                last = eval(code.splitlines()[-1], env)  # what the study's grader reads
+            printed = out.getvalue().strip().splitlines()
+            if share:
+                assert last is None and printed[-1] == output == str(p.answer)
+            else:
+                assert str(last) == output == str(p.answer) and not printed
+            assert _boxed(solution)[-1] == str(p.answer)
+            assert "def" not in block.sub("", solution)  # prose must not trip the labeller
+    shares = [generators.ends_in_print(p, 0.3) for p in problems]
+    assert 0.15 < sum(shares) / len(shares) < 0.45, len(shares)
 
 
 def test_omi2_prose_arithmetic_is_right_and_boxed(problems):

@@ -3,6 +3,7 @@
 import pytest
 
 from echo_jax.lm import grading
+from echo_jax.lm.data import generators
 
 GSM8K_GOLD = (
     "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day. She makes 9 * 2 = $<<9*2=18>>18 "
@@ -120,3 +121,17 @@ def test_the_strict_grader_differs_where_the_study_is_quirky():
     paper = grading.grade_batch(quirky, [GSM8K_GOLD] * 2, dataset="gsm8k", rule="paper")
     assert [g.correct for g in strict] == [True, True]
     assert [g.correct for g in paper] == [False, True]
+
+
+def test_the_study_grader_rewards_our_rendered_solutions_unless_omi1_prints():
+    problems = [generators.make_problem(3, i, 1 + i % 3) for i in range(12)]
+    refs = [str(p.answer) for p in problems]
+    for style in generators.STYLES:
+        texts = [generators.render_solution(p, style) for p in problems]
+        prompts = [p.question + "\n\n" for p in problems]
+        graded = grading.grade_batch(texts, refs, dataset="gsm8k", rule="paper", prompts=prompts)
+        assert all(g.correct for g in graded), (style, graded)
+        assert {g.style for g in graded} <= {style, "tinygsm"}  # a question may contain "def"
+    printing = [generators.render_solution(p, "omi1", omi1_print_share=1.0) for p in problems]
+    graded = grading.grade_batch(printing, refs, dataset="gsm8k", rule="paper")
+    assert not any(g.correct for g in graded)  # eval(print(x)) is None: never rewarded

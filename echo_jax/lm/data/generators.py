@@ -285,8 +285,17 @@ def _tinygsm(p: Problem) -> str:
     return "\n".join(head + givens + calcs + tail)
 
 
-def _omi1(p: Problem) -> str:
-    code = [f"{s.var} = {s.expr or s.value}" for s in p.steps] + [f"print({p.steps[-1].var})"]
+def ends_in_print(p: Problem, omi1_print_share: float) -> bool:
+    """Whether `p`'s OMI1 code block ends in `print(answer)` rather than a bare expression (the
+    notebook style of the study's own OMI1 example, which its grader's last-line `eval` reads;
+    `print(...)` evaluates to None there): a stable draw per problem with this probability."""
+    return stable_hash("omi1_print", p.key) % 10_000 < omi1_print_share * 10_000
+
+
+def _omi1(p: Problem, omi1_print_share: float = 0.0) -> str:
+    last = p.steps[-1].var
+    code = [f"{s.var} = {s.expr or s.value}" for s in p.steps]
+    code.append(f"print({last})" if ends_in_print(p, omi1_print_share) else last)
     closing = "Thus " + p.conclusion.replace("{ans}", f"\\boxed{{{p.answer}}}") + "."
     return "\n".join(
         [
@@ -310,16 +319,19 @@ def _omi2(p: Problem) -> str:
 _RENDERERS = {"tinygsm": _tinygsm, "omi1": _omi1, "omi2": _omi2}
 
 
-def render_solution(problem: Problem, style: str) -> str:
-    """The solution text of `problem` as the public dataset of `style` writes it."""
+def render_solution(problem: Problem, style: str, omi1_print_share: float = 0.0) -> str:
+    """The solution text of `problem` as the public dataset of `style` writes it; OMI1 code ends
+    in `print(...)` for a share `omi1_print_share` of problems (`ends_in_print`)."""
     if style not in _RENDERERS:
         raise ValueError(f"unknown style {style!r}; valid styles: {STYLES}")
+    if style == "omi1":
+        return _omi1(problem, omi1_print_share)
     return _RENDERERS[style](problem)
 
 
-def format_example(problem: Problem, style: str) -> str:
+def format_example(problem: Problem, style: str, omi1_print_share: float = 0.0) -> str:
     """`question\\n\\nsolution`, as the study stores pretraining examples (no chat template)."""
-    return problem.question + "\n\n" + render_solution(problem, style)
+    return problem.question + "\n\n" + render_solution(problem, style, omi1_print_share)
 
 
 class ProblemSource:
@@ -334,7 +346,13 @@ class ProblemSource:
     _CHUNK = 4096
 
     def __init__(
-        self, split: str, seed: int, levels: Sequence[int], size: int, style: str | None = None
+        self,
+        split: str,
+        seed: int,
+        levels: Sequence[int],
+        size: int,
+        style: str | None = None,
+        omi1_print_share: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {SPLITS}")
@@ -345,6 +363,7 @@ class ProblemSource:
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self.split, self.seed, self.style, self._size = split, seed, style, size
+        self.omi1_print_share = omi1_print_share
         self.levels = tuple(levels)
         self._offset = (STYLES.index(style) + 1) << 40 if style else 0
         self._kept: list[tuple[int, int]] = []
@@ -393,7 +412,7 @@ class ProblemSource:
             "level": p.level,
             "template": p.template,
             "style": self.style or "",
-            "text": format_example(p, self.style) if self.style else "",
+            "text": format_example(p, self.style, self.omi1_print_share) if self.style else "",
         }
 
     def __repr__(self) -> str:

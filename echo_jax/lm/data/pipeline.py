@@ -110,11 +110,13 @@ def make_train_iterator(
     read_threads: int = 4,
     packing_bins: int = 64,
     vocab_dir: str | None = None,
+    omi1_print_share: float = 0.0,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of packed [batch_size, seq_len] pretraining batches.
 
     `batch_size` is this process's share of the global batch. Each style has its own source of
     `examples_per_style` training problems; the mixture's rates set how often each is drawn.
+    `omi1_print_share`: see `generators.ends_in_print`.
     First-fit packing fills max(batch_size, packing_bins) rows at a time: more bins, denser rows
     (about 0.8 -> 0.84 real tokens per slot at seq_len 640, 0.85 -> 0.93 at 1024, levels 1-4).
     `num_workers` > 0 adds grain multiprocessing prefetch (needs absl flags parsed, as in main.py).
@@ -125,7 +127,9 @@ def make_train_iterator(
     vocabulary = vocab_lib.get_vocabulary(vocab_name, vocab_dir)
     datasets = []
     for style in rates:
-        source = generators.ProblemSource("train", seed, levels, examples_per_style, style)
+        source = generators.ProblemSource(
+            "train", seed, levels, examples_per_style, style, omi1_print_share
+        )
         shard = grain.MapDataset.source(source)[process_index::process_count]
         style_seed = generators.stable_hash("shuffle", seed, style) % 2**32
         datasets.append(shard.shuffle(seed=style_seed).repeat())
@@ -151,13 +155,14 @@ def make_eval_batches(
     loss_on: str = "solution",
     vocab_name: str = "byte",
     vocab_dir: str | None = None,
+    omi1_print_share: float = 0.0,
 ) -> list[dict[str, np.ndarray]]:
     """Deterministic packed batches of `num_examples` problems of one style, for per-style loss.
 
     The last batch is filled up with all-padding rows (loss_mask 0), so every batch has one shape.
     """
     vocabulary = vocab_lib.get_vocabulary(vocab_name, vocab_dir)
-    source = generators.ProblemSource(split, seed, levels, num_examples, style)
+    source = generators.ProblemSource(split, seed, levels, num_examples, style, omi1_print_share)
     ds = grain.MapDataset.source(source).map(Tokenize(vocabulary, seq_len, loss_on))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
     rows = list(_pack(ds, seq_len, num_bins=batch_size, seed=seed, shuffle_bins=False))

@@ -42,6 +42,7 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         examples_per_style=data.examples_per_style,
+        omi1_print_share=data.omi1_print_share,
     )
     eval_batches = {
         style: pipeline.make_eval_batches(
@@ -54,6 +55,7 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
             levels=data.levels,
             loss_on=data.loss_on,
             vocab_name=data.vocab,
+            omi1_print_share=data.omi1_print_share,
         )
         for style in mixtures.get_mixture(data.mixture)
     }
