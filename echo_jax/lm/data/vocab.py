@@ -23,11 +23,13 @@ SPM_EXAMPLES_PER_STYLE = 2000
 
 
 def _train_spm(path: pathlib.Path, seed: int, vocab_size: int, examples_per_style: int) -> None:
+    # OMI1 rendered with print(...) as before session 8, so the tokenizer (cached by name, and
+    # named, not stored, in checkpoints' configs) stays the one every existing run was trained with
     texts = [
         ex["text"]
         for style in generators.STYLES
         for ex in generators.ProblemSource(
-            "train", seed, generators.LEVELS, examples_per_style, style
+            "train", seed, generators.LEVELS, examples_per_style, style, omi1_print_share=1.0
         )
     ]
     model = io.BytesIO()
