@@ -58,6 +58,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.rl.train.num_steps, c.rl.train.checkpoint_every, c.rl.eval.every = 2, 1, 1
         r = c.rl.rl
         r.prompts_per_step, r.samples_per_prompt, r.max_new_tokens = 2, 2, 8
-        r.train_batch_size, r.micro_batch_size = 4, 2
+        r.train_batch_size, r.micro_batch_size = 2, 2  # 2 updates per rollout
         c.rl.eval.per_level, c.rl.eval.max_new_tokens, c.rl.eval.batch_size = 2, 8, 4
     return c

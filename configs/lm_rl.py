@@ -55,7 +55,9 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.top_p = 0.95 if algo == "ei" else 1.0
     c.rl.max_new_tokens = 176  # the longest level-2 solution has 160 tokens (the study: 1024)
     c.rl.max_prompt_len = 64  # prompts are padded to this: one compiled shape
-    c.rl.train_batch_size = 128  # rows per optimizer step: one update per rollout
+    # rows per optimizer step: 2 updates per rollout, so the policy moves off the one that sampled
+    # and clipping acts (the study: 64 of 512 rows, 8 updates)
+    c.rl.train_batch_size = 64
     c.rl.micro_batch_size = 32  # rows in memory at once while accumulating gradients
     c.rl.sampler_batch_size = 0  # rows sampled at once; 0 = the whole rollout
     c.rl.epochs = 1  # passes over each rollout (EI: SFT epochs over the kept samples)

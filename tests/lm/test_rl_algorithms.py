@@ -324,3 +324,32 @@ def test_sft_step_lowers_the_completion_loss():
         state, metrics = step(state, batch, jax.random.key(0))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] and float(metrics["target_tokens"]) == 4 * 2  # "7" and EOS
+
+
+def test_ratio_metrics_are_one_and_zero_on_policy_and_move_after_an_update():
+    """clip_fraction, approx_kl (KL behaviour || policy) and ratio_max of a second update."""
+    params, model = _params(), Transformer(TINY)
+    rollout_cfg = common.RolloutConfig(
+        prompts_per_step=2, samples_per_prompt=4, max_new_tokens=6, train_batch_size=8
+    )
+    cfg = grpo.GRPOConfig(rollout=rollout_cfg, loss=common.PolicyLossConfig(eps_low=0.01))
+    rewards = jnp.array([1, 0, 0, 1, 0, 0, 0, 1], jnp.float32)
+    rollout, _ = jax.jit(grpo.make_prepare_fn(model, cfg))(
+        TrainState.create(params, cfg.optim.make(10)), None, *_rollout_inputs(), rewards
+    )
+    stats_of = jax.jit(
+        lambda p: common.finish_stats(
+            common.accumulate_gradients(grpo.make_loss_fn(model, cfg), p, rollout, 4)[1]
+        )
+    )
+    first = stats_of(params)
+    assert float(first["ratio_max"]) == pytest.approx(1.0)
+    assert abs(float(first["approx_kl"])) < 1e-6 and float(first["clip_fraction"]) == 0.0
+    grads = jax.grad(
+        lambda p: common.accumulate_gradients(grpo.make_loss_fn(model, cfg), p, rollout, 4)[1][
+            "loss"
+        ]
+    )(params)
+    moved = stats_of(jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
+    assert float(moved["ratio_max"]) > 1.01 and float(moved["approx_kl"]) > 1e-5
+    assert float(moved["clip_fraction"]) > 0.0

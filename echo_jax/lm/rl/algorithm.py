@@ -163,7 +163,8 @@ def scan_updates(
     update: Callable, state: Any, data: Any, rows_UxM: jax.Array, rng: jax.Array
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Runs `update(state, minibatch, rng)` on `data[rows]` for each row set, in order, inside
-    one `lax.scan`; returns the final state and each metric's mean over the updates."""
+    one `lax.scan`; returns the final state and each metric's mean over the updates (the
+    largest for `*_max` metrics)."""
 
     def body(carry, xs):
         rows_M, key = xs
@@ -172,7 +173,8 @@ def scan_updates(
 
     keys = jax.random.split(rng, rows_UxM.shape[0])
     state, metrics = jax.lax.scan(body, state, (rows_UxM, keys))
-    return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    reduce = lambda k: jnp.max if k.endswith("_max") else jnp.mean
+    return state, {k: reduce(k)(m, axis=0) for k, m in metrics.items()}
 
 
 def reference_kl(

@@ -271,9 +271,13 @@ def make_policy_loss_fn(
         loss_BxT, clipped_BxT = surrogate(
             logp_BxT, batch.old_logp_BxT, batch.advantages_BxT, loss.eps_low, loss.eps_high
         )
+        log_ratio_BxT = logp_BxT - batch.old_logp_BxT  # the policy vs the one that sampled
         stats = {
             "clip_fraction": masked_sum(clipped_BxT, mask),
             "entropy": masked_sum(entropy_BxT, mask),
+            # KL(behaviour || policy), k3: (r - 1) - log r with r the importance ratio
+            "approx_kl": masked_sum(jnp.expm1(log_ratio_BxT) - log_ratio_BxT, mask),
+            "ratio_max": jnp.max(jnp.where(mask > 0, jnp.exp(log_ratio_BxT), 0.0)),
         }
         if batch.ref_logp_BxT is not None:
             kl_BxT = kl_fn(logp_BxT, batch.ref_logp_BxT)
@@ -285,10 +289,20 @@ def make_policy_loss_fn(
     return loss_fn
 
 
+def combine_stats(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Two micro-batches' stats as one's: sums add, `*_max` entries take the larger."""
+    return {k: (jnp.maximum if k.endswith("_max") else jnp.add)(a[k], b[k]) for k in a}
+
+
 def finish_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Summed stats -> metrics: "loss" / normaliser, every other entry / completion tokens."""
+    """Summed stats -> metrics: "loss" / normaliser, `*_max` entries as they are, every other
+    entry / completion tokens."""
     tokens = jnp.maximum(stats["tokens"], 1.0)
-    out = {k: v / tokens for k, v in stats.items() if k not in ("loss", "normaliser", "tokens")}
+    out = {
+        k: v if k.endswith("_max") else v / tokens
+        for k, v in stats.items()
+        if k not in ("loss", "normaliser", "tokens")
+    }
     out["loss"] = stats["loss"] / jnp.maximum(stats["normaliser"], 1e-9)
     return out
 
@@ -335,7 +349,7 @@ def accumulate_gradients(
 
     def body(carry, micro_batch):
         grads, stats = grad_fn(params, micro_batch)
-        return jax.tree.map(jnp.add, carry, (grads, stats)), None
+        return (jax.tree.map(jnp.add, carry[0], grads), combine_stats(carry[1], stats)), None
 
     (grads, stats), _ = jax.lax.scan(body, zeros, micro)
     scale = 1.0 / jnp.maximum(stats["normaliser"], 1e-9)
