@@ -1,9 +1,10 @@
-"""RL post-training of a pretrained checkpoint: GRPO, PPO or Expert Iteration (STUDIES.md A).
+"""RL post-training of a pretrained checkpoint: GRPO, PPO, REINFORCE-baseline, RLOO or Expert
+Iteration (STUDIES.md A).
 
-Variants `grpo`, `ppo`, `ei` fit the `tiny` pretrained model on 2 CPU cores (a step is seconds,
-the run a few minutes); the study's values are in the comments and in the `echo_jax.lm.rl` config
-dataclasses. `grpo_1b`, `ppo_1b`: the study's 1B model on an 8-chip mesh (fsdp=8) with the
-study's rollout sizes, for TPUs; without `init_from` they are what
+Variants `grpo`, `ppo`, `reinforce`, `rloo`, `ei` fit the `tiny` pretrained model on 2 CPU cores
+(a step is seconds, the run a few minutes); the study's values are in the comments and in the
+`echo_jax.lm.rl` config dataclasses. `grpo_1b`, `ppo_1b`, `reinforce_1b`: the study's 1B model on
+an 8-chip mesh (fsdp=8) with the study's rollout sizes, for TPUs; without `init_from` they are what
 `python -m echo_jax.plan --config=configs/lm_rl.py:grpo_1b` compiles ahead of time.
 
     python -m echo_jax.main --config=configs/lm_rl.py:grpo --workdir=runs/rl \
@@ -20,7 +21,7 @@ import ml_collections
 
 from echo_jax.core.config import check_variant, load_config_file, resume_options
 
-VARIANTS = ("grpo", "ppo", "ei", "grpo_1b", "ppo_1b")
+VARIANTS = ("grpo", "ppo", "reinforce", "rloo", "ei", "grpo_1b", "ppo_1b", "reinforce_1b")
 
 
 def _pretrain(variant: str) -> ml_collections.ConfigDict:
@@ -66,7 +67,8 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.warmup_ratio = 0.0
     c.rl.min_lr_ratio = 1.0  # a constant rate: short runs stop before a decay would matter
     c.rl.kl_coef = 0.0  # the study's grid: 0, 1e-3, 1e-2
-    c.rl.kl_estimator = "k1" if algo == "ppo" else "k3"
+    # the study: k1 in the reward (PPO, REINFORCE-baseline), k3 in the loss (GRPO)
+    c.rl.kl_estimator = "k3" if algo in ("grpo", "ei") else "k1"
     c.rl.log_kl = True  # report KL to the initial policy even when kl_coef = 0 (one more pass)
     c.rl.advantage = "grpo"  # GRPO: "grpo" or "dr_grpo"
     c.rl.aggregation = "seq_mean_token_mean"

@@ -10,7 +10,7 @@ from flax import linen as nn
 from benchmarks.reference_sampler import score
 from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import ModelConfig, Transformer
-from echo_jax.lm.rl import common, expert_iteration, grpo, ppo
+from echo_jax.lm.rl import common, expert_iteration, grpo, ppo, reinforce
 
 TINY = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_len=16)
 
@@ -353,3 +353,15 @@ def test_ratio_metrics_are_one_and_zero_on_policy_and_move_after_an_update():
     moved = stats_of(jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
     assert float(moved["ratio_max"]) > 1.01 and float(moved["approx_kl"]) > 1e-5
     assert float(moved["clip_fraction"]) > 0.0
+
+
+def test_reinforce_scores_returns_and_whitening():
+    r = jnp.array([[1.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(reinforce.reinforce_baseline_scores(r), [[0.5, -0.5, -0.5, 0.5]])
+    # leave one out: 1 - (1/3), 0 - (2/3)
+    np.testing.assert_allclose(reinforce.rloo_scores(r), [[2 / 3, -2 / 3, -2 / 3, 2 / 3]], 1e-6)
+    mask = jnp.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], jnp.float32)
+    rewards = jnp.array([[9, 1, 2, 3, 9], [9, 9, 1, 1, 1]], jnp.float32)
+    np.testing.assert_allclose(
+        reinforce.returns_to_go(rewards, mask), [[0, 6, 5, 3, 0], [0, 0, 3, 2, 1]]
+    )

@@ -111,6 +111,18 @@ def test_grpo_steps_report_metrics_without_recompiling(setup, alternate_rewards)
     assert sampler_lib._generate._cache_size() == compiled + 1
 
 
+@pytest.mark.parametrize("variant", ["reinforce", "rloo"])
+def test_reinforce_steps_put_the_kl_in_the_reward(setup, alternate_rewards, variant):
+    params, vocabulary, source = setup
+    config = _config(variant, "rl.kl_coef=1e-2")
+    state, rows, algo, _ = _run_steps(config, params, source, vocabulary, 2)
+    assert ROLLOUT_KEYS | {"kl", "flat_groups", "approx_kl", "ratio_max"} <= set(rows[-1])
+    assert all(np.isfinite(v) for v in rows[-1].values())
+    assert algo.cfg.kl_estimator == "k1" and algo.cfg.baseline in ("reinforce_baseline", "rloo")
+    assert int(state.step) == 4 and state.critic is None
+    assert _changed(params, state.params) and not _changed(params, state.ref_params)
+
+
 def test_ppo_step_reports_value_loss(setup, alternate_rewards):
     params, vocabulary, source = setup
     state, rows, _, _ = _run_steps(_config("ppo", "rl.log_kl=False"), params, source, vocabulary, 1)
