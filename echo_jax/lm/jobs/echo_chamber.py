@@ -62,7 +62,8 @@ def stage_configs(
     }
     for stage in configs.values():
         stage.seed = config.seed
-        stage.resume = copy.deepcopy(config.resume)
+        with stage.unlocked():  # the job's one `resume` block is every stage's
+            stage.resume = copy.deepcopy(config.resume)
     configs["eval_before"].checkpoint = configs["rl"].init_from = dirs["pretrain"]
     configs["eval_after"].checkpoint = dirs["rl"]
     return dirs, configs
