@@ -65,20 +65,26 @@ def main(argv: list[str]) -> None:
         import jax
 
         jax.distributed.initialize()
-    from echo_jax.core.checkpoint import CheckpointSaveError
     from echo_jax.core.config import validate
-    from echo_jax.core.train_loop import NonFiniteLossError, Preempted
     from echo_jax.core.workdir import lock_workdir
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; Orbax's INFO is noise
     try:
-        validate(config)
+        validate(config)  # values, kind and workdir first: a mistake fails before jax loads
         _runner_path(config.kind)
         with lock_workdir(workdir):
-            _runner(config.kind)(config, workdir)
+            _run(config, workdir)
     except ConfigError as e:
         _fail(f"echo_jax: error: {e}", 2)
+
+
+def _run(config, workdir: str) -> None:
+    from echo_jax.core.checkpoint import CheckpointSaveError
+    from echo_jax.core.train_loop import NonFiniteLossError, Preempted
+
+    try:
+        _runner(config.kind)(config, workdir)
     except (NonFiniteLossError, CheckpointSaveError) as e:
         _fail(f"echo_jax: error: {e}", 1)
     except Preempted as e:

@@ -86,6 +86,11 @@ def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
 def _parse_value(key: str, text: str, current: Any) -> Any:
     if isinstance(current, str) or current is None:
         return text
+    if isinstance(current, float):  # as the command line reads it: "nan" and "inf" parse too
+        try:
+            return float(text)
+        except ValueError:
+            pass
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from echo_jax.core.config import ConfigError
 from echo_jax.core.files import read_json, read_jsonl, write_json
@@ -93,16 +94,20 @@ def ensure_workdir(workdir: str | os.PathLike) -> str:
     return path
 
 
+def _process_index() -> int:
+    """jax's process index, 0 when jax is not loaded (a multi-host run initialises it first)."""
+    jax = sys.modules.get("jax")
+    return jax.process_index() if jax is not None else 0
+
+
 @contextlib.contextmanager
 def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
     """Holds `<workdir>/.lock` (see the module docstring) on process 0; creates the workdir, and
     removes it again when the run it was created for wrote nothing else (a refused start)."""
-    import jax  # here: the lock itself needs no jax
-
     path = os.fspath(workdir)
     created = _is_local(path) and not os.path.exists(path)
     ensure_workdir(path)
-    if not _is_local(path) or jax.process_index() != 0:
+    if not _is_local(path) or _process_index() != 0:
         yield
         return
     key = os.path.realpath(path)
@@ -204,8 +209,6 @@ def record_run(
     `config.json`; on a resume compares with the run's effective config and either refuses
     (`ConfigError` naming every changed key) or appends to `config_history.jsonl`. Process 0
     writes; every process checks."""
-    import jax  # here: comparing configs needs no jax
-
     current = _without_resume_options(plain(config))
     allow_changes = bool(config.get("resume", {}).get("allow_changes", False))
     saved = effective_config(workdir)
@@ -224,8 +227,8 @@ def record_run(
         )
     entry["changed"] = {key: [old, new] for key, old, new in changed}
     entry["config"] = current
-    if jax.process_index() == 0:
-        with open(os.path.join(os.fspath(workdir), HISTORY_FILE), "a") as f:
+    if _process_index() == 0:
+        with epath.Path(workdir, HISTORY_FILE).open("a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
     if refused:
         print(

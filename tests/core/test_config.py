@@ -3,12 +3,13 @@
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-from echo_jax.core.config import ConfigError, load_config
+from echo_jax.core.config import ConfigError, load_config, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
@@ -67,10 +68,7 @@ def _main(*args, cwd=REPO, env=None):
         ),
         (["--config.model.d_modle=64"], "did you mean 'model.d_model'?"),
         (["--config.train.num_steps=abc"], "--config.train.num_steps=abc"),
-        (["--config.train.batch_size=-4"], "'train.batch_size' is -4; it must be an integer >= 1"),
-        (["--config.seed=-1"], "'seed' is -1; it must be an integer >= 0"),
-        (["--config.train.lr=nan"], "'train.lr' is nan; it must be a finite number"),
-        (["--config.train.num_steps=0"], "'train.num_steps' is 0; it must be an integer >= 1"),
+        (["--config.seed=-1"], "'seed' is -1; it must be an integer >= 0"),  # validate()
     ],
 )
 def test_cli_config_mistakes_are_one_line(tmp_path, args, expected):
@@ -92,23 +90,31 @@ def test_cli_verbose_adds_the_traceback_before_the_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("echo_jax: error: config key 'seed'")
 
 
+def test_cli_a_workdir_that_cannot_be_one_is_a_one_line_error(tmp_path):
+    (tmp_path / "a_file").write_text("kept")  # the other cases: tests/core/test_workdir.py
+    out = _main("--config=configs/lm_pretrain.py:tiny", f"--workdir={tmp_path / 'a_file'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"echo_jax: error: workdir {tmp_path / 'a_file'} exists and is not a directory"
+    ]
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
 @pytest.mark.parametrize(
-    "workdir,expected",
+    "override,expected",
     [
-        ("a_file", "exists and is not a directory"),
-        ("x" * 300, "File name too long (at most 255 characters per path component)"),
-        ("/sys/echo_jax_test", "cannot use workdir /sys/echo_jax_test: Operation not permitted"),
+        ("train.batch_size=-4", "'train.batch_size' is -4; it must be an integer >= 1"),
+        ("seed=-1", "'seed' is -1; it must be an integer >= 0"),
+        ("train.lr=nan", "'train.lr' is nan; it must be a finite number"),
+        ("train.lr=-0.1", "'train.lr' is -0.1; it must be >= 0"),
+        ("train.num_steps=0", "'train.num_steps' is 0; it must be an integer >= 1"),
+        ("data.examples_per_style=0", "'data.examples_per_style' is 0; it must be an integer >= 1"),
     ],
 )
-def test_cli_workdirs_that_cannot_be_used_are_one_line(tmp_path, workdir, expected):
-    (tmp_path / "a_file").write_text("kept")
-    out = _main("--config=configs/lm_pretrain.py:tiny", f"--workdir={tmp_path / workdir}")
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], out.stderr
-    assert (
-        sorted(os.listdir(tmp_path)) == ["a_file"] and (tmp_path / "a_file").read_text() == "kept"
-    )
+def test_values_no_run_can_use_are_refused(override, expected):
+    validate(load_config(f"{REPO}/configs/lm_pretrain.py:tiny"))  # the preset itself is fine
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(load_config(f"{REPO}/configs/lm_pretrain.py:tiny", [override]))
 
 
 def test_cli_unknown_variant_names_the_valid_ones(tmp_path):
