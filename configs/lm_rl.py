@@ -3,9 +3,9 @@ Iteration (STUDIES.md A).
 
 Variants `grpo`, `ppo`, `reinforce`, `rloo`, `ei` fit the `tiny` pretrained model on 2 CPU cores
 (a step is seconds, the run a few minutes); the study's values are in the comments and in the
-`echo_jax.lm.rl` config dataclasses. `grpo_1b`, `ppo_1b`, `reinforce_1b`: the study's 1B model on
-an 8-chip mesh (fsdp=8) with the study's rollout sizes, for TPUs; without `init_from` they are what
-`python -m echo_jax.plan --config=configs/lm_rl.py:grpo_1b` compiles ahead of time.
+`echo_jax.lm.rl` config dataclasses. `study_grpo`, `study_ppo`, `study_reinforce`: the study's
+settings for TPUs (`_study_values`: GSM8K prompts, 64 x 8 rollouts, its grader, 8 chips); without
+`init_from` they plan a 1B model (`python -m echo_jax.plan --config=configs/lm_rl.py:study_grpo`).
 
     python -m echo_jax.main --config=configs/lm_rl.py:grpo --workdir=runs/rl \
         --config.init_from=runs/pretrain_tiny [--config.rl.kl_coef=1e-3] \
@@ -15,13 +15,15 @@ A rerun with the same --workdir resumes from the last checkpoint (policy, critic
 reference, RNG and prompt position); a finished run does nothing.
 """
 
+import math
 import os
 
 import ml_collections
 
 from echo_jax.core.config import check_variant, load_config_file, resume_options
 
-VARIANTS = ("grpo", "ppo", "reinforce", "rloo", "ei", "grpo_1b", "ppo_1b", "reinforce_1b")
+VARIANTS = ("grpo", "ppo", "reinforce", "rloo", "ei", "study_grpo", "study_ppo", "study_reinforce")
+GSM8K_TRAIN = 7473  # questions; the study's runs make 10 passes (episodes) over them
 
 
 def _pretrain(variant: str) -> ml_collections.ConfigDict:
@@ -32,8 +34,9 @@ def _pretrain(variant: str) -> ml_collections.ConfigDict:
 
 def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     variant = check_variant(variant, VARIANTS, "lm_rl")
-    algo, _, size = variant.partition("_")
-    pretrain = _pretrain(size or "tiny")
+    study = variant.startswith("study_")
+    algo = variant.removeprefix("study_")
+    pretrain = _pretrain("1b" if study else "tiny")
     c = ml_collections.ConfigDict()
     c.kind = "lm_rl"
     c.algo = algo  # a registered algorithm: echo_jax.lm.rl.algorithm.names()
@@ -104,14 +107,19 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.model = pretrain.model
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     c.sharding = pretrain.sharding  # the pretraining rules: parameters shard over fsdp / tensor
-    if size == "1b":
-        _study_scale(c)
+    if study:
+        _study_values(c)
     c.resume = resume_options()
     return c
 
 
-def _study_scale(c: ml_collections.ConfigDict) -> None:
-    """The study's rollout and batch sizes on the 1B model, sharded over 8 chips."""
+def _study_values(c: ml_collections.ConfigDict) -> None:
+    """The study's settings (`configs/pretraining_1b_sweeps_ppo_grpo_gsm8k.yaml` of
+    rosieyzh/openrlhf-pretrain) on the 1B model, sharded over 8 chips: 64 GSM8K prompts x 8
+    samples per rollout, 8 updates of 64 rows, temperature 0.7, 1024 new tokens, lr 1e-6 (critic
+    7e-6) with 3 % warm-up and cosine to 0.1x, clip 0.2, gamma 1, lambda 0.95, 10 episodes, its
+    grader. Its KL grid is 0, 1e-3, 1e-2 (`--config.rl.kl_coef`); the model comes from
+    `init_from` (the `model` block, here 1B, only plans)."""
     r = c.rl
     r.grader = "paper"  # the study's reward and labels
     r.prompts_per_step, r.samples_per_prompt = 64, 8
@@ -121,4 +129,6 @@ def _study_scale(c: ml_collections.ConfigDict) -> None:
     r.lr, r.critic_lr = 1e-6, 7e-6
     r.warmup_ratio, r.min_lr_ratio = 0.03, 0.1
     c.data.prompts = "gsm8k"
+    c.train.num_steps = math.ceil(10 * GSM8K_TRAIN / r.prompts_per_step)  # 10 episodes: 1168
+    c.train.checkpoint_every = 50
     c.mesh.fsdp = 8

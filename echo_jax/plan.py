@@ -1,7 +1,7 @@
 """Ahead-of-time planning of a run, as MaxText's `train_compile`: does it fit, and how sharded?
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python -m echo_jax.plan --config=configs/lm_rl.py:grpo_1b [--config.a.b=v]
+        python -m echo_jax.plan --config=configs/lm_rl.py:study_grpo [--config.a.b=v]
 
 builds the state's abstract twin on the config's mesh (shapes and shardings from the logical axis
 rules; nothing is allocated), compiles the train step ahead of time (for RL also the sampler) and
