@@ -14,6 +14,7 @@ from echo_jax.lm import sampler as sampler_lib
 from echo_jax.lm.data import generators, vocab
 from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig, Transformer
+from echo_jax.lm.rl import policy_eval
 from tests.conftest import REPO
 
 CFG = ModelConfig(vocab_size=264, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_len=512)
@@ -157,3 +158,16 @@ def test_expert_iteration_step_without_kept_samples_changes_nothing(setup, monke
     )
     assert rows[0]["kept"] == 0 and rows[0]["loss"] == 0 and int(state.step) == 0
     assert not _changed(params, state.params)
+
+
+def test_evaluation_during_rl_reads_the_dataset_rl_trains_on(shared_data):
+    vocabulary = vocab.get_vocabulary("byte")
+    config = _config("grpo", "eval.levels=(1, 3)", "eval.per_level=3")
+    dataset, groups, trained = policy_eval.eval_groups(config, vocabulary)
+    assert (dataset, sorted(groups), trained) == ("synthetic", ["L1", "L3"], ["L1"])
+    if not (shared_data / "gsm8k" / "test.jsonl").exists():
+        pytest.skip("GSM8K is not in $ECHO_JAX_DATA")
+    config = _config("grpo", "data.prompts=gsm8k", "eval.per_level=3")
+    dataset, groups, trained = policy_eval.eval_groups(config, vocabulary)
+    assert (dataset, list(groups), trained) == ("gsm8k", ["gsm8k"], ["gsm8k"])
+    assert len(groups["gsm8k"]) == 3 and all("solution" in q for q in groups["gsm8k"])

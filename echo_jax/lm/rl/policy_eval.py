@@ -1,5 +1,6 @@
 """Evaluation during RL: greedy pass@1, pass@k and style shares of the policy on held-out
-synthetic test problems, per difficulty level."""
+problems of the dataset RL trains on: synthetic test problems per difficulty level, or GSM8K test
+questions when the prompts are GSM8K's."""
 
 from __future__ import annotations
 
@@ -10,31 +11,54 @@ import ml_collections
 import numpy as np
 
 from echo_jax.core import rng as rng_streams
+from echo_jax.core.config import ConfigError
 from echo_jax.lm import eval as eval_lib
 from echo_jax.lm import grading
-from echo_jax.lm.data import generators
+from echo_jax.lm.data import generators, real
 from echo_jax.lm.rl import common, rollout
 from echo_jax.lm.sampler import SamplingParams, prompt_width
 
 
+def eval_groups(
+    config: ml_collections.ConfigDict, vocabulary: Any
+) -> tuple[str, dict[str, list[dict]], list[str]]:
+    """(dataset, group name -> problems, the groups the policy trains on): `eval.per_level`
+    synthetic test problems per level ("L1", ...; trained: `data.levels`), or the first
+    `eval.per_level` GSM8K test questions that fit `rl.max_prompt_len` ("gsm8k")."""
+    e = config.eval
+    if config.data.prompts == "gsm8k":
+        fits = [
+            q
+            for q in real.load_gsm8k("test")
+            if len(vocabulary.encode(q["question"] + "\n\n")) <= config.rl.max_prompt_len
+        ]
+        if not fits:
+            raise ConfigError(
+                f"no GSM8K test question fits rl.max_prompt_len={config.rl.max_prompt_len}"
+            )
+        return "gsm8k", {"gsm8k": fits[: e.per_level]}, ["gsm8k"]
+    groups = {
+        f"L{level}": [
+            generators.ProblemSource("test", config.seed, (level,), e.per_level)[i]
+            for i in range(e.per_level)
+        ]
+        for level in e.levels
+    }
+    return "synthetic", groups, [f"L{lv}" for lv in e.levels if lv in config.data.levels]
+
+
 class PolicyEval:
-    """On `eval.per_level` held-out test problems per level: greedy pass@1 and the greedy style
-    shares; with `eval.num_samples` = n > 0 also unbiased pass@k (k = 1, 2, 4, ..., n) and the
-    style shares of the samples. `eval/<metric>` averages the levels the policy is trained on.
-    Shapes are fixed (two compiles in all) and every evaluation draws with the same key."""
+    """On the `eval_groups` problems: greedy pass@1 and the greedy style shares; with
+    `eval.num_samples` = n > 0 also unbiased pass@k (k = 1, 2, 4, ..., n) and the style shares of
+    the samples, as `eval/<group>/<metric>`; `eval/<metric>` averages the groups the policy is
+    trained on. Shapes are fixed (two compiles in all) and every evaluation draws with the same
+    key."""
 
     def __init__(self, config: ml_collections.ConfigDict, sampler: Any, vocabulary: Any):
         e = config.eval
         self.sampler, self.vocabulary, self.num_samples = sampler, vocabulary, e.num_samples
         self.timeout_s, self.grader = config.rl.grade_timeout_s, config.rl.grader
-        self.problems = {
-            level: [
-                generators.ProblemSource("test", config.seed, (level,), e.per_level)[i]
-                for i in range(e.per_level)
-            ]
-            for level in e.levels
-        }
-        self.train_levels = [lv for lv in e.levels if lv in config.data.levels]
+        self.dataset, self.problems, self.train_groups = eval_groups(config, vocabulary)
         longest = max(
             len(vocabulary.encode(p["question"] + "\n\n"))
             for ps in self.problems.values()
@@ -69,7 +93,7 @@ class PolicyEval:
                 samples,
                 self.width,
                 jax.random.fold_in(self.rng, start),
-                dataset="synthetic",
+                dataset=self.dataset,
                 grade_timeout_s=self.timeout_s,
                 grader=self.grader,
                 grade_with_prompt=False,  # as the study's evaluation script grades
@@ -83,8 +107,8 @@ class PolicyEval:
         return {f"{prefix}/{s}": float((styles == s).mean()) for s in grading.STYLE_LABELS}
 
     def __call__(self, params: Any) -> dict[str, float]:
-        per_level: dict[int, dict[str, float]] = {}
-        for level, problems in self.problems.items():
+        per_group: dict[str, dict[str, float]] = {}
+        for group, problems in self.problems.items():
             greedy = self._run(params, problems, self.greedy, 1, self.greedy_rows)
             out = {
                 "greedy_pass@1": float(greedy.correct.mean()),
@@ -103,11 +127,9 @@ class PolicyEval:
                     }
                 )
                 out.update(self._shares(sampled, "sampled_share"))
-            per_level[level] = out
-        row = {f"eval/L{lv}/{k}": v for lv, out in per_level.items() for k, v in out.items()}
-        if self.train_levels:
-            for key in per_level[self.train_levels[0]]:
-                row[f"eval/{key}"] = float(
-                    np.mean([per_level[lv][key] for lv in self.train_levels])
-                )
+            per_group[group] = out
+        row = {f"eval/{g}/{k}": v for g, out in per_group.items() for k, v in out.items()}
+        if self.train_groups:
+            for key in per_group[self.train_groups[0]]:
+                row[f"eval/{key}"] = float(np.mean([per_group[g][key] for g in self.train_groups]))
         return row
