@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as preservation
 
 from echo_jax.core.config import ConfigError
 from echo_jax.core.workdir import differences
@@ -44,11 +47,16 @@ def one_line(error: BaseException) -> str:
 
 def complete_steps(directory: str | os.PathLike) -> list[int]:
     """The steps with a complete checkpoint folder (`<step>/`; Orbax writes into a temporary
-    folder and renames it when done), ascending."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
+    folder and renames it when done), ascending. Local paths and gs://."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
         return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _is_resource_error(error: BaseException) -> bool:
+    """Out of host or device memory: the checkpoint may be fine, this process is not."""
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
 
 
 def tree_signature(tree: Any) -> dict[str, str]:
@@ -63,12 +71,24 @@ _META_NAMES = {"model": "model config", "signature": "state layout"}
 class Checkpointer:
     """Async Orbax `CheckpointManager` with a keep-last-N policy over items state/data/meta."""
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        keep: int = 3,
+        async_save: bool = True,
+        keep_steps: Sequence[int] = (),
+    ):
+        """Keeps the newest `keep` checkpoints and, whatever their age, those of `keep_steps`."""
         self.directory = os.path.abspath(directory)
+        policies = [preservation.LatestN(keep)]
+        if keep_steps:
+            policies.append(preservation.CustomSteps(sorted(keep_steps)))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                preservation_policy=preservation.AnyPreservationPolicy(policies),
+                create=True,
+                enable_async_checkpointing=async_save,
             ),
         )
         self._saving = False  # a save was started and not yet waited for
@@ -144,6 +164,8 @@ class Checkpointer:
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - whatever Orbax or TensorStore raise
+                if _is_resource_error(e):
+                    raise
                 damaged.append((step, one_line(e)))
                 continue
             for bad, why in damaged:
@@ -158,16 +180,18 @@ class Checkpointer:
         return 0, None
 
     def _move_aside(self, step: int, why: str, label: str) -> None:
-        source = os.path.join(self.directory, str(step))
-        target, n = f"{source}.corrupt", 1
-        while os.path.exists(target):
+        """On process 0 (every process saw the same damage and restores the same older step)."""
+        source = epath.Path(self.directory) / str(step)
+        target, n = source.parent / f"{step}.corrupt", 1
+        while target.exists():
             n += 1
-            target = f"{source}.corrupt{n}"
-        os.replace(source, target)
+            target = source.parent / f"{step}.corrupt{n}"
+        if jax.process_index() == 0:
+            source.rename(target)
         self.manager.reload()
         print(
             f"[{label}] checkpoint step {step} in {self.directory} cannot be restored ({why}); "
-            f"moved to {os.path.basename(target)}",
+            f"moved to {target.name}",
             file=sys.stderr,
             flush=True,
         )

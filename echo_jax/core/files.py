@@ -99,9 +99,15 @@ def read_jsonl_lines(
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
-    """The content of a JSON file, or None when it does not exist."""
+    """The content of a JSON file, or None when it does not exist; `ConfigError` naming the file
+    when it is not JSON (e.g. cut short)."""
     path = epath.Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def write_json(path: str | os.PathLike, value: Any, *, indent: int = 1) -> None:

@@ -82,6 +82,15 @@ class LoopConfig:
     eval_every: int = 0
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    log_checkpoints: int = 0  # also save and keep this many at log-spaced steps (the study: 15)
+
+    def kept_steps(self) -> tuple[int, ...]:
+        """The `log_checkpoints` log-spaced steps in [1, num_steps] (fewer where they round to
+        the same step): a curve of any metric against the step on a log axis."""
+        if not self.log_checkpoints:
+            return ()
+        steps = np.geomspace(1, self.num_steps, self.log_checkpoints)
+        return tuple(sorted({int(round(x)) for x in steps}))
 
     @classmethod
     def from_config(cls, train_config: Any) -> LoopConfig:
@@ -191,14 +200,23 @@ def _train(task, loop, mesh, rules, workdir, seed, config, label, may_change) ->
     init_rng, loop_rng = jax.random.split(jax.random.key(seed))
     state, abstract = initial_state(task, mesh, rules, init_rng)
     is_chief = jax.process_index() == 0
+    kept_steps = loop.kept_steps()
     ckpt = Checkpointer(
-        f"{workdir}/checkpoints", keep=loop.keep_checkpoints, async_save=loop.async_checkpoints
+        f"{workdir}/checkpoints",
+        keep=loop.keep_checkpoints,
+        async_save=loop.async_checkpoints,
+        keep_steps=kept_steps,
     )
     try:
         meta = {**task.meta, "seed": seed, "signature": tree_signature(abstract)}
+        started = ckpt.latest_step() is not None
+        if config is not None:  # a refused resume touches nothing, damaged checkpoints included
+            workdir_lib.check_run(workdir, config, may_change=may_change, started=started)
         start, restored = ckpt.restore_latest(abstract, task.train_iter, meta, label)
         if config is not None:
-            workdir_lib.record_run(workdir, config, step=start, may_change=may_change, label=label)
+            workdir_lib.record_run(
+                workdir, config, step=start, may_change=may_change, label=label, started=started
+            )
     except BaseException:
         ckpt.abandon()
         raise
@@ -234,7 +252,12 @@ def _train(task, loop, mesh, rules, workdir, seed, config, label, may_change) ->
                 ckpt.raise_if_save_failed()  # a background save failed: stop now, not later
                 pending.append((step, {**metrics, **host_metrics}))
                 done = step == loop.num_steps
-                save = done or step % loop.checkpoint_every == 0 or sigterm.raised
+                save = (
+                    done
+                    or step % loop.checkpoint_every == 0
+                    or step in kept_steps
+                    or sigterm.raised
+                )
                 log = done or step % loop.log_every == 0
                 evaluate = task.evaluate and (
                     done or (loop.eval_every and step % loop.eval_every == 0)

@@ -72,9 +72,17 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
+def _cannot_use(path: str, error: OSError) -> ConfigError:
+    reason = error.strerror or type(error).__name__
+    if error.errno == errno.ENAMETOOLONG:
+        reason += " (at most 255 characters per path component)"
+    return ConfigError(f"cannot use workdir {path}: {reason}")
+
+
 def ensure_workdir(workdir: str | os.PathLike) -> str:
     """Creates `workdir` (and its parents); `ConfigError` in one line when it cannot be a
-    workdir: an existing file, an unwritable or read-only place, a name too long."""
+    workdir: an existing file, a place it cannot be created, a name too long. (Whether it is
+    writable shows when the lock file is created.)"""
     path = os.fspath(workdir)
     if not _is_local(path):
         return path
@@ -82,15 +90,8 @@ def ensure_workdir(workdir: str | os.PathLike) -> str:
         raise ConfigError(f"workdir {path} exists and is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
     except OSError as e:
-        reason = e.strerror or type(e).__name__
-        if e.errno == errno.ENAMETOOLONG:
-            reason += " (at most 255 characters per path component)"
-        raise ConfigError(f"cannot use workdir {path}: {reason}") from None
+        raise _cannot_use(path, e) from None
     return path
 
 
@@ -100,12 +101,21 @@ def _process_index() -> int:
     return jax.process_index() if jax is not None else 0
 
 
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+    missing = None
+    while path and not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
 @contextlib.contextmanager
 def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
     """Holds `<workdir>/.lock` (see the module docstring) on process 0; creates the workdir, and
-    removes it again when the run it was created for wrote nothing else (a refused start)."""
-    path = os.fspath(workdir)
-    created = _is_local(path) and not os.path.exists(path)
+    removes the folders it created again when the run wrote nothing else (a refused start).
+    Every other process, and a bucket path, go unlocked."""
+    path = os.path.abspath(os.fspath(workdir)) if _is_local(os.fspath(workdir)) else workdir
+    created = _first_missing(path) if _is_local(path) else None
     ensure_workdir(path)
     if not _is_local(path) or _process_index() != 0:
         yield
@@ -115,7 +125,7 @@ def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
         fd, depth = _held[key]
         _held[key] = (fd, depth + 1)
     else:
-        _held[key] = (_acquire(os.path.join(path, LOCK_FILE)), 1)
+        _held[key] = (_acquire(path), 1)
     try:
         yield
     finally:
@@ -124,21 +134,38 @@ def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
             _held[key] = (fd, depth - 1)
         else:
             del _held[key]
-            if created and os.listdir(path) == [LOCK_FILE]:  # still locked while removed
-                os.remove(os.path.join(path, LOCK_FILE))
-                os.rmdir(path)
+            if created:
+                _remove_if_unused(path, created)
             os.close(fd)  # releases the flock; the file stays (its content is the last holder)
 
 
-def _acquire(lock_path: str) -> int:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def _remove_if_unused(path: str, created: str) -> None:
+    """Removes `path` and its parents up to `created` while they hold nothing but the lock file
+    (still locked while removed); a concurrent process's files stop it."""
+    with contextlib.suppress(OSError):
+        if os.listdir(path) != [LOCK_FILE]:
+            return
+        os.remove(os.path.join(path, LOCK_FILE))
+        while True:
+            os.rmdir(path)
+            if path == created:
+                return
+            path = os.path.dirname(path)
+
+
+def _acquire(workdir: str) -> int:
+    lock_path = os.path.join(workdir, LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # read-only, not ours, or removed by a refused start meanwhile
+        raise _cannot_use(workdir, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise ConfigError(
-            f"workdir {os.path.dirname(lock_path)} is in use by {holder} (lock: {lock_path}); "
+            f"workdir {workdir} is in use by {holder} (lock: {lock_path}); "
             "wait for it to finish or use another --workdir"
         ) from None
     os.ftruncate(fd, 0)
@@ -197,6 +224,34 @@ def effective_config(workdir: str | os.PathLike) -> dict | None:
     return read_json(os.path.join(os.fspath(workdir), CONFIG_FILE))
 
 
+def check_run(
+    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    *,
+    may_change: Sequence[str] = RESUME_MAY_CHANGE,
+    started: bool = True,
+) -> tuple[dict | None, list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(the run's effective config or None for a fresh record, every change, the changes outside
+    `may_change`); `ConfigError` naming every change outside `may_change` unless
+    `resume.allow_changes`. A workdir whose run has not `started` (nothing trained or evaluated
+    yet: it failed before its first checkpoint) is recorded afresh, so a corrected rerun is not
+    held to the failed start's settings. Writes nothing."""
+    saved = effective_config(workdir) if started else None
+    if saved is None:
+        return None, [], []
+    current = _without_resume_options(plain(config))
+    saved = _without_resume_options(saved)
+    changed = differences(saved, current)
+    refused = differences(saved, current, may_change)
+    if refused and not config.get("resume", {}).get("allow_changes", False):
+        raise ConfigError(
+            f"{workdir} holds a run started with other settings: {describe(refused)}; rerun "
+            "with the original values, use a fresh --workdir, or pass "
+            "--config.resume.allow_changes=True to continue with the change recorded"
+        )
+    return saved, changed, refused
+
+
 def record_run(
     workdir: str | os.PathLike,
     config: ml_collections.ConfigDict,
@@ -204,29 +259,24 @@ def record_run(
     step: int | None = None,
     may_change: Sequence[str] = RESUME_MAY_CHANGE,
     label: str = "run",
+    started: bool = True,
 ) -> None:
-    """Records a start of `config` in `workdir` (module docstring). On a fresh workdir writes
-    `config.json`; on a resume compares with the run's effective config and either refuses
-    (`ConfigError` naming every changed key) or appends to `config_history.jsonl`. Process 0
-    writes; every process checks."""
+    """Records a start of `config` in `workdir` (module docstring) after `check_run`: a fresh
+    record writes `config.json` (and drops an earlier history); a resume appends its config,
+    `step` and changes to `config_history.jsonl`. Process 0 writes; every process checks."""
+    saved, changed, refused = check_run(workdir, config, may_change=may_change, started=started)
     current = _without_resume_options(plain(config))
-    allow_changes = bool(config.get("resume", {}).get("allow_changes", False))
-    saved = effective_config(workdir)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step}
     if saved is None:
+        if _process_index() == 0:
+            epath.Path(workdir, HISTORY_FILE).unlink(missing_ok=True)
         write_json(os.path.join(os.fspath(workdir), CONFIG_FILE), current, indent=2)
         return
-    saved = _without_resume_options(saved)
-    changed = differences(saved, current)
-    refused = [c for c in changed if c in differences(saved, current, may_change)]
-    if refused and not allow_changes:
-        raise ConfigError(
-            f"{workdir} holds a run started with other settings: {describe(refused)}; rerun "
-            "with the original values, use a fresh --workdir, or pass "
-            "--config.resume.allow_changes=True to continue with the change recorded"
-        )
-    entry["changed"] = {key: [old, new] for key, old, new in changed}
-    entry["config"] = current
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "step": step,
+        "changed": {key: [old, new] for key, old, new in changed},
+        "config": current,
+    }
     if _process_index() == 0:
         with epath.Path(workdir, HISTORY_FILE).open("a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ from fractions import Fraction
 
 from math_verify import parse, verify
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm import sandbox
 
 STYLE_LABELS = ("tinygsm", "omi1", "omi2", "other")
@@ -310,7 +311,7 @@ def is_correct(pred: str | None, ref: str, *, dataset: str) -> bool:
     accepted)") accepts any of them. MATH-500: HF math_verify.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"is_correct: unknown dataset {dataset!r}; expected one of {DATASETS}")
+        raise ConfigError(f"is_correct: unknown dataset {dataset!r}; expected one of {DATASETS}")
     if pred is None or not pred.strip():
         return False
     if dataset == "math500":
@@ -340,7 +341,7 @@ def grade_batch(
     decoded it, math_verify for every answer), with `prompts` the texts the completions continue.
     """
     if rule not in GRADERS:
-        raise ValueError(f"grade_batch: unknown rule {rule!r}; valid: {GRADERS}")
+        raise ConfigError(f"grade_batch: unknown rule {rule!r}; valid: {GRADERS}")
     if len(texts) != len(refs):
         raise ValueError(f"grade_batch: {len(texts)} texts but {len(refs)} refs")
     if rule == "paper":

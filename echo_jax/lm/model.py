@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm.attention import dense_attention, rope, smear_keys
 from echo_jax.lm.cpu import ops
 
@@ -53,11 +54,11 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.norm not in ("rms", "layernorm"):
-            raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
+            raise ConfigError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.attention_block < 0:
-            raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
+            raise ConfigError(f"attention_block must be >= 0, got {self.attention_block}")
         ops.check_choices(self.kernels, self.kernel_overrides)
 
 

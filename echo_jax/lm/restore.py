@@ -8,7 +8,6 @@ are read (an Orbax partial restore), so neither the optimizer nor its config is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -20,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from echo_jax.core import stages
+from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.checkpoint import Checkpointer, one_line
 from echo_jax.core.config import ConfigError, MissingFileError
 from echo_jax.core.stages import checkpoint_dir
@@ -29,8 +29,9 @@ LM_KINDS = ("lm_pretrain", "lm_rl")  # the jobs whose checkpoints hold a languag
 
 
 def _run_config(path: pathlib.Path) -> dict:
-    """A run's `config.json`; `ConfigError` when it is not a language model's run."""
-    config = json.loads(path.read_text())
+    """The config a run runs with now (`config.json`, or its newest resume's: see
+    `core.workdir.effective_config`); `ConfigError` when it is not a language model's run."""
+    config = workdir_lib.effective_config(path.parent)
     if config.get("kind") not in LM_KINDS:
         raise ConfigError(
             f"{path.parent} holds a {config.get('kind')!r} run, not a language model "

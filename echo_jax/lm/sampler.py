@@ -29,6 +29,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from echo_jax.core import sharding
+from echo_jax.core.config import ConfigError
 from echo_jax.lm.model import Cache, ModelConfig, Transformer, init_cache
 
 
@@ -47,9 +48,9 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling params {self}")
+            raise ConfigError(f"invalid sampling params {self}")
 
 
 @flax.struct.dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from echo_jax.core.config import ConfigError
 from echo_jax.recsys.data import HGC, Impression, RecDataset
 
 SIM_LLM = "sim-llm"
@@ -171,7 +172,7 @@ def simulate_llm_rewrite(text: str, strength: float, seed: int) -> str:
     later sentence) but not arbitrary text.
     """
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"rewrite strength must be in [0, 1], got {strength}")
+        raise ConfigError(f"rewrite strength must be in [0, 1], got {strength}")
     if strength == 0.0:
         return text
     rng = np.random.default_rng([seed, zlib.crc32(text.encode("utf-8"))])
@@ -281,9 +282,9 @@ def make_controlled_catalogue(
     split the train users in halves, for the feedback-loop iterations. Deterministic per ``seed``.
     """
     if not 1 <= num_topics <= len(TOPICS):
-        raise ValueError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
+        raise ConfigError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
     if history_len + 2 + num_negatives > num_items:
-        raise ValueError("num_items too small for history_len + 2 clicks + negatives")
+        raise ConfigError("num_items too small for history_len + 2 clicks + negatives")
     rng = np.random.default_rng(seed)
     topics = list(TOPICS)[:num_topics]
     items = [f"I{i:05d}" for i in range(num_items)]

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from echo_jax.core.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Debias:
@@ -32,11 +34,11 @@ class Debias:
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"debias.alpha and debias.beta must be >= 0, got {self.alpha}, {self.beta}"
             )
         if not 0.0 <= self.rewrite_prob <= 1.0:
-            raise ValueError(f"debias.rewrite_prob must be in [0, 1], got {self.rewrite_prob}")
+            raise ConfigError(f"debias.rewrite_prob must be in [0, 1], got {self.rewrite_prob}")
 
     @property
     def enabled(self) -> bool:
@@ -53,7 +55,7 @@ def rewrite_rows(num_items: int, num_sources: int) -> np.ndarray:
     """`[R]` the row of each text row's rewrite, for the row layout `source * N + item` with
     sources `(hgc, aigc, aigc rewrite)`: source s maps to s + 1; the last source to itself."""
     if num_sources < 3:
-        raise ValueError("the debiaser needs a third text source, the rewrite of the AIGC text")
+        raise ConfigError("the debiaser needs a third text source, the rewrite of the AIGC text")
     rows = np.arange(num_items * num_sources)
     return np.where(rows < num_items * (num_sources - 1), rows + num_items, rows).astype(np.int32)
 

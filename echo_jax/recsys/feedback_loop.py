@@ -40,6 +40,7 @@ from echo_jax.core.config import ConfigError
 from echo_jax.core.stages import check_workdir, run_stage
 from echo_jax.core.train_loop import LoopConfig, train
 from echo_jax.core.train_state import TrainState
+from echo_jax.core.workdir import RESUME_MAY_CHANGE
 from echo_jax.recsys.jobs.train import (
     Prepared,
     build_task,
@@ -224,6 +225,11 @@ def _write_metrics(path: str, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+# An iteration's training depends on its data and the model/train/debias blocks: a rerun may add
+# iterations, seeds or phase-1/2 runs (`loop_settings.json` guards what the iterations share).
+ITERATION_MAY_CHANGE = (*RESUME_MAY_CHANGE, "loop.*", "phases.*")
+
+
 def check_settings(loop: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` for loop settings that cannot run."""
     if loop.iterations < 1 or loop.train_steps < 1:
@@ -303,6 +309,7 @@ def run_seed(
             rng.loop_train_seed(seed, t),
             config=sub,
             label=f"{label} iter {t}",
+            may_change=ITERATION_MAY_CHANGE,
         )
         record = iteration_record(t, arrays, evaluate(state), data.num_items)
         arrays = _next_interactions(data, state, t + 1, click_share, seed, loop.click_eta)

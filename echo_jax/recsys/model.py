@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from echo_jax.core.config import ConfigError
 from echo_jax.recsys.text_encoder import SmallTextEncoder
 
 USER_ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
@@ -38,9 +39,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.user_encoder not in USER_ENCODERS:
-            raise ValueError(f"model.user_encoder {self.user_encoder!r} not in {USER_ENCODERS}")
+            raise ConfigError(f"model.user_encoder {self.user_encoder!r} not in {USER_ENCODERS}")
         if self.item_tower not in ITEM_TOWERS:
-            raise ValueError(f"model.item_tower {self.item_tower!r} not in {ITEM_TOWERS}")
+            raise ConfigError(f"model.item_tower {self.item_tower!r} not in {ITEM_TOWERS}")
 
 
 def _dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from echo_jax.core.config import ConfigError
 from echo_jax.recsys.data import Impression, RecDataset
 
 
@@ -115,7 +116,7 @@ def make_train_iterator(
     """
     num_rows = len(arrays["positive"])
     if batch_size > num_rows // process_count:
-        raise ValueError(f"batch size {batch_size} exceeds the {num_rows} training impressions")
+        raise ConfigError(f"batch size {batch_size} exceeds the {num_rows} training impressions")
     train_arrays = {k: arrays[k] for k in TRAIN_KEYS}
     ds = grain.MapDataset.range(num_rows)[process_index::process_count]
     ds = ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_state import TrainState
 from echo_jax.recsys import debias as debiasing
 from echo_jax.recsys import losses, metrics
@@ -72,9 +73,9 @@ def make_train_step(
     maps each text row to its rewrite's row. Disabled, the step is exactly the plain one.
     """
     if loss not in LOSSES:
-        raise ValueError(f"train.loss {loss!r} not in {LOSSES}")
+        raise ConfigError(f"train.loss {loss!r} not in {LOSSES}")
     if debias.enabled and (loss != "impression" or rewrite_R is None):
-        raise ValueError("the debiaser needs train.loss='impression' and the rewrite rows")
+        raise ConfigError("the debiaser needs train.loss='impression' and the rewrite rows")
     table = jnp.asarray(table_RxF)
     log_q = jnp.asarray(log_q_N)
 

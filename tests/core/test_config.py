@@ -108,6 +108,7 @@ def test_cli_a_workdir_that_cannot_be_one_is_a_one_line_error(tmp_path):
         ("train.lr=nan", "'train.lr' is nan; it must be a finite number"),
         ("train.lr=-0.1", "'train.lr' is -0.1; it must be >= 0"),
         ("train.num_steps=0", "'train.num_steps' is 0; it must be an integer >= 1"),
+        ("train.checkpoint_every=0", "'train.checkpoint_every' is 0; it must be an integer >= 1"),
         ("data.examples_per_style=0", "'data.examples_per_style' is 0; it must be an integer >= 1"),
     ],
 )

@@ -42,6 +42,11 @@ def test_a_second_process_is_refused_until_the_holder_dies(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    fresh = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError):  # a refused start removes the folders it created
+        with workdir.lock_workdir(fresh):
+            raise ConfigError("refused")
+    assert not (tmp_path / "new").exists()
     with workdir.lock_workdir(tmp_path):  # the kernel dropped the dead holder's lock
         with workdir.lock_workdir(tmp_path):  # reentrant in one process
             pass
@@ -146,4 +151,23 @@ def test_workdirs_that_cannot_be_used_are_one_line_errors(tmp_path):
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o555)
         with pytest.raises(ConfigError, match="Permission denied"):
-            workdir.ensure_workdir(read_only)
+            with workdir.lock_workdir(read_only):
+                pass
+
+
+def test_a_start_that_trained_nothing_is_recorded_afresh(tmp_path):
+    workdir.record_run(tmp_path, _config(lr=0.1))
+    with pytest.raises(ConfigError):
+        workdir.record_run(tmp_path, _config(lr=0.2), step=5)
+    workdir.record_run(tmp_path, _config(lr=0.2), started=False)  # no checkpoint was written
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 0.2
+
+
+def test_model_and_rl_settings_no_run_can_use_are_config_errors():
+    from echo_jax.lm.model import ModelConfig
+    from echo_jax.lm.rl import common
+
+    with pytest.raises(ConfigError, match="not divisible by n_heads"):
+        ModelConfig(vocab_size=64, d_model=30, n_layers=1, n_heads=4, mlp_dim=8, max_len=8)
+    with pytest.raises(ConfigError):
+        common.RolloutConfig(prompts_per_step=3, samples_per_prompt=2, train_batch_size=4)

@@ -177,6 +177,7 @@ def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monk
 )
 def test_a_rerun_may_extend_rl_but_not_change_the_experiment(tmp_path, override, refused):
     echo_chamber.check_rerun(load_config(f"{REPO}/configs/echo_chamber.py:smoke"), str(tmp_path))
+    (tmp_path / "pretrain" / "checkpoints" / "4").mkdir(parents=True)  # the run has started
     rerun = load_config(f"{REPO}/configs/echo_chamber.py:smoke", [override])
     if refused is None:
         echo_chamber.check_rerun(rerun, str(tmp_path))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm import attention as xla_attention
 from echo_jax.lm.cpu import attention as cpu_attention
 from echo_jax.lm.cpu import build, dense
@@ -46,18 +47,18 @@ def check_choices(kernels: str, overrides: Sequence) -> None:
     """Raises ValueError for a `kernels` / `kernel_overrides` value that names no op or choice,
     or that asks for the SwiGLU kernel where its host, the dense VJPs, does not run."""
     if kernels not in ("auto", "xla"):
-        raise ValueError(f"kernels must be 'auto' or 'xla', got {kernels!r}")
+        raise ConfigError(f"kernels must be 'auto' or 'xla', got {kernels!r}")
     for pair in overrides:
         if not (
             isinstance(pair, tuple) and len(pair) == 2 and pair[0] in OPS and pair[1] in CHOICES
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"kernel_overrides holds (op, choice) pairs, op one of {OPS} and "
                 f"choice one of {CHOICES}; got {pair!r}"
             )
     chosen = dict(overrides)
     if chosen.get("swiglu", kernels) == "cpu" and chosen.get("dense_vjps", kernels) == "xla":
-        raise ValueError(
+        raise ConfigError(
             "swiglu='cpu' runs inside the dense_vjps custom VJPs: set dense_vjps "
             "to 'auto' or 'cpu', or swiglu to 'auto' or 'xla'"
         )
@@ -87,14 +88,14 @@ def _runs_cpu_path(cfg: ModelConfig, op: str, supported: bool, needs: str) -> bo
     if chosen == "cpu":
         if native:
             if jax.default_backend() != "cpu":
-                raise ValueError(
+                raise ConfigError(
                     f"{op}='cpu' runs on CPU only; the default backend is "
                     f"{jax.default_backend()} (use 'auto' or 'xla')"
                 )
             _warn_if_unprepared()
             build.require()
         if not supported:
-            raise ValueError(f"{op}='cpu' needs {needs}")
+            raise ConfigError(f"{op}='cpu' needs {needs}")
         return True
     if not (one_cpu_device() and supported):
         return False
@@ -144,7 +145,7 @@ def rms_norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array | None) -> jax.Arr
     """`x * rsqrt(mean(x^2, -1) + NORM_EPS)`, times `scale` unless None, of float32 `x`."""
     if scale is None:
         if choice(cfg, "rms_norm") == "cpu":
-            raise ValueError(
+            raise ConfigError(
                 "rms_norm='cpu' needs norm='rms' (a learned scale); use 'auto' or 'xla'"
             )
     elif _runs_cpu_path(

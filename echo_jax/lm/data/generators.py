@@ -17,6 +17,7 @@ import random
 import threading
 from collections.abc import Sequence
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm.data import templates as tpl
 
 STYLES: tuple[str, ...] = ("tinygsm", "omi1", "omi2")
@@ -197,7 +198,7 @@ def _sample_ops(t: tpl.Template, level: int, rng: random.Random):
 def _skeleton(seed: int, index: int, level: int):
     """The random choices of a problem (template, numbers, names), before any text is rendered."""
     if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level}")
+        raise ConfigError(f"level must be one of {LEVELS}, got {level}")
     rng = random.Random(stable_hash("problem", seed, index, level))
     while True:  # rarely more than one try: a draw fails only when no op fits the numbers
         t = rng.choice(tpl.TEMPLATES)
@@ -323,7 +324,7 @@ def render_solution(problem: Problem, style: str, omi1_print_share: float = 0.0)
     """The solution text of `problem` as the public dataset of `style` writes it; OMI1 code ends
     in `print(...)` for a share `omi1_print_share` of problems (`ends_in_print`)."""
     if style not in _RENDERERS:
-        raise ValueError(f"unknown style {style!r}; valid styles: {STYLES}")
+        raise ConfigError(f"unknown style {style!r}; valid styles: {STYLES}")
     if style == "omi1":
         return _omi1(problem, omi1_print_share)
     return _RENDERERS[style](problem)
@@ -355,13 +356,13 @@ class ProblemSource:
         omi1_print_share: float = 0.0,
     ):
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits: {SPLITS}")
+            raise ConfigError(f"unknown split {split!r}; valid splits: {SPLITS}")
         if style is not None and style not in STYLES:
-            raise ValueError(f"unknown style {style!r}; valid styles: {STYLES}")
+            raise ConfigError(f"unknown style {style!r}; valid styles: {STYLES}")
         if not levels or any(lv not in LEVELS for lv in levels):
-            raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {tuple(levels)}")
+            raise ConfigError(f"levels must be a non-empty subset of {LEVELS}, got {tuple(levels)}")
         if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
+            raise ConfigError(f"size must be >= 0, got {size}")
         self.split, self.seed, self.style, self._size = split, seed, style, size
         self.omi1_print_share = omi1_print_share
         self.levels = tuple(levels)

@@ -6,6 +6,8 @@ OMI1 source is cycled four times as fast, i.e. its examples are seen four times 
 (repetition, not more unique data), as in the study.
 """
 
+from echo_jax.core.config import ConfigError
+
 MIXTURES: dict[str, dict[str, float]] = {
     "tg": {"tinygsm": 1.0},
     "tg_omi1": {"tinygsm": 1.0, "omi1": 1.0},
@@ -21,7 +23,7 @@ MIXTURES: dict[str, dict[str, float]] = {
 def get_mixture(name: str) -> dict[str, float]:
     """The style -> rate mapping of a preset; a one-line error lists the valid names."""
     if name not in MIXTURES:
-        raise ValueError(f"unknown mixture {name!r}; valid mixtures: {', '.join(MIXTURES)}")
+        raise ConfigError(f"unknown mixture {name!r}; valid mixtures: {', '.join(MIXTURES)}")
     return dict(MIXTURES[name])
 
 

@@ -21,6 +21,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm.data import generators, mixtures
 from echo_jax.lm.data import vocab as vocab_lib
 
@@ -38,7 +39,7 @@ class Tokenize(grain.transforms.Map):
 
     def __init__(self, vocabulary, seq_len: int, loss_on: str):
         if loss_on not in LOSS_ON:
-            raise ValueError(f"unknown loss_on {loss_on!r}; valid: {LOSS_ON}")
+            raise ConfigError(f"unknown loss_on {loss_on!r}; valid: {LOSS_ON}")
         self._vocab, self._seq_len, self._loss_on = vocabulary, seq_len, loss_on
         self.num_truncated = 0
         self._lock = threading.Lock()

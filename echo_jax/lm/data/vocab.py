@@ -15,6 +15,7 @@ import tempfile
 import sentencepiece as spm
 import seqio
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm.data import generators
 
 VOCABULARIES = ("byte", "spm")
@@ -75,7 +76,7 @@ def get_vocabulary(
     if name == "byte":
         return seqio.ByteVocabulary()
     if name != "spm":
-        raise ValueError(f"unknown vocabulary {name!r}; valid vocabularies: {VOCABULARIES}")
+        raise ConfigError(f"unknown vocabulary {name!r}; valid vocabularies: {VOCABULARIES}")
     root = pathlib.Path(cache_dir or os.path.join(tempfile.gettempdir(), "echo_jax_vocab"))
     path = root / f"spm_bpe_v{vocab_size}_s{seed}_n{examples_per_style}.model"
     if not path.exists():

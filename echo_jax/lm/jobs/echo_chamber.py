@@ -42,7 +42,10 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
     """The workdir guard of the job (`workdir.record_run`): `ConfigError` if `workdir` holds a
     run started with other settings outside `RERUN_MAY_CHANGE` (unless `resume.allow_changes`);
     else records `config` (`config.json`, or a line of `config_history.jsonl`)."""
-    workdir_lib.record_run(workdir, config, may_change=RERUN_MAY_CHANGE, label="echo_chamber")
+    started = stages.latest_step(os.path.join(workdir, "pretrain")) is not None
+    workdir_lib.record_run(
+        workdir, config, may_change=RERUN_MAY_CHANGE, label="echo_chamber", started=started
+    )
 
 
 def stage_configs(

@@ -11,6 +11,8 @@ Files written to the workdir:
 - `eval_meta.json`: what the samples were drawn with; a rerun with another setup is refused.
 - `eval.json`: the keys in `eval.METRIC_KEYS` (see `eval.summarize`), and for `synthetic` the
   same metrics per difficulty level under `by_level`.
+
+`all_checkpoints=True` evaluates every checkpoint of the run instead (`eval_steps`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ def _generate(
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    if config.all_checkpoints:
+        from echo_jax.lm.jobs.eval_steps import run_eval_steps  # it builds on this module
+
+        return run_eval_steps(config, workdir)
     if not config.checkpoint:
         raise ConfigError("config.checkpoint is required: a pretraining workdir")
     if config.grader not in grading.GRADERS:
@@ -151,7 +157,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step, vocab_name, sp = meta["step"], meta["vocab"], config.sampling
     os.makedirs(workdir, exist_ok=True)
     stages.check_workdir(workdir, meta, filename=META_FILE, what="an eval")
-    workdir_lib.record_run(workdir, config, may_change=EVAL_MAY_CHANGE, label="eval")
+    started = os.path.exists(os.path.join(workdir, "samples.jsonl"))
+    workdir_lib.record_run(
+        workdir, config, may_change=EVAL_MAY_CHANGE, label="eval", started=started
+    )
 
     cpu.prepare(restore.model_config(config.checkpoint, step), mesh)
     cfg, params = restore.load_params(config.checkpoint, step, mesh)

@@ -246,6 +246,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
     prompt_dataset(config)
     num_steps = config.train.num_steps
     if stages.reached_step(workdir, num_steps):
+        config.data.vocab = restore.vocab_name(config.init_from)  # as make_task records it
         workdir_lib.record_run(workdir, config, step=stages.latest_step(workdir), label="rl")
         print(f"[rl] {workdir} already finished {num_steps} steps", file=sys.stderr)
         report.plot_rl(workdir)
@@ -259,6 +260,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> None:
         eval_every=config.eval.every,
         keep_checkpoints=config.train.keep_checkpoints,
         async_checkpoints=config.train.async_checkpoints,
+        log_checkpoints=config.train.log_checkpoints,
     )
     train(task, loop, mesh, config.sharding.rules, workdir, config.seed, config=config, label="rl")
     if jax.process_index() == 0:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import ModelConfig, Transformer
 from echo_jax.lm.rl import common
@@ -73,7 +74,7 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> type[Algorithm]:
     if name not in _ALGORITHMS:
-        raise ValueError(f"unknown RL algorithm {name!r}; valid: {', '.join(names())}")
+        raise ConfigError(f"unknown RL algorithm {name!r}; valid: {', '.join(names())}")
     return _ALGORITHMS[name]
 
 

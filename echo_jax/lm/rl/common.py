@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import Transformer
 
@@ -50,7 +51,7 @@ def register(kind: str, name: str) -> Callable[[Callable], Callable]:
 def get(kind: str, name: str) -> Callable:
     table = _REGISTRY.get(kind, {})
     if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table)) or 'none'}")
+        raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table)) or 'none'}")
     return table[name]
 
 
@@ -158,7 +159,7 @@ class PolicyLossConfig:
 
     def __post_init__(self):
         if not 0 < self.eps_low < 1 or self.eps_high <= 0:
-            raise ValueError(f"need 0 < eps_low < 1 and eps_high > 0, got {self}")
+            raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got {self}")
         get("aggregation", self.aggregation)
         get("policy_loss", self.policy_loss)
 
@@ -377,7 +378,7 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"invalid optimizer config {self}")
+            raise ConfigError(f"invalid optimizer config {self}")
 
     def make(self, num_updates: int) -> optax.GradientTransformation:
         """The optimizer for a run of `num_updates` optimizer steps (the schedule's length)."""
@@ -425,19 +426,19 @@ class RolloutConfig:
             self.epochs,
         )
         if min(sizes) < 1:
-            raise ValueError(f"every size must be >= 1: {self}")
+            raise ConfigError(f"every size must be >= 1: {self}")
         if self.rollout_size % self.train_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"rollout of {self.rollout_size} rows is not divisible into "
                 f"train batches of {self.train_batch_size}"
             )
         if self.train_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train_batch_size {self.train_batch_size} is not divisible by "
                 f"micro_batch_size {self.micro_batch_size}"
             )
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1: {self}")
+            raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1: {self}")
 
     @property
     def rollout_size(self) -> int:

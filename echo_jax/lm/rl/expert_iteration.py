@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_state import TrainState
 from echo_jax.lm import pretrain
 from echo_jax.lm.model import ModelConfig, Transformer
@@ -59,7 +60,7 @@ class EIConfig:
 
     def __post_init__(self):
         if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+            raise ConfigError(f"seq_len must be >= 1, got {self.seq_len}")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -166,7 +167,7 @@ class ExpertIteration(algorithm.Algorithm):
     ):
         super().__init__(rl, model_cfg, vocabulary, num_steps)
         if rl.kl_coef:
-            raise ValueError("Expert Iteration has no KL term: set rl.kl_coef=0")
+            raise ConfigError("Expert Iteration has no KL term: set rl.kl_coef=0")
         self.rollout = policy_gradient.rollout_config(rl)
         self.cfg = EIConfig(
             rollout=self.rollout,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import Transformer
 from echo_jax.lm.rl import algorithm, common, policy_gradient
@@ -56,9 +57,9 @@ class GRPOConfig:
 
     def __post_init__(self):
         if self.rollout.samples_per_prompt < 2:
-            raise ValueError("GRPO needs samples_per_prompt >= 2 to normalise within a group")
+            raise ConfigError("GRPO needs samples_per_prompt >= 2 to normalise within a group")
         if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         common.get("advantage", self.advantage)
         common.get("kl", self.kl_estimator)
 

@@ -24,6 +24,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
+from echo_jax.core.config import ConfigError
 from echo_jax.core.train_state import TrainState
 from echo_jax.lm.model import Block, ModelConfig, Norm, Transformer
 from echo_jax.lm.rl import algorithm, common, policy_gradient
@@ -140,9 +141,9 @@ class PPOConfig:
 
     def __post_init__(self):
         if self.kl_coef < 0 or self.value_clip <= 0:
-            raise ValueError(f"need kl_coef >= 0 and value_clip > 0: {self}")
+            raise ConfigError(f"need kl_coef >= 0 and value_clip > 0: {self}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma and lam must lie in [0, 1]: {self}")
+            raise ConfigError(f"gamma and lam must lie in [0, 1]: {self}")
         common.get("kl", self.kl_estimator)
 
     @property

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from echo_jax.core.config import ConfigError
 from echo_jax.lm.model import Transformer
 from echo_jax.lm.rl import algorithm, common, grpo, policy_gradient, ppo
 from echo_jax.lm.rl.algorithm import RLState
@@ -59,9 +60,9 @@ class ReinforceConfig:
 
     def __post_init__(self):
         if self.rollout.samples_per_prompt < 2:
-            raise ValueError(f"{self.baseline} needs samples_per_prompt >= 2 for its baseline")
+            raise ConfigError(f"{self.baseline} needs samples_per_prompt >= 2 for its baseline")
         if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         common.get("advantage", self.baseline)
         common.get("kl", self.kl_estimator)
 

@@ -41,7 +41,10 @@ def sub_config(
 
 def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or skips) every sub-run, then writes the tables and the phase-2 figure."""
-    workdir_lib.record_run(workdir, config, may_change=GRID_MAY_CHANGE, label="phases")
+    started = os.path.isdir(os.path.join(workdir, "runs"))
+    workdir_lib.record_run(
+        workdir, config, may_change=GRID_MAY_CHANGE, label="phases", started=started
+    )
     cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
     runs = phases.plan(config.phases)
     results = {}

@@ -74,6 +74,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config,
         may_change=(*GRID_MAY_CHANGE, "loop.iterations", "loop.seeds"),
         label="study",
+        started=any(os.path.isdir(os.path.join(workdir, d)) for d in ("phases", "loop")),
     )
     cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
     phase_summary = None
