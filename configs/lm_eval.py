@@ -26,6 +26,8 @@ def get_config(variant: str = "synthetic") -> ml_collections.ConfigDict:
     c.dataset = variant
     c.checkpoint = ""  # a pretraining workdir or its checkpoints/ folder (required)
     c.checkpoint_step = 0  # 0 = the latest
+    # every checkpoint of the run, each in WORKDIR/step_<n>, with metrics against the step (log x)
+    c.all_checkpoints = False
     c.num_examples = 0  # evaluate the first N prompts only; 0 = all
 
     c.synthetic = ml_collections.ConfigDict()

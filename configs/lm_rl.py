@@ -76,7 +76,8 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.advantage = "grpo"  # GRPO: "grpo" or "dr_grpo"
     c.rl.aggregation = "seq_mean_token_mean"
     c.rl.eps_low = 0.2
-    c.rl.eps_high = 0.2
+    c.rl.eps_high = 0.2  # > eps_low: DAPO's clip-higher (0.28)
+    c.rl.overlong_filter = False  # DAPO: completions cut off by max_new_tokens add no loss
     c.rl.gamma = 1.0  # PPO
     c.rl.lam = 0.95  # PPO
     c.rl.value_clip = 0.2  # PPO
@@ -90,6 +91,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.checkpoint_every = 2
     c.train.keep_checkpoints = 2
+    c.train.log_checkpoints = 0  # also keep this many at log-spaced steps (the study: 15)
     c.train.async_checkpoints = True
 
     c.eval = ml_collections.ConfigDict()
@@ -131,4 +133,5 @@ def _study_values(c: ml_collections.ConfigDict) -> None:
     c.data.prompts = "gsm8k"
     c.train.num_steps = math.ceil(10 * GSM8K_TRAIN / r.prompts_per_step)  # 10 episodes: 1168
     c.train.checkpoint_every = 50
+    c.train.log_checkpoints = 15  # the study's save_log_scale_count
     c.mesh.fsdp = 8

@@ -2,6 +2,8 @@
 step): GRPO and PPO steps report their metrics without recompiling, and an Expert Iteration step
 fine-tunes on what it kept."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,19 @@ def test_evaluation_during_rl_reads_the_dataset_rl_trains_on(shared_data):
     dataset, groups, trained = policy_eval.eval_groups(config, vocabulary)
     assert (dataset, list(groups), trained) == ("gsm8k", ["gsm8k"], ["gsm8k"])
     assert len(groups["gsm8k"]) == 3 and all("solution" in q for q in groups["gsm8k"])
+
+
+def test_overlong_filter_drops_cut_off_completions_from_the_loss(setup):
+    _, vocabulary, _ = setup
+    sample = None
+    for flag in (False, True):
+        algo = rl_job.build_algorithm(
+            _config("grpo", f"rl.overlong_filter={flag}"), CFG, vocabulary
+        )
+        sample = rl_job.placeholder_sample(algo.rollout)
+        info = dataclasses.replace(sample.info, stopped=np.array([True, False, True, False]))
+        sample = dataclasses.replace(sample, completion_lengths_B=np.full(4, 8), info=info)
+        batch, metrics = algo.batch(sample, np.random.default_rng(0))
+        expected = [8, 0, 8, 0] if flag else [8, 8, 8, 8]
+        assert batch["completion_lengths_B"].tolist() == expected
+        assert metrics == ({"overlong_filtered": 0.5} if flag else {})

@@ -172,6 +172,7 @@ def placeholder_sample(rc: Any) -> rollout.Sample:
         rewards=np.zeros(rows, np.float32),
         correct=np.zeros(rows, bool),
         lengths=zeros(rows),
+        stopped=np.ones(rows, bool),
     )
     return rollout.Sample(
         zeros(rows, rc.max_prompt_len),

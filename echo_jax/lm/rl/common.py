@@ -197,6 +197,7 @@ class RolloutInfo:
     rewards: np.ndarray
     correct: np.ndarray
     lengths: np.ndarray
+    stopped: np.ndarray  # ended on EOS (False: cut off by the token budget)
 
 
 def join_prompt_completion(

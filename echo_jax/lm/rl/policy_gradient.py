@@ -61,6 +61,7 @@ class PolicyGradient(algorithm.Algorithm):
         self.cfg = self.make_config(rl)
         self.kl_in_loss = self.cfg.uses_reference
         self.uses_reference = self.kl_in_loss or rl.log_kl
+        self.overlong_filter = rl.overlong_filter
         self._prepare, self._update = self.make_prepare(), self.make_update()
 
     @abc.abstractmethod
@@ -79,7 +80,14 @@ class PolicyGradient(algorithm.Algorithm):
         self, sample: Sample, rng: np.random.Generator
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         del rng  # the train step shuffles on the device
-        return algorithm.rollout_arrays(sample), {}
+        arrays = algorithm.rollout_arrays(sample)
+        if not self.overlong_filter:
+            return arrays, {}
+        # DAPO's overlong filtering: a completion the token budget cut off adds nothing to the
+        # loss (no completion tokens); its reward still counts in its group's baseline
+        cut = ~np.asarray(sample.info.stopped)
+        arrays["completion_lengths_B"] = np.where(cut, 0, arrays["completion_lengths_B"])
+        return arrays, {"overlong_filtered": float(cut.mean())}
 
     def train_step(
         self, state: RLState, batch: dict[str, jax.Array], rng: jax.Array

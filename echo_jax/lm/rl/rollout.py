@@ -93,7 +93,9 @@ def sample_and_grade(
         for i in range(0, rows, chunk)
     ]
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0], *outs)
-    tokens_BxN, lengths_B = jax.device_get((out.tokens_BxN, out.lengths_B))
+    tokens_BxN, lengths_B, stopped_B = jax.device_get(
+        (out.tokens_BxN, out.lengths_B, out.stopped_B)
+    )
     sampled = time.perf_counter()
     texts = decode_completions(tokens_BxN, lengths_B, vocabulary)
     if grader == "paper":
@@ -115,6 +117,7 @@ def sample_and_grade(
         rewards=np.array([g.reward for g in graded], np.float32),
         correct=np.array([g.correct for g in graded]),
         lengths=np.asarray(lengths_B),
+        stopped=np.asarray(stopped_B, bool),
     )
     return Sample(
         prompts_BxP,
@@ -149,6 +152,7 @@ def rollout_metrics(info: RolloutInfo) -> dict[str, float]:
         "reward_mean": float(info.rewards.mean()),
         "accuracy": float(info.correct.mean()),
         "response_length": float(info.lengths.mean()),
+        "truncated": float(1.0 - info.stopped.mean()),
     }
     for style in grading.STYLE_LABELS:
         rows = styles == style
