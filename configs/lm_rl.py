@@ -78,6 +78,9 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.eps_low = 0.2
     c.rl.eps_high = 0.2  # > eps_low: DAPO's clip-higher (0.28)
     c.rl.overlong_filter = False  # DAPO: completions cut off by max_new_tokens add no loss
+    # DAPO's dynamic sampling: up to this many extra sampling rounds replace the groups whose
+    # rewards are all equal (0 = off)
+    c.rl.dynamic_sampling = 0
     c.rl.gamma = 1.0  # PPO
     c.rl.lam = 0.95  # PPO
     c.rl.value_clip = 0.2  # PPO

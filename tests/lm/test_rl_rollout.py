@@ -189,3 +189,31 @@ def test_overlong_filter_drops_cut_off_completions_from_the_loss(setup):
         expected = [8, 0, 8, 0] if flag else [8, 8, 8, 8]
         assert batch["completion_lengths_B"].tolist() == expected
         assert metrics == ({"overlong_filtered": 0.5} if flag else {})
+
+
+def test_dynamic_sampling_replaces_flat_groups_with_fresh_prompts(setup, monkeypatch):
+    """Prompt 0 of every rollout is all-correct (flat), prompt 1 mixed: one extra round keeps
+    the two mixed groups, from two rollouts."""
+    params, vocabulary, source = setup
+    real = grading.grade_batch
+
+    def grade_batch(texts, refs, **kwargs):
+        graded = real(texts, refs, **kwargs)
+        return [  # rows 0, 1: group 0 (both right); rows 2, 3: group 1 (one right)
+            grading.Graded(g.style, g.answer, i % 4 in (0, 1, 2), g.status)
+            for i, g in enumerate(graded)
+        ]
+
+    monkeypatch.setattr(grading, "grade_batch", grade_batch)
+    config = _config("grpo", "rl.dynamic_sampling=2")
+    algo = rl_job.build_algorithm(config, CFG, vocabulary)
+    sampler = sampler_lib.Sampler(CFG, eos_id=vocabulary.eos_id)
+    stream = rl_job.prompt_stream(source, 0, algo.rollout.prompts_per_step)
+    host_stage = rl_job.make_host_stage(config, algo, sampler, more_prompts=stream)
+    state = jax.jit(lambda rng: nn.meta.unbox(algo.init_state(rng)))(jax.random.key(1))
+    state = algo.warm_start(state, params)
+    first = next(stream)
+    batch, metrics = host_stage(state, first, jax.random.key(3))
+    assert metrics["dynamic/rounds"] == 2.0 and metrics["dynamic/flat_kept"] == 0.0
+    assert batch["rewards_B"].tolist() == [1.0, 0.0, 1.0, 0.0]  # two mixed groups
+    assert metrics["accuracy"] == 0.5

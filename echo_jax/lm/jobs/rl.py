@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -127,15 +127,24 @@ def sampling_params(rollout_cfg: Any) -> SamplingParams:
     )
 
 
-def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm, sampler: Sampler):
+def make_host_stage(
+    config: ml_collections.ConfigDict,
+    algo: algorithm.Algorithm,
+    sampler: Sampler,
+    more_prompts: Iterator[list[dict]] | None = None,
+):
     """`(state, problems, rng) -> (batch, metrics)`: sample and grade a rollout with the current
-    policy; the algorithm turns it into its batch."""
+    policy; the algorithm turns it into its batch.
+
+    With `rl.dynamic_sampling` = n > 0 (DAPO's dynamic sampling), groups whose rewards are all
+    equal are replaced by groups of further prompts from `more_prompts` (the prompt stream), up
+    to n extra sampling rounds; what is still missing then is filled with flat groups. Metrics:
+    `dynamic/rounds`, `dynamic/flat_kept` (the share of the batch's groups that are flat)."""
     rc, r = algo.rollout, config.rl
     sampling, dataset = sampling_params(rc), prompt_dataset(config)
 
-    def host_stage(state: algorithm.RLState, problems: list[dict], rng: jax.Array):
-        sample_rng, batch_rng = jax.random.split(rng)
-        sample = rollout.sample_and_grade(
+    def sample(state: algorithm.RLState, problems: list[dict], rng: jax.Array) -> rollout.Sample:
+        return rollout.sample_and_grade(
             sampler,
             state.params,
             problems,
@@ -143,19 +152,44 @@ def make_host_stage(config: ml_collections.ConfigDict, algo: algorithm.Algorithm
             sampling,
             rc.samples_per_prompt,
             rc.max_prompt_len,
-            sample_rng,
+            rng,
             dataset=dataset,
             grade_timeout_s=r.grade_timeout_s,
             rows_per_call=r.sampler_batch_size,
             grader=r.grader,
         )
+
+    def dynamic(state, problems, rng) -> tuple[rollout.Sample, dict[str, float]]:
+        samples, informative, flat = [], [], []
+        for round_ in range(r.dynamic_sampling + 1):
+            if round_:
+                problems = next(more_prompts)
+            samples.append(sample(state, problems, jax.random.fold_in(rng, round_)))
+            is_flat = rollout.flat_groups(samples[-1].info, rc.samples_per_prompt)
+            for g, f in enumerate(is_flat):
+                (flat if f else informative).append((len(samples) - 1, g))
+            if len(informative) >= rc.prompts_per_step:
+                break
+        picks = (informative + flat)[: rc.prompts_per_step]
+        kept_flat = sum(p in flat for p in picks) / rc.prompts_per_step
+        merged = rollout.select_groups(samples, picks, rc.samples_per_prompt)
+        return merged, {"dynamic/rounds": float(len(samples)), "dynamic/flat_kept": kept_flat}
+
+    def host_stage(state: algorithm.RLState, problems: list[dict], rng: jax.Array):
+        sample_rng, batch_rng = jax.random.split(rng)
+        extra = {}
+        if r.dynamic_sampling and more_prompts is not None:
+            drawn, extra = dynamic(state, problems, sample_rng)
+        else:
+            drawn = sample(state, problems, sample_rng)
         shuffle = np.random.default_rng(np.asarray(jax.random.key_data(batch_rng)))
-        batch, metrics = algo.batch(sample, shuffle)
+        batch, metrics = algo.batch(drawn, shuffle)
         return batch, {
-            **rollout.rollout_metrics(sample.info),
+            **rollout.rollout_metrics(drawn.info),
             **metrics,
-            "time/rollout": sample.seconds_sampling,
-            "time/reward": sample.seconds_grading,
+            **extra,
+            "time/rollout": drawn.seconds_sampling,
+            "time/reward": drawn.seconds_grading,
         }
 
     return host_stage
@@ -222,12 +256,13 @@ def make_task(
     if config.eval.per_level:
         policy_eval = PolicyEval(config, sampler, vocabulary)
         evaluate = lambda state: policy_eval(state.params)  # noqa: E731
+    stream = prompt_stream(prompts, config.seed, algo.rollout.prompts_per_step)
     return (
         dataclasses.replace(
             task,
-            train_iter=prompt_stream(prompts, config.seed, algo.rollout.prompts_per_step),
+            train_iter=stream,
             warm_start=warm_start,
-            host_stage=make_host_stage(config, algo, sampler),
+            host_stage=make_host_stage(config, algo, sampler, more_prompts=stream),
             evaluate=evaluate,
             evaluate_at_start=True,
         ),

@@ -160,3 +160,36 @@ def rollout_metrics(info: RolloutInfo) -> dict[str, float]:
         if rows.any():
             out[f"style_accuracy/{style}"] = float(info.correct[rows].mean())
     return out
+
+
+def flat_groups(info: RolloutInfo, samples_per_prompt: int) -> np.ndarray:
+    """[Q] whether each prompt's G rewards are all equal (a group no baseline learns from)."""
+    r_QxG = np.asarray(info.rewards).reshape(-1, samples_per_prompt)
+    return np.all(r_QxG == r_QxG[:, :1], axis=1)
+
+
+def select_groups(
+    samples: Sequence[Sample], picks: Sequence[tuple[int, int]], samples_per_prompt: int
+) -> Sample:
+    """A rollout of the groups `picks` = [(sample index, group index)] of `samples`, in order
+    (all of one compiled shape); its times are the samples' sums."""
+    G = samples_per_prompt
+    rows = [(s, g * G + j) for s, g in picks for j in range(G)]
+    take = lambda get: np.stack([np.asarray(get(samples[s]))[r] for s, r in rows])
+    columns = {
+        f.name: [getattr(samples[s].info, f.name)[r] for s, r in rows]
+        for f in dataclasses.fields(RolloutInfo)
+    }
+    as_before = lambda name, values: (  # tuples of strings stay tuples, arrays arrays
+        tuple(values) if isinstance(getattr(samples[0].info, name), tuple) else np.asarray(values)
+    )
+    info = RolloutInfo(**{name: as_before(name, values) for name, values in columns.items()})
+    return Sample(
+        take(lambda s: s.prompts_BxP),
+        take(lambda s: s.prompt_lengths_B),
+        take(lambda s: s.completions_BxN),
+        take(lambda s: s.completion_lengths_B),
+        info,
+        sum(s.seconds_sampling for s in samples),
+        sum(s.seconds_grading for s in samples),
+    )
