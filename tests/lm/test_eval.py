@@ -28,7 +28,7 @@ PRETRAIN = [
     "--config.train.num_steps=2",
     "--config.train.log_every=1",
     "--config.train.eval_every=2",
-    "--config.train.checkpoint_every=2",
+    "--config.train.checkpoint_every=1",  # checkpoints of steps 1 and 2
     "--config.mesh.data=1",
 ]
 EVAL = {
@@ -111,6 +111,20 @@ def test_eval_end_to_end_then_resume_after_cut_off(pretrained, tmp_path):
     assert metrics["num_prompts"] == 4 and (workdir / "eval.json").exists()
     with pytest.raises(ConfigError, match="sampling"):  # another setup in the same workdir
         eval_job.run_eval(_config(pretrained, "sampling.temperature=1.0"), str(workdir))
+
+
+def test_every_checkpoint_evaluated_with_curves_against_the_step(pretrained, tmp_path, capsys):
+    workdir = tmp_path / "by_step"
+    by_step = eval_job.run_eval(_config(pretrained, "all_checkpoints=True"), str(workdir))
+    assert by_step["step"] == [1, 2] and len(by_step["greedy_pass@1"]) == 2
+    assert {"pass@2", "maj@2", "share/tinygsm"} <= set(by_step)
+    for step in (1, 2):
+        assert json.loads((workdir / f"step_{step}" / "eval.json").read_text())["step"] == step
+    assert json.loads((workdir / "steps.json").read_text()) == by_step
+    assert (workdir / "plots" / "by_step.png").stat().st_size > 0
+    capsys.readouterr()
+    eval_job.run_eval(_config(pretrained, "all_checkpoints=True"), str(workdir))
+    assert capsys.readouterr().err.count("finished earlier, skipped") == 2
 
 
 def test_load_params_reads_the_workdir_or_its_checkpoints(pretrained):
