@@ -74,6 +74,8 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.kl_estimator = "k3" if algo in ("grpo", "ei") else "k1"
     c.rl.log_kl = True  # report KL to the initial policy even when kl_coef = 0 (one more pass)
     c.rl.advantage = "grpo"  # GRPO: "grpo" or "dr_grpo"
+    # per-token loss weights: "seq_mean_token_mean" (every response equal), "token_mean",
+    # "seq_mean_token_sum_norm" (Dr. GRPO), "token_mean_per_microbatch" (the study's, packed)
     c.rl.aggregation = "seq_mean_token_mean"
     c.rl.eps_low = 0.2
     c.rl.eps_high = 0.2  # > eps_low: DAPO's clip-higher (0.28)
@@ -127,6 +129,7 @@ def _study_values(c: ml_collections.ConfigDict) -> None:
     `init_from` (the `model` block, here 1B, only plans)."""
     r = c.rl
     r.grader = "paper"  # the study's reward and labels
+    r.aggregation = "token_mean_per_microbatch"  # the study's loss (its micro-batches are packed)
     r.prompts_per_step, r.samples_per_prompt = 64, 8
     r.temperature, r.max_new_tokens, r.max_prompt_len = 0.7, 1024, 1024
     r.train_batch_size, r.micro_batch_size = 64, 8  # 8 optimizer steps per rollout

@@ -44,6 +44,7 @@ EVAL = [
 THRESHOLDS = {
     "grpo": (0.5, 0.20, 0.3, 0.05),
     "ppo": (0.5, 0.10, 0.3, -0.10),
+    "reinforce": (0.5, 0.20, 0.3, 0.05),
     "ei": (0.5, 0.30, 0.3, 0.05),
 }
 STEPS = 6
@@ -63,7 +64,8 @@ def run_algo(algo, pretrained, workdir, steps):
     rl_job.run_rl(config, str(workdir))
     rows = read_jsonl(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(steps + 1))
-    return rows[0], rows[-1]
+    clipped = max(r.get("clip_fraction", 0.0) for r in rows)
+    return rows[0], {**rows[-1], "max_clip_fraction": clipped}
 
 
 def collapse(before, after):
@@ -87,7 +89,8 @@ def test_rl_collapses_onto_one_style_and_raises_accuracy(algo, pretrained_capabl
     top, greedy_rise, sampled_rise, pass1_rise, accuracy_rise = collapse(before, after)
     summary = (
         f"{algo}: {top} greedy +{greedy_rise:.2f}, sampled +{sampled_rise:.2f}; "
-        f"greedy pass@1 +{pass1_rise:.2f}, sampled accuracy +{accuracy_rise:.2f}"
+        f"greedy pass@1 +{pass1_rise:.2f}, sampled accuracy +{accuracy_rise:.2f}; "
+        f"max clip fraction {after['max_clip_fraction']:.4f}"
     )
     print(summary)
     assert top != "omi2", summary
@@ -95,6 +98,8 @@ def test_rl_collapses_onto_one_style_and_raises_accuracy(algo, pretrained_capabl
     assert pass1_rise >= min_pass1 and accuracy_rise >= min_accuracy, summary
     assert {"kl", "entropy", "time/train_step"} <= set(after)
     assert ("value_loss" in after) == (algo == "ppo") and ("kept" in after) == (algo == "ei")
+    if algo != "ei":  # 2 updates per rollout: the second one's ratio is off 1, and clips
+        assert after["max_clip_fraction"] > 0, summary
 
 
 def test_notebook_runs_the_pipeline_and_a_rerun_skips_every_stage(tmp_path, monkeypatch):

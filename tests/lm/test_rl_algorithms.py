@@ -365,3 +365,13 @@ def test_reinforce_scores_returns_and_whitening():
     np.testing.assert_allclose(
         reinforce.returns_to_go(rewards, mask), [[0, 6, 5, 3, 0], [0, 0, 3, 2, 1]]
     )
+
+
+def test_token_mean_per_microbatch_averages_the_micro_batch_means():
+    """The study's aggregation: micro-batch 0 = row 0 (1 token), micro-batch 1 = row 1 (3)."""
+    mask = jnp.array([[0, 1, 0, 0, 0], [0, 1, 1, 1, 0]], jnp.float32)
+    loss = jnp.array([[0, 6.0, 0, 0, 0], [0, 1.0, 2.0, 3.0, 0]])
+    aggregate = common.get("aggregation", "token_mean_per_microbatch")
+    parts = [aggregate(loss[i : i + 1], mask[i : i + 1], 4) for i in range(2)]
+    total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    assert float(total) == pytest.approx((6.0 + 2.0) / 2)  # not the token mean 12 / 4

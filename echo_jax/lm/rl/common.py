@@ -10,7 +10,8 @@ Token t of a row is scored by the logits at t - 1, so every per-token array (`lo
 completion tokens (the actions, EOS included) and 0 on prompt and padding slots.
 
 Losses return a *sum* and a *normaliser*: the caller divides the total sum by the total normaliser,
-so micro-batches aggregate to exactly the full-batch loss.
+so micro-batches aggregate to exactly the full-batch loss (all but `token_mean_per_microbatch`,
+the study's, which is a mean of micro-batch means by design).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def token_mean(loss_BxT: jax.Array, mask_BxT: jax.Array, max_len: int):
 def seq_mean_token_mean(loss_BxT: jax.Array, mask_BxT: jax.Array, max_len: int):
     """Token t of row b weighs 1 / (rows * |o_b|): every response weighs the same in total, so
     each token of a short response weighs more than one of a long response (GRPO as in Shao et
-    al. 2024, and the study's OpenRLHF loss; Liu et al. 2025 show it favours long wrong answers)."""
+    al. 2024, and OpenRLHF without packing; Liu et al. 2025 show it favours long wrong answers)."""
     del max_len
     return jnp.sum(masked_mean(loss_BxT, mask_BxT, axis=-1)), _rows(mask_BxT)
 
@@ -125,6 +126,16 @@ def seq_mean_token_sum_norm(loss_BxT: jax.Array, mask_BxT: jax.Array, max_len: i
     token_mean, but the normaliser does not depend on the sampled lengths (Dr. GRPO, Liu et al.
     2025)."""
     return masked_sum(loss_BxT, mask_BxT), _rows(mask_BxT) * max_len
+
+
+@register("aggregation", "token_mean_per_microbatch")
+def token_mean_per_microbatch(loss_BxT: jax.Array, mask_BxT: jax.Array, max_len: int):
+    """The token mean of each micro-batch, averaged over the micro-batches of an update: the
+    study's loss, whose OpenRLHF packs samples into micro-batches and averages per micro-batch.
+    Unlike the others its value depends on how rows fall into micro-batches
+    (`rl.micro_batch_size`): each micro-batch returns (its mean, 1)."""
+    del max_len
+    return masked_sum(loss_BxT, mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0), 1.0
 
 
 # --- The policy loss. ---
