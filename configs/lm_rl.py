@@ -86,6 +86,8 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.gamma = 1.0  # PPO
     c.rl.lam = 0.95  # PPO
     c.rl.value_clip = 0.2  # PPO
+    # PPO's value head: "zero" (the critic starts predicting 0), or "study": N(0, 1/(d+1)^2)
+    c.rl.value_head_init = "zero"
     c.rl.grade_timeout_s = 2.0  # per generated program, in the sandbox
     # the reward and style labels: "strict" (echo_jax's) or "paper" (the study's math_verifier.py,
     # prompt + completion; `echo_jax/lm/paper_grading.py`), the study presets' choice
@@ -130,6 +132,7 @@ def _study_values(c: ml_collections.ConfigDict) -> None:
     r = c.rl
     r.grader = "paper"  # the study's reward and labels
     r.aggregation = "token_mean_per_microbatch"  # the study's loss (its micro-batches are packed)
+    r.value_head_init = "study"
     r.prompts_per_step, r.samples_per_prompt = 64, 8
     r.temperature, r.max_new_tokens, r.max_prompt_len = 0.7, 1024, 1024
     r.train_batch_size, r.micro_batch_size = 64, 8  # 8 optimizer steps per rollout

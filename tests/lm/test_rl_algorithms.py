@@ -278,6 +278,11 @@ def test_value_model_trunk_comes_from_the_policy():
     np.testing.assert_array_equal(copied["block_0"]["attn"]["q"], params["block_0"]["attn"]["q"])
     values = ppo.token_values(critic, copied, dummy + 3, jnp.arange(4)[None], dummy + 1)
     np.testing.assert_array_equal(values, 0.0)  # zero head
+    std = 1.0 / (TINY.d_model + 1)  # the study's head: N(0, 1 / (d + 1)^2)
+    study = ppo.ValueModel(TINY, head_std=std)
+    head = study.init(jax.random.key(1), dummy, dummy, dummy + 1)["params"]["value_head"]
+    head = np.asarray(nn.meta.unbox(head))
+    assert 0.5 * std < head.std() < 1.5 * std and np.any(head != 0)
 
 
 # --- Expert Iteration. ---

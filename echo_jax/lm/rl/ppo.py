@@ -35,9 +35,11 @@ from echo_jax.lm.rl.common import OptimConfig, PolicyLossConfig, Rollout, Rollou
 class ValueModel(nn.Module):
     """`__call__(tokens, positions, segment_ids) -> values_BxL` (float32), the value of the
     prefix ending at each position. Parameter names match `Transformer`'s, so the trunk can be
-    copied from the policy (`critic_params_from_policy`); the head starts at zero."""
+    copied from the policy (`critic_params_from_policy`). The head starts at zero, or with
+    `head_std` > 0 drawn from N(0, head_std^2) (the study's OpenRLHF: std 1 / (d_model + 1))."""
 
     cfg: ModelConfig
+    head_std: float = 0.0
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL):
@@ -53,7 +55,10 @@ class ValueModel(nn.Module):
         x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         head = self.param(
             "value_head",
-            nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            nn.with_logical_partitioning(
+                nn.initializers.normal(self.head_std) if self.head_std else nn.initializers.zeros,
+                ("embed",),
+            ),
             (cfg.d_model,),
             jnp.float32,
         )
@@ -274,6 +279,11 @@ class PPO(policy_gradient.PolicyGradient):
     `lam`, `value_clip`; the KL (`kl_coef`, `kl_estimator`) is a per-token reward penalty."""
 
     def make_config(self, rl: ml_collections.ConfigDict) -> PPOConfig:
+        if rl.value_head_init not in ("zero", "study"):
+            raise ConfigError(
+                f"rl.value_head_init must be 'zero' or 'study', got {rl.value_head_init!r}"
+            )
+        self.value_head_init = rl.value_head_init
         return PPOConfig(
             rollout=self.rollout,
             loss=policy_gradient.loss_config(rl),
@@ -288,7 +298,8 @@ class PPO(policy_gradient.PolicyGradient):
 
     @functools.cached_property
     def critic(self) -> ValueModel:
-        return ValueModel(self.model_cfg)
+        std = 1.0 / (self.model_cfg.d_model + 1) if self.value_head_init == "study" else 0.0
+        return ValueModel(self.model_cfg, head_std=std)
 
     @functools.cached_property
     def actor_tx(self) -> optax.GradientTransformation:
