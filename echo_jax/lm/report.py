@@ -167,8 +167,9 @@ def _rl_summary(rows: list[dict]) -> list[str]:
             + " | ".join(_pct(r.get(f"style_share/{s}")) for s in STYLE_LABELS)
             + " |"
         )
-    seconds = {
-        k: sum(r.get(f"time/{k}", 0.0) for r in rollouts) for k in ("rollout", "reward", "update")
+    seconds = {  # the loop logs the jitted step (every update of a rollout) as time/train_step
+        k: sum(r.get(f"time/{key}", 0.0) for r in rollouts)
+        for k, key in (("rollout", "rollout"), ("reward", "reward"), ("update", "train_step"))
     }
     lines += [
         "",
