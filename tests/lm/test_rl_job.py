@@ -155,9 +155,12 @@ def test_resume_with_another_algorithm_or_seed_is_refused(tmp_path, untrained):
         text=True,
     )
     assert run("grpo", 2).returncode == 0
+    allow = "--config.resume.allow_changes=True"
     for algo, extra, message in (
-        ("ei", (), "different algo"),
-        ("grpo", ("--config.seed=1",), "different seed"),
+        ("ei", (), "other settings: algo ('grpo' -> 'ei')"),  # the config record
+        ("grpo", ("--config.seed=1",), "other settings: seed (0 -> 1)"),
+        ("ei", (allow,), "different algo"),  # allowed changes still meet the checkpoint's meta
+        ("grpo", ("--config.seed=1", allow), "different seed"),
     ):
         refused = run(algo, 4, *extra)
         assert refused.returncode != 0
