@@ -33,12 +33,10 @@ EVAL = [
     "rl.max_new_tokens=128",
     "eval.max_new_tokens=128",
 ]
-# Measured with these seeds after 6 steps (eval before -> after; the dominant style is omi1 for
-# all three): greedy share of omi1 0.03 -> 1.00 each; its sampled share 0.36 -> 0.66 (GRPO),
-# 0.55 (PPO), 0.85 (EI); greedy pass@1 0.09 -> 0.91, 0.72, 0.88; sampled accuracy 0.44 -> 0.65,
-# 0.41, 0.70. PPO moves slowest and its sampled accuracy does not rise in 6 steps: its critic
-# starts at zero, so GAE (lambda 0.95) passes little of the final reward back to the first
-# tokens, where the style is chosen.
+# Measured with these seeds after 6 steps (eval before -> after, session 8, benchmarks/RESULTS.md):
+# GRPO, PPO, REINFORCE collapse onto tinygsm (greedy share 0 -> 1.00; sampled 0.28 -> 0.79,
+# 0.68, 0.80; greedy pass@1 0.06 -> 0.84, 0.84, 0.78), EI onto omi1 (greedy 0.09 -> 1.00, sampled
+# 0.36 -> 0.62, pass@1 0.06 -> 0.88); sampled accuracy 0.50 -> 0.71, 0.76, 0.74, 0.66.
 # algo: minimum rise of the dominant style's greedy share, of its sampled share, of greedy
 # pass@1 and of sampled accuracy (for PPO: the most it may fall).
 THRESHOLDS = {
