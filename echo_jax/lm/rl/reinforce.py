@@ -12,13 +12,11 @@ but `group_norm`'s). The loss is the clipped surrogate, without a KL term.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from echo_jax.core.config import ConfigError
 from echo_jax.lm.model import Transformer
@@ -123,9 +121,11 @@ def make_prepare_fn(model: Transformer, cfg: ReinforceConfig) -> Callable:
     return prepare
 
 
-class _Reinforce(policy_gradient.PolicyGradient):
+class _Reinforce(grpo.GRPO):
     """REINFORCE-style estimators from the `rl` block: `kl_coef` (in the reward), `kl_estimator`
-    (the study: k1), the clipped loss's `eps_low`/`eps_high`/`aggregation`, `lr`."""
+    (the study: k1), the clipped loss's `eps_low`/`eps_high`/`aggregation`, `lr`. The optimizer,
+    the update step and the state are GRPO's: the rollout carries no reference log-probs, so the
+    shared loss adds no KL term."""
 
     baseline: str
 
@@ -139,25 +139,8 @@ class _Reinforce(policy_gradient.PolicyGradient):
             kl_estimator=rl.kl_estimator,
         )
 
-    @functools.cached_property
-    def tx(self) -> optax.GradientTransformation:
-        return self.cfg.optim.make(self.num_updates)
-
     def make_prepare(self) -> Callable:
         return make_prepare_fn(self.model, self.cfg)
-
-    def make_update(self) -> Callable:
-        loss_cfg = grpo.GRPOConfig(rollout=self.cfg.rollout, loss=self.cfg.loss, kl_coef=0.0)
-        update = grpo.make_update_step(self.model, self.tx, loss_cfg)
-
-        def rl_update(state: RLState, minibatch: Rollout, rng: jax.Array):
-            policy, metrics = update(state.policy, minibatch, rng)
-            return state.with_policy(policy), metrics
-
-        return rl_update
-
-    def init_state(self, rng: jax.Array) -> RLState:
-        return algorithm.init_policy_state(self, rng, self.tx)
 
 
 @algorithm.register("reinforce")
