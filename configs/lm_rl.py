@@ -1,18 +1,22 @@
 """RL post-training of a pretrained checkpoint: GRPO, PPO, REINFORCE-baseline, RLOO or Expert
 Iteration (STUDIES.md A).
 
-Variants `grpo`, `ppo`, `reinforce`, `rloo`, `ei` fit the `tiny` pretrained model on 2 CPU cores
-(a step is seconds, the run a few minutes); the study's values are in the comments and in the
-`echo_jax.lm.rl` config dataclasses. `study_grpo`, `study_ppo`, `study_reinforce`: the study's
-settings for TPUs (`_study_values`: GSM8K prompts, 64 x 8 rollouts, its grader, 8 chips); without
-`init_from` they plan a 1B model (`python -m echo_jax.plan --config=configs/lm_rl.py:study_grpo`).
+Variants `grpo`, `ppo`, `reinforce`, `rloo`, `ei_online` fit the `tiny` pretrained model on 2
+CPU cores (a step is seconds, the run a few minutes); `ei` is Expert Iteration as the study ran
+it, rounds over the whole prompt set (kind "lm_ei", `echo_jax/lm/jobs/ei_rounds.py`; about 10
+minutes). The study's values are in the comments and in the `echo_jax.lm.rl` config dataclasses.
+`study_grpo`, `study_ppo`, `study_reinforce`, `study_ei`: the study's settings for TPUs
+(`_study_values`: GSM8K prompts, 64 x 8 rollouts or 64 samples per question, its grader, 8
+chips); without `init_from` the RL ones plan a 1B model
+(`python -m echo_jax.plan --config=configs/lm_rl.py:study_grpo`).
 
     python -m echo_jax.main --config=configs/lm_rl.py:grpo --workdir=runs/rl \
         --config.init_from=runs/pretrain_tiny [--config.rl.kl_coef=1e-3] \
         [--config.data.prompts=gsm8k]
 
 A rerun with the same --workdir resumes from the last checkpoint (policy, critic, optimizer,
-reference, RNG and prompt position); a finished run does nothing.
+reference, RNG and prompt position; EI: the round, its sampled chunks and its fine-tuning); a
+finished run does nothing.
 """
 
 import math
@@ -22,7 +26,19 @@ import ml_collections
 
 from echo_jax.core.config import check_variant, load_config_file, resume_options
 
-VARIANTS = ("grpo", "ppo", "reinforce", "rloo", "ei", "study_grpo", "study_ppo", "study_reinforce")
+VARIANTS = (
+    "grpo",
+    "ppo",
+    "reinforce",
+    "rloo",
+    "ei",
+    "ei_online",
+    "study_grpo",
+    "study_ppo",
+    "study_reinforce",
+    "study_ei",
+)
+ROUNDS = ("ei", "study_ei")  # Expert Iteration in rounds: its own job, not an RL algorithm
 GSM8K_TRAIN = 7473  # questions; the study's runs make 10 passes (episodes) over them
 
 
@@ -56,7 +72,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.prompts_per_step = 16  # the study: 64
     c.rl.samples_per_prompt = 8
     c.rl.temperature = 1.0  # the study: 0.7 (PPO, GRPO), 1.0 (EI)
-    c.rl.top_p = 0.95 if algo == "ei" else 1.0
+    c.rl.top_p = 0.95 if algo.startswith("ei") else 1.0
     c.rl.max_new_tokens = 176  # the longest level-2 solution has 160 tokens (the study: 1024)
     c.rl.max_prompt_len = 64  # prompts are padded to this: one compiled shape
     # rows per optimizer step: 2 updates per rollout, so the policy moves off the one that sampled
@@ -71,7 +87,7 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.min_lr_ratio = 1.0  # a constant rate: short runs stop before a decay would matter
     c.rl.kl_coef = 0.0  # the study's grid: 0, 1e-3, 1e-2
     # the study: k1 in the reward (PPO, REINFORCE-baseline), k3 in the loss (GRPO)
-    c.rl.kl_estimator = "k3" if algo in ("grpo", "ei") else "k1"
+    c.rl.kl_estimator = "k3" if algo in ("grpo", "ei_online") else "k1"
     c.rl.log_kl = True  # report KL to the initial policy even when kl_coef = 0 (one more pass)
     c.rl.advantage = "grpo"  # GRPO: "grpo" or "dr_grpo"
     # per-token loss weights: "seq_mean_token_mean" (every response equal), "token_mean",
@@ -118,8 +134,44 @@ def get_config(variant: str = "grpo") -> ml_collections.ConfigDict:
     c.sharding = pretrain.sharding  # the pretraining rules: parameters shard over fsdp / tensor
     if study:
         _study_values(c)
+    if variant in ROUNDS:
+        _expert_iteration_rounds(c, study)
     c.resume = resume_options()
     return c
+
+
+def _expert_iteration_rounds(c: ml_collections.ConfigDict, study: bool) -> None:
+    """Expert Iteration as the study ran it (`openrlhf/cli/train_ei.py`): per round,
+    `rl.samples_per_prompt` samples of every prompt (`rl.prompts_per_step` at a time), the
+    correct ones deduplicated, `rl.epochs` epochs of fine-tuning in batches of
+    `rl.train_batch_size` (lr `rl.lr`, 3 % warm-up, cosine to 0.1x). The RL-only keys go, so
+    setting one is an error."""
+    c.kind = "lm_ei"
+    del c.algo
+    for key in (
+        "kl_coef kl_estimator log_kl advantage aggregation eps_low eps_high overlong_filter "
+        "dynamic_sampling gamma lam value_clip value_head_init critic_lr"
+    ).split():
+        del c.rl[key]
+    del c.train.num_steps, c.train.log_checkpoints, c.eval.every
+    c.ei = ml_collections.ConfigDict()
+    c.ei.rounds = 3  # the study chains launches; how many it ran is not in its code
+    # each round fine-tunes "base" (the init_from model: the study's plain rounds) or "last"
+    # (the model the round sampled from: its `_online` rounds)
+    c.ei.sft_from = "base"
+    c.ei.sft_tokens = 0  # fine-tuning rows are cut to this many tokens; 0 = prompt + new tokens
+    r = c.rl
+    r.temperature, r.top_p = 1.0, 0.95
+    r.warmup_ratio, r.min_lr_ratio = 0.03, 0.1
+    r.epochs = 2
+    c.train.checkpoint_every = 20  # fine-tuning updates
+    if study:  # 64 samples of each of GSM8K's 7,473 questions, up to 2048 tokens; SFT rows 1024
+        r.samples_per_prompt, r.max_new_tokens, c.ei.sft_tokens = 64, 2048, 1024
+        r.prompts_per_step, r.sampler_batch_size = 64, 64
+        r.train_batch_size, r.micro_batch_size, r.lr = 256, 8, 1e-4
+    else:  # 256 synthetic questions x 8 samples a round (the study: 7,473 x 64)
+        c.data.num_prompts = 256
+        r.train_batch_size = 64  # the study: 256
 
 
 def _study_values(c: ml_collections.ConfigDict) -> None:

@@ -37,6 +37,7 @@ _RUNNERS = {
     "lm_pretrain": ("echo_jax.lm.jobs.pretrain", "run_pretrain"),
     "lm_eval": ("echo_jax.lm.jobs.eval", "run_eval"),
     "lm_rl": ("echo_jax.lm.jobs.rl", "run_rl"),
+    "lm_ei": ("echo_jax.lm.jobs.ei_rounds", "run_ei"),
     "echo_chamber": ("echo_jax.lm.jobs.echo_chamber", "run_echo_chamber"),
     "recsys_train": ("echo_jax.recsys.jobs.train", "run_train"),
     "source_bias_phases": ("echo_jax.recsys.jobs.phases", "run_phases"),

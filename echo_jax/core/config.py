@@ -109,14 +109,17 @@ _VALUE_RULES = (
     (("log_every", "checkpoint_every"), _AT_LEAST_ONE),  # before "*_every" (0 = off elsewhere)
     (("sampler_batch_size", "max_new_tokens", "top_k", "num_samples", "per_level"), _NON_NEGATIVE),
     (("*_step", "*_every", "warmup_steps", "attention_block", "text_layers"), _NON_NEGATIVE),
-    (("num_examples", "epochs", "log_checkpoints", "dynamic_sampling"), _NON_NEGATIVE),
+    (
+        ("num_examples", "epochs", "log_checkpoints", "dynamic_sampling", "sft_tokens"),
+        _NON_NEGATIVE,
+    ),
     (("seed", "seeds", "*_seed"), _NON_NEGATIVE),
     (
         ("*batch_size", "num_steps", "train_steps", "iterations", "*_len"),
         _AT_LEAST_ONE,
     ),
     (
-        ("keep_checkpoints", "prompts_per_step", "samples_per_prompt"),
+        ("keep_checkpoints", "prompts_per_step", "samples_per_prompt", "rounds"),
         _AT_LEAST_ONE,
     ),
     (

@@ -27,7 +27,7 @@ class MetricWriter:
     TensorBoard event files in `workdir/tensorboard`.
 
     On resume from step S the rows logged after S by the interrupted run are dropped, so the file
-    always describes one consistent run.
+    always describes one consistent run; without a resume step (a fresh run) every row is.
     """
 
     def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
@@ -39,7 +39,7 @@ class MetricWriter:
         rows = [
             r
             for r in read_jsonl(self.path, repair=True)
-            if resume_step and r.get("step", 0) <= resume_step
+            if resume_step is not None and r.get("step", 0) <= resume_step
         ]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)

@@ -226,7 +226,7 @@ def _train(task, loop, mesh, rules, workdir, seed, config, label, may_change) ->
     elif task.warm_start is not None:
         with jax.set_mesh(mesh):
             state = task.warm_start(state)
-    writer = MetricWriter(workdir, resume_step=start, enabled=is_chief)
+    writer = MetricWriter(workdir, resume_step=start or None, enabled=is_chief)
     progress = Progress(loop.num_steps, start, task.tokens_per_step, label)
     show = lambda step, row: progress.show(step, _shown(row, task.shown))
     step_fn = jit_train_step(task, mesh, rules, abstract)

@@ -28,11 +28,12 @@ def _series(rows: list[dict], key: str, shift: int = 0) -> tuple[list[int], list
     return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
-def plot_rl(workdir: str) -> list[str]:
+def plot_rl(workdir: str, unit: str = "RL step") -> list[str]:
     """Writes `plots/style_share.png` and `plots/style_accuracy.png`; returns their paths.
 
     The rollout of step s is sampled before that step's update, so its metrics are drawn at
     x = s - 1 (the policy after s - 1 updates); evaluations after step s are drawn at x = s.
+    `unit` names a step on the x axis (Expert Iteration's rounds are its steps).
     """
     rows = read_jsonl(epath.Path(workdir) / "metrics.jsonl")
     rollouts = [r for r in rows if "style_share/omi2" in r]
@@ -46,7 +47,7 @@ def plot_rl(workdir: str) -> list[str]:
     )
     evals = _series(rows, "eval/greedy_pass@1")
     ax.set(
-        xlabel="RL step (policy after that many updates)",
+        xlabel=f"{unit} (policy after that many)",
         ylabel="share of samples",
         ylim=(0, 1),
         xlim=(0, max(steps + evals[0] + [1])),
@@ -57,7 +58,7 @@ def plot_rl(workdir: str) -> list[str]:
     right.set(ylabel="accuracy", ylim=(0, 1))
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower left")
-    ax.set_title("Style share of sampled completions during RL, with pass@1")
+    ax.set_title(f"Style share of sampled completions by {unit}, with pass@1")
     paths = [save_figure(fig, workdir, "style_share.png")]
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -67,10 +68,10 @@ def plot_rl(workdir: str) -> list[str]:
             ax.plot(xs, ys, "o-", color=COLORS[style], label=style, markersize=3)
     ax.plot(*_series(rollouts, "accuracy", -1), "k--", label="all")
     ax.set(
-        xlabel="RL step (policy after that many updates)",
+        xlabel=f"{unit} (policy after that many)",
         ylabel="accuracy of the rollout",
         ylim=(0, 1.02),
-        title="Accuracy per style during RL",
+        title=f"Accuracy per style by {unit}",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

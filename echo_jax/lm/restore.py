@@ -25,7 +25,7 @@ from echo_jax.core.config import ConfigError, MissingFileError
 from echo_jax.core.stages import checkpoint_dir
 from echo_jax.lm.model import ModelConfig, Transformer
 
-LM_KINDS = ("lm_pretrain", "lm_rl")  # the jobs whose checkpoints hold a language model
+LM_KINDS = ("lm_pretrain", "lm_rl", "lm_ei")  # the jobs whose checkpoints hold a language model
 
 
 def _run_config(path: pathlib.Path) -> dict:

@@ -43,7 +43,7 @@ THRESHOLDS = {
     "grpo": (0.5, 0.20, 0.3, 0.05),
     "ppo": (0.5, 0.10, 0.3, -0.10),
     "reinforce": (0.5, 0.20, 0.3, 0.05),
-    "ei": (0.5, 0.15, 0.3, 0.05),
+    "ei_online": (0.5, 0.15, 0.3, 0.05),
 }
 STEPS = 6
 
@@ -95,8 +95,8 @@ def test_rl_collapses_onto_one_style_and_raises_accuracy(algo, pretrained_capabl
     assert greedy_rise >= min_greedy and sampled_rise >= min_sampled, summary
     assert pass1_rise >= min_pass1 and accuracy_rise >= min_accuracy, summary
     assert {"kl", "entropy", "time/train_step"} <= set(after)
-    assert ("value_loss" in after) == (algo == "ppo") and ("kept" in after) == (algo == "ei")
-    if algo != "ei":  # 2 updates per rollout: the second one's ratio is off 1, and clips
+    assert ("value_loss" in after) == (algo == "ppo") and ("kept" in after) == (algo == "ei_online")
+    if algo != "ei_online":  # 2 updates per rollout: the second one's ratio is off 1, and clips
         assert after["max_clip_fraction"] > 0, summary
 
 

@@ -157,7 +157,7 @@ def test_resume_with_another_algorithm_or_seed_is_refused(tmp_path, untrained):
     assert run("grpo", 2).returncode == 0
     allow = "--config.resume.allow_changes=True"
     for algo, extra, message in (
-        ("ei", (), "other settings: algo ('grpo' -> 'ei')"),  # the config record
+        ("ei_online", (), "other settings: algo ('grpo' -> 'ei_online')"),  # the config record
         ("grpo", ("--config.seed=1",), "other settings: seed (0 -> 1)"),
         ("grpo", ("--config.seed=1", allow), "different seed"),  # allowed: the checkpoint's meta
     ):
@@ -210,6 +210,6 @@ def test_config_mistakes_are_config_errors(tmp_path, overrides, message):
 
 
 def test_expert_iteration_refuses_a_kl_coefficient():
-    config = load_config(f"{REPO}/configs/lm_rl.py:ei", ["rl.kl_coef=0.01"])
+    config = load_config(f"{REPO}/configs/lm_rl.py:ei_online", ["rl.kl_coef=0.01"])
     with pytest.raises(ConfigError, match="no KL term"):
         rl_job.build_algorithm(config, ModelConfig(**config.model.to_dict()), None)

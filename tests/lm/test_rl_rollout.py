@@ -141,7 +141,7 @@ def test_expert_iteration_step_fine_tunes_on_kept_samples(setup, monkeypatch):
         return [grading.Graded("omi2", "1", True, "ok") for _ in texts]
 
     monkeypatch.setattr(grading, "grade_batch", one_correct_text)
-    config = _config("ei", "rl.train_batch_size=4", "rl.micro_batch_size=2", "rl.epochs=1")
+    config = _config("ei_online", "rl.train_batch_size=4", "rl.micro_batch_size=2", "rl.epochs=1")
     state, rows, _, _ = _run_steps(config, params, source, vocabulary, 1)
     assert 0 < rows[0]["kept"] <= 4 and rows[0]["accuracy"] == 1.0
     assert np.isfinite(rows[0]["loss"]) and rows[0]["loss"] > 0 and _changed(params, state.params)
@@ -156,7 +156,7 @@ def test_expert_iteration_step_without_kept_samples_changes_nothing(setup, monke
         lambda texts, refs, **kwargs: [grading.Graded("omi2", "1", False, "ok") for _ in texts],
     )
     state, rows, _, _ = _run_steps(
-        _config("ei", "rl.train_batch_size=4"), params, source, vocabulary, 1
+        _config("ei_online", "rl.train_batch_size=4"), params, source, vocabulary, 1
     )
     assert rows[0]["kept"] == 0 and rows[0]["loss"] == 0 and int(state.step) == 0
     assert not _changed(params, state.params)

@@ -334,6 +334,7 @@ def test_environment_and_parent_secrets_are_invisible(sb, monkeypatch):
         "import os, signal; os.kill(-1, signal.SIGKILL)",
         "import os; os.kill(1, 9)",
     ],
+    ids=["parent", "this_test_process", "parent_group", "everyone", "init"],  # stable: xdist
 )
 def test_cannot_signal_the_server_or_caller(sb, code):
     # kill(-1) "succeeds" when every target refuses with EPERM; seccomp makes it an error.

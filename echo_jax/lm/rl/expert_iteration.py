@@ -155,7 +155,7 @@ def sft_epochs(
     return {k: np.stack([b[k] for b in batches], axis=1) for k in SFT_KEYS}
 
 
-@algorithm.register("ei")
+@algorithm.register("ei_online")
 class ExpertIteration(algorithm.Algorithm):
     """EI from the `rl` block: the sampling and batch sizes as the other algorithms' (`epochs` are
     SFT epochs over the kept samples, `train_batch_size` the SFT batch), `lr` and its schedule,
