@@ -3,6 +3,14 @@
 Variants: `tiny` (learns on 2 CPU cores in minutes; the README's default), `small` and `base`
 (the size ladder for scale experiments), `150m` and `1b` (the study's OLMo shapes, for TPU).
 
+`tiny`, `small` and `base` differ only in width and depth (and the peak learning rate, which
+shrinks with width as usual): the same levels, mixture, examples, sequence length, batch and
+steps (so the same tokens seen) and the same architecture options, so a difference between them
+is the model's size. Of the study's choices they keep its three-style mixture and next-token
+pretraining from scratch; they differ in taking the loss on the solution tokens only
+(`data.loss_on="solution"`; the study: every token, `"all"`), synthetic problems instead of the
+real sets, RMSNorm instead of OLMo's LayerNorm, and "smear keys" (RESULTS.md).
+
     python -m echo_jax.main --config=configs/lm_pretrain.py:tiny --workdir=runs/pretrain
 """
 
@@ -15,8 +23,8 @@ VARIANTS = ("tiny", "small", "base", "150m", "1b")
 # d_model, n_layers, n_heads, mlp_dim, seq_len, batch_size, lr, warmup, num_steps
 _SIZES = {
     "tiny": (128, 4, 4, 512, 256, 16, 3e-3, 100, 1200),
-    "small": (256, 6, 8, 1024, 512, 16, 2e-3, 200, 4000),
-    "base": (512, 8, 8, 2048, 512, 32, 1e-3, 500, 20000),
+    "small": (256, 6, 8, 1024, 256, 16, 2e-3, 100, 1200),
+    "base": (512, 8, 8, 2048, 256, 16, 1e-3, 100, 1200),
     "150m": (768, 12, 12, 3072, 2048, 512, 1e-3, 5000, 100000),
     "1b": (2048, 16, 16, 8192, 2048, 512, 1e-3, 5000, 100000),
 }
@@ -33,12 +41,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.mixture = "tg_omi1_omi2"  # a preset of echo_jax.lm.data.mixtures.MIXTURES
-    c.data.levels = (1, 2) if variant == "tiny" else (1, 2, 3, 4)  # arithmetic steps
+    c.data.levels = (1, 2) if not study_scale else (1, 2, 3, 4)  # arithmetic steps
     c.data.seq_len = seq_len  # no example is truncated at these lengths (SentencePiece tokens)
     # SentencePiece (1024 pieces, digits split) makes examples ~3x shorter than bytes: the tiny
     # model sees ~3x more problems per second (benchmarks/RESULTS.md). "byte" is the alternative.
     c.data.vocab = "spm"
-    c.data.examples_per_style = 20_000 if variant == "tiny" else 100_000
+    c.data.examples_per_style = 100_000 if study_scale else 20_000
     c.data.loss_on = "solution"  # "solution" or "all"
     # The share of OMI1 code blocks ending in print(answer) instead of a bare expression: the
     # study's OMI1 example ends notebook-style (its grader eval's the last line; a print gives

@@ -7,7 +7,28 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def _compilation_cache() -> None:
+    """A persistent XLA compilation cache for this test process and the jobs it starts: the
+    suite compiles the same small models again and again (every loop iteration, every resumed
+    subprocess), and a hit skips the compile. One folder per process (pytest-xdist workers do
+    not share one, so no two write the same entry), removed at exit."""
+    inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if inherited and inherited != os.environ.get("ECHO_JAX_TEST_JIT_CACHE"):
+        return  # the user's own cache
+    folder = tempfile.mkdtemp(prefix="echo_jax_test_jit_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["ECHO_JAX_TEST_JIT_CACHE"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+_compilation_cache()
 
 import pytest  # noqa: E402
 
@@ -31,3 +52,20 @@ def shared_data() -> pathlib.Path:
         return data_dir()
     except MissingFileError:
         pytest.skip("shared data not found; set ECHO_JAX_DATA")
+
+
+# The longest test files (minutes each on 2 CPU cores), started first so that under
+# `pytest -n 2 --dist loadfile` (README, .ci/run) no long file starts last and runs alone.
+SLOW_FILES = (
+    "tests/lm/test_echo_chamber.py",
+    "tests/recsys/test_feedback_loop_science.py",
+    "tests/recsys/test_feedback_loop.py",
+    "tests/lm/test_rl_job.py",
+    "tests/lm/test_rl_sharded.py",
+    "tests/lm/test_ei_rounds.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FILES)))

@@ -2,10 +2,11 @@
 ones, drop duplicate (question, completion) pairs, fine-tune on them with the next-token loss on
 the completion only, and repeat from the fine-tuned model.
 
-Here each RL step is one small round: `prompts_per_step` x `samples_per_prompt` completions, then
-`epochs` passes of SFT over what was kept, with one optimizer across steps (its schedule spans the
-most updates the run can take), so EI runs and checkpoints in the same loop as GRPO and PPO. (The
-study's rounds over the whole prompt set are a different schedule of the same pieces.)
+The study's rounds over the whole prompt set are `echo_jax/lm/jobs/ei_rounds.py` (kind "lm_ei").
+The algorithm registered here, `ei_online`, runs each RL step as one small round:
+`prompts_per_step` x `samples_per_prompt` completions, then `epochs` passes of SFT over what was
+kept, with one optimizer across steps (its schedule spans the most updates the run can take), so
+it runs and checkpoints in the same loop as GRPO and PPO.
 
 SFT examples have the pretraining layout (`encode(question + "\\n\\n") + encode(completion) +
 [EOS]`, as `data.pipeline.Tokenize`), one per row, right-padded to `seq_len`. Unlike the study's
