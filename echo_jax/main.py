@@ -39,6 +39,7 @@ _RUNNERS = {
     "lm_rl": ("echo_jax.lm.jobs.rl", "run_rl"),
     "lm_ei": ("echo_jax.lm.jobs.ei_rounds", "run_ei"),
     "echo_chamber": ("echo_jax.lm.jobs.echo_chamber", "run_echo_chamber"),
+    "echo_grid": ("echo_jax.lm.jobs.grid", "run_grid"),
     "recsys_train": ("echo_jax.recsys.jobs.train", "run_train"),
     "source_bias_phases": ("echo_jax.recsys.jobs.phases", "run_phases"),
     "source_bias_study": ("echo_jax.recsys.jobs.study", "run_study"),
@@ -82,11 +83,12 @@ def main(argv: list[str]) -> None:
 
 def _run(config, workdir: str) -> None:
     from echo_jax.core.checkpoint import CheckpointSaveError
+    from echo_jax.core.stages import StagesFailed
     from echo_jax.core.train_loop import NonFiniteLossError, Preempted
 
     try:
         _runner(config.kind)(config, workdir)
-    except (NonFiniteLossError, CheckpointSaveError) as e:
+    except (NonFiniteLossError, CheckpointSaveError, StagesFailed) as e:
         _fail(f"echo_jax: error: {e}", 1)
     except Preempted as e:
         _fail(f"echo_jax: {e}", 143, show_traceback=False)

@@ -63,6 +63,7 @@ SLOW_FILES = (
     "tests/lm/test_rl_job.py",
     "tests/lm/test_rl_sharded.py",
     "tests/lm/test_ei_rounds.py",
+    "tests/lm/test_grid.py",
 )
 
 

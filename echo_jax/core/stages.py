@@ -34,6 +34,11 @@ from echo_jax.core.workdir import describe, differences, plain
 # --- skip if done, timing, header lines ----------------------------------------------------------
 
 
+class StagesFailed(RuntimeError):
+    """Some independent stages of a job failed after the others ran (their errors are in the
+    job's files); `main` exits 1 with this one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StageRun:
     """What `run_stage` did: `result` is `run()`'s value, or a skipped stage's stored result

@@ -1,0 +1,133 @@
+"""The study's experiment grid in one command (STUDIES.md A): pretraining mixture x model size x
+RL algorithm x KL coefficient x seed, then one report (`echo_jax/lm/jobs/grid.py`).
+
+    python -m echo_jax.main --config=configs/echo_grid.py:cpu --workdir=runs/grid \
+        [--config.grid.shard=0 --config.grid.num_shards=2]
+
+A grid is the union of named sweeps (`grid.sweeps.<name>`, each a product of its axes, as the
+study's sweep files list theirs). A cell is one RL run (and its evaluation) from one pretraining
+run; a pretraining run (mixture, size, seed) and its evaluation before RL are shared by every cell
+that starts from it. A rerun skips finished cells and resumes a cut one; `grid.num_shards`
+processes (or TPU VMs, through `launch/`) each take `grid.shard`'s share, whole pretraining
+groups at a time; `grid.report_only=True` rebuilds the report from what is finished.
+
+Variants: `smoke` (every stage in seconds: tests and the notebook), `cpu` (the claims at small
+scale on 2 CPU cores), `study_150m` and `study_1b` (the study's grid, for TPUs).
+"""
+
+import os
+
+import ml_collections
+
+from echo_jax.core.config import check_variant, load_config_file, resume_options
+
+VARIANTS = ("smoke", "cpu", "study_150m", "study_1b")
+# d_model, n_layers, n_heads, mlp_dim, peak lr: the CPU ladder (0.3M to 10M parameters; the
+# smallest learns the styles but little arithmetic, the largest is what 2 cores pretrain in ~15
+# minutes on the tiny data budget)
+CPU_SIZES = {
+    "xs": (64, 2, 2, 256, 3e-3),
+    "tiny": (128, 4, 4, 512, 3e-3),
+    "small": (256, 6, 8, 1024, 2e-3),
+}
+STUDY_SIZES = {"150m": (768, 12, 12, 3072, 1e-3), "1b": (2048, 16, 16, 8192, 1e-3)}
+
+
+def _family(spec: str) -> ml_collections.ConfigDict:
+    config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), spec))
+    del config["resume"]  # the grid's one `resume` block is every stage's
+    return config
+
+
+def _sweep(mixtures, sizes, algos, kl_coefs, seeds) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "mixtures": tuple(mixtures),
+            "sizes": tuple(sizes),
+            "algos": tuple(algos),
+            "kl_coefs": tuple(float(k) for k in kl_coefs),
+            "seeds": tuple(seeds),
+        }
+    )
+
+
+def _sizes(table: dict) -> ml_collections.ConfigDict:
+    keys = ("d_model", "n_layers", "n_heads", "mlp_dim", "lr")
+    return ml_collections.ConfigDict({n: dict(zip(keys, v, strict=True)) for n, v in table.items()})
+
+
+def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
+    variant = check_variant(variant, VARIANTS, "echo_grid")
+    study = variant.startswith("study_")
+    c = ml_collections.ConfigDict()
+    c.kind = "echo_grid"
+    c.variant = variant
+    c.grid = ml_collections.ConfigDict()
+    c.grid.shard = 0  # this process's share of the cells: pretraining groups shard % num_shards
+    c.grid.num_shards = 1
+    c.grid.report_only = False  # only (re)build the report from the finished cells
+    c.grid.share_threshold = 0.9  # "collapsed": the dominant style's rollout share passes this
+    c.sweeps = ml_collections.ConfigDict()
+    scale = variant.removeprefix("study_")
+    c.sizes = _sizes(STUDY_SIZES if study else CPU_SIZES)
+    c.pretrain = _family(f"lm_pretrain.py:{scale if study else 'tiny'}")
+    c.rl = _family(f"lm_rl.py:{'study_grpo' if study else 'grpo'}")
+    c.eval = _family(f"lm_eval.py:{'gsm8k' if study else 'synthetic'}")
+    c.eval.synthetic.levels = (1, 2, 3)  # the pretraining levels, then a harder one (transfer)
+    c.eval.synthetic.per_level = 32
+    c.eval.sampling.num_samples = 8  # pass@8, maj@8 (the study: 64)
+    c.eval.sampling.max_new_tokens = 200
+    c.eval.chunk_prompts = 32
+    c.rl.eval.levels = (1, 2)
+    c.rl.eval.num_samples = 0
+    c.rl.eval.every = 4
+    if variant == "smoke":
+        _smoke(c)
+    elif variant == "cpu":
+        _cpu(c)
+    else:
+        _study(c, scale)
+    c.resume = resume_options()
+    return c
+
+
+def _cpu(c: ml_collections.ConfigDict) -> None:
+    """The claims at small scale: scale (A3), algorithm x KL (A1, A2, A4), mixture (A5)."""
+    c.sweeps.scale = _sweep(["tg_omi1_omi2"], ["xs", "tiny", "small"], ["grpo"], [0], [0, 1, 2])
+    c.sweeps.algorithm_kl = _sweep(
+        ["tg_omi1_omi2"], ["tiny"], ["grpo", "ppo", "reinforce"], [0, 1e-3, 1e-2], [0, 1, 2]
+    )
+    c.sweeps.mixture = _sweep(
+        ["tg", "tg_omi1", "tg_4xomi1", "tg_omi1_omi2"], ["tiny"], ["grpo"], [0], [0, 1]
+    )
+
+
+def _study(c: ml_collections.ConfigDict, scale: str) -> None:
+    """The study's mixtures at its scale (STUDIES.md A), its three estimators and KL grid."""
+    mixtures = (
+        ["tg", "tg_omi1", "tg_2xomi1", "tg_4xomi1", "tg_8xomi1", "tg_omi2", "tg_omi1_omi2"]
+        if scale == "150m"
+        else ["tg", "tg_4xomi1", "tg_omi2", "tg_omi1_omi2"]
+    )
+    c.sweeps.study = _sweep(mixtures, [scale], ["ppo", "grpo", "reinforce"], [0, 1e-3, 1e-2], [0])
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    """Two sizes, two algorithms, two mixtures: every stage and every report part in seconds."""
+    c.sizes = _sizes({"s1": (16, 1, 2, 32, 3e-3), "s2": (32, 1, 2, 64, 3e-3)})
+    c.sweeps.scale = _sweep(["tg_omi1_omi2"], ["s1", "s2"], ["grpo"], [0], [0])
+    c.sweeps.algorithm_kl = _sweep(["tg_omi1_omi2"], ["s1"], ["grpo", "ppo"], [0, 1e-2], [0])
+    c.sweeps.mixture = _sweep(["tg_omi1"], ["s1"], ["grpo"], [0], [0])
+    p = c.pretrain
+    p.data.examples_per_style, p.data.eval_examples = 500, 4
+    p.train.num_steps, p.train.batch_size, p.train.warmup_steps = 4, 4, 1
+    p.train.log_every, p.train.eval_every, p.train.checkpoint_every = 2, 4, 4
+    p.mesh.data = 1
+    c.eval.synthetic.levels, c.eval.synthetic.per_level = (1, 2), 2
+    c.eval.sampling.num_samples, c.eval.sampling.max_new_tokens = 2, 8
+    c.eval.batch_size, c.eval.chunk_prompts, c.eval.mesh.data = 4, 2, 1
+    c.rl.train.num_steps, c.rl.train.checkpoint_every, c.rl.eval.every = 2, 2, 1
+    r = c.rl.rl
+    r.prompts_per_step, r.samples_per_prompt, r.max_new_tokens = 2, 2, 8
+    r.train_batch_size, r.micro_batch_size = 2, 2
+    c.rl.eval.per_level, c.rl.eval.max_new_tokens, c.rl.eval.batch_size = 2, 8, 4

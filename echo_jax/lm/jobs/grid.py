@@ -1,0 +1,209 @@
+"""The experiment grid (`configs/echo_grid.py`, kind "echo_grid"): every cell's pretraining ->
+evaluation -> RL -> evaluation, then `report.md`, `results.json` and `plots/` (`lm/grid_report`).
+
+Layout of the workdir:
+- `pretrain/<mixture>-<size>-s<seed>/` and `eval_before/<same>/`: shared by the cells that start
+  from that pretraining run;
+- `cells/<mixture>-<size>-<algo>-kl<kl>-s<seed>/rl` and `.../eval_after`: one per cell;
+  `.../error.txt` when the cell failed (the others still run; a rerun retries it).
+
+Cells run in a stable order (the sweeps' order, a pretraining group's cells together); shard i of
+n takes the pretraining groups whose index is i modulo n, so shards never share a stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+import ml_collections
+
+from echo_jax.core import stages
+from echo_jax.core import workdir as workdir_lib
+from echo_jax.core.config import ConfigError
+from echo_jax.core.train_loop import Preempted
+from echo_jax.lm.data import mixtures as mixtures_lib
+from echo_jax.lm.jobs import eval as eval_job
+from echo_jax.lm.jobs import pretrain as pretrain_job
+from echo_jax.lm.jobs import rl as rl_job
+from echo_jax.lm.rl import algorithm
+
+# a rerun may add sweeps, cells and seeds (a finished cell is kept), shard differently, or change
+# how often stages log and save; not change what a cell means
+GRID_MAY_CHANGE = (
+    *workdir_lib.RESUME_MAY_CHANGE,
+    "grid.*",
+    "sweeps.*",
+    "*.mesh.*",
+    "*.async_checkpoints",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    mixture: str
+    size: str
+    algo: str
+    kl_coef: float
+    seed: int
+
+    @property
+    def pretraining(self) -> str:
+        return f"{self.mixture}-{self.size}-s{self.seed}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.mixture}-{self.size}-{self.algo}-kl{self.kl_coef:g}-s{self.seed}"
+
+
+def cells(config: ml_collections.ConfigDict) -> list[Cell]:
+    """Every cell of the union of the sweeps, once, grouped by pretraining run (in the order the
+    groups first appear), in sweep order within a group."""
+    ordered = []
+    for sweep in config.sweeps.values():
+        for mixture, size, algo, kl, seed in itertools.product(
+            sweep.mixtures, sweep.sizes, sweep.algos, sweep.kl_coefs, sweep.seeds
+        ):
+            ordered.append(Cell(mixture, size, algo, float(kl), int(seed)))
+    ordered = list(dict.fromkeys(ordered))
+    groups = list(dict.fromkeys(c.pretraining for c in ordered))
+    return sorted(ordered, key=lambda c: groups.index(c.pretraining))
+
+
+def shard(all_cells: Sequence[Cell], index: int, count: int) -> list[Cell]:
+    groups = list(dict.fromkeys(c.pretraining for c in all_cells))
+    mine = {g for i, g in enumerate(groups) if i % count == index}
+    return [c for c in all_cells if c.pretraining in mine]
+
+
+def check_config(config: ml_collections.ConfigDict) -> list[Cell]:
+    g = config.grid
+    if not 0 <= g.shard < g.num_shards:
+        raise ConfigError(f"grid.shard must be in [0, {g.num_shards}), got {g.shard}")
+    if not config.sweeps:
+        raise ConfigError("sweeps is empty: the grid has no cells")
+    grid = cells(config)
+    for cell in grid:
+        if cell.mixture not in mixtures_lib.MIXTURES:
+            raise ConfigError(
+                f"unknown mixture {cell.mixture!r}; known: {sorted(mixtures_lib.MIXTURES)}"
+            )
+        if cell.size not in config.sizes:
+            raise ConfigError(f"unknown size {cell.size!r}; sizes: {sorted(config.sizes)}")
+        if cell.algo not in algorithm.names():
+            raise ConfigError(f"unknown algo {cell.algo!r}; registered: {algorithm.names()}")
+    return grid
+
+
+def stage_configs(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> dict:
+    """stage -> (its workdir, its config) for one cell."""
+    dirs = {
+        "pretrain": os.path.join(workdir, "pretrain", cell.pretraining),
+        "eval_before": os.path.join(workdir, "eval_before", cell.pretraining),
+        "rl": os.path.join(workdir, "cells", cell.name, "rl"),
+        "eval_after": os.path.join(workdir, "cells", cell.name, "eval_after"),
+    }
+    pretrain = copy.deepcopy(config.pretrain)
+    size = config.sizes[cell.size]
+    for key in ("d_model", "n_layers", "n_heads", "mlp_dim"):
+        pretrain.model[key] = size[key]
+    pretrain.train.lr = size.lr
+    pretrain.data.mixture = cell.mixture
+    rl = copy.deepcopy(config.rl)
+    rl.algo, rl.rl.kl_coef, rl.init_from = cell.algo, cell.kl_coef, dirs["pretrain"]
+    before, after = copy.deepcopy(config.eval), copy.deepcopy(config.eval)
+    before.checkpoint, after.checkpoint = dirs["pretrain"], dirs["rl"]
+    configs = {"pretrain": pretrain, "eval_before": before, "rl": rl, "eval_after": after}
+    for block in configs.values():
+        block.seed = cell.seed
+        with block.unlocked():
+            block.resume = copy.deepcopy(config.resume)
+    return {name: (dirs[name], configs[name]) for name in dirs}
+
+
+def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> None:
+    """The cell's four stages, each skipped when finished (the shared two by an earlier cell)."""
+    stages_ = stage_configs(config, cell, workdir)
+    steps = {
+        "pretrain": (pretrain_job.run_pretrain, "train"),
+        "eval_before": (eval_job.run_eval, None),
+        "rl": (rl_job.run_rl, "train"),
+        "eval_after": (eval_job.run_eval, None),
+    }
+    for i, (name, (run, trained)) in enumerate(steps.items(), 1):
+        folder, stage = stages_[name]
+        done = (
+            stages.reached_step(folder, stage.train.num_steps)
+            if trained
+            else eval_job.reuse_or_move_aside(stage, folder)
+        )
+        stages.run_stage(
+            lambda run=run, stage=stage, folder=folder: run(stage, folder),
+            label=f"grid {cell.name}",
+            index=i,
+            total=len(steps),
+            name=name,
+            done=done,
+        )
+
+
+def cell_finished(workdir: str, cell: Cell) -> bool:
+    return os.path.exists(os.path.join(workdir, "cells", cell.name, "eval_after", "eval.json"))
+
+
+def run_grid(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Runs this shard's unfinished cells, then writes the report from every finished cell;
+    returns the report's path. A failing cell is reported and the rest go on; `StagesFailed`
+    at the end names the failed ones (a preemption stops the grid at once)."""
+    from echo_jax.lm import grid_report  # matplotlib only where a report is written
+
+    grid = check_config(config)
+    workdir_lib.record_run(
+        workdir,
+        config,
+        may_change=GRID_MAY_CHANGE,
+        label="grid",
+        started=os.path.isdir(os.path.join(workdir, "cells")),
+    )
+    mine = [] if config.grid.report_only else shard(grid, config.grid.shard, config.grid.num_shards)
+    todo = [c for c in mine if not cell_finished(workdir, c)]
+    print(
+        f"[grid] {len(grid)} cells; this shard {len(mine)}, {len(mine) - len(todo)} finished "
+        f"earlier",
+        file=sys.stderr,
+        flush=True,
+    )
+    failed, start = [], time.perf_counter()
+    for i, cell in enumerate(todo, 1):
+        elapsed = time.perf_counter() - start
+        eta = f", ETA {elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min" if i > 1 else ""
+        print(f"[grid] cell {i}/{len(todo)}: {cell.name}{eta}", file=sys.stderr, flush=True)
+        error = os.path.join(workdir, "cells", cell.name, "error.txt")
+        try:
+            run_cell(config, cell, workdir)
+        except Preempted:
+            raise
+        except Exception as e:  # noqa: BLE001 - one cell's failure is reported, the rest run
+            failed.append(cell.name)
+            os.makedirs(os.path.dirname(error), exist_ok=True)
+            with open(error, "w") as f:
+                f.write(traceback.format_exc())
+            print(f"[grid] cell {cell.name} failed: {e!r} (see {error})", file=sys.stderr)
+        else:
+            if os.path.exists(error):
+                os.remove(error)
+    path = grid_report.write(workdir, config, grid)
+    print(f"[grid] report: {path}", file=sys.stderr, flush=True)
+    if failed:
+        raise stages.StagesFailed(
+            f"{len(failed)} of {len(todo)} cells failed ({', '.join(failed)}); each has its "
+            f"traceback in {workdir}/cells/<cell>/error.txt, the report has the others; a "
+            "rerun retries them"
+        )
+    return path
