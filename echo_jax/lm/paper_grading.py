@@ -3,8 +3,12 @@ math_verifier.py` of `rosieyzh/openrlhf-pretrain` computes its reward and style 
 code run in our sandbox instead of the trainer's process.
 
 Per completion the study grades the *query*: the decoded prompt followed by the completion, with
-`</s>` removed (its `reward_func`; its evaluation script grades the completion alone: pass no
-prompts). Then, in order:
+`</s>` removed (its `reward_func`; its evaluation script and its Expert Iteration grade the
+completion alone: pass no prompts). The study's prompt is the bare question, so its model writes
+the `\n\n` that separates question and solution in pretraining; ours is given it in the prompt
+(`question + "\n\n"`), so a completion graded alone is read as `"\n\n" + completion`, the text
+the study's model would have produced (without it, a TinyGSM completion starts with `def` at
+position 0, the `\ndef` split below misses it and the program fails). Then, in order:
 
 1. if `<llm-code>` occurs: run the *first* `<llm-code>...</llm-code>` block (stripped) with
    `exec`, then `str(eval(last line))` in the same globals. A block ending in `print(x)` yields
@@ -106,6 +110,10 @@ def _status(answer: str | None, result: sandbox.SandboxResult | None) -> str:
     return "no_code" if result is None else result.status
 
 
+# what the study's completions begin with and ours do not (the prompt holds it): module docstring
+COMPLETION_PREFIX = "\n\n"
+
+
 def grade_paper(
     texts: Sequence[str],
     refs: Sequence[str],
@@ -120,7 +128,7 @@ def grade_paper(
     if len(texts) != len(refs) or (prompts is not None and len(prompts) != len(texts)):
         raise ValueError(f"grade_paper: {len(texts)} texts, {len(refs)} refs, prompts mismatch")
     queries = [
-        ((prompts[i] if prompts is not None else "") + text).replace("</s>", "")
+        ((prompts[i] if prompts is not None else COMPLETION_PREFIX) + text).replace("</s>", "")
         for i, text in enumerate(texts)
     ]
     llm = _run(

@@ -132,6 +132,10 @@ def test_the_study_grader_rewards_our_rendered_solutions_unless_omi1_prints():
         graded = grading.grade_batch(texts, refs, dataset="gsm8k", rule="paper", prompts=prompts)
         assert all(g.correct for g in graded), (style, graded)
         assert {g.style for g in graded} <= {style, "tinygsm"}  # a question may contain "def"
+        # alone (as the study's evaluation grades): read as the study's model writes them, after
+        # the "\n\n" our prompts hold, so a TinyGSM function at position 0 is still found
+        alone = grading.grade_batch(texts, refs, dataset="gsm8k", rule="paper")
+        assert [(g.style, g.correct) for g in alone] == [(style, True)] * len(texts), alone
     printing = [generators.render_solution(p, "omi1", omi1_print_share=1.0) for p in problems]
     graded = grading.grade_batch(printing, refs, dataset="gsm8k", rule="paper")
     assert not any(g.correct for g in graded)  # eval(print(x)) is None: never rewarded
