@@ -22,9 +22,8 @@ import ml_collections
 from echo_jax.core.config import check_variant, load_config_file, resume_options
 
 VARIANTS = ("smoke", "cpu", "study_150m", "study_1b")
-# d_model, n_layers, n_heads, mlp_dim, peak lr: the CPU ladder (0.3M to 10M parameters; the
-# smallest learns the styles but little arithmetic, the largest is what 2 cores pretrain in ~15
-# minutes on the tiny data budget)
+# d_model, n_layers, n_heads, mlp_dim, peak lr: the CPU ladder, 0.2M, 1.2M and 6.6M parameters
+# (30x; the largest pretrains the shared data budget in ~12 minutes on 2 fast cores)
 CPU_SIZES = {
     "xs": (64, 2, 2, 256, 3e-3),
     "tiny": (128, 4, 4, 512, 3e-3),
@@ -92,11 +91,15 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
 
 
 def _cpu(c: ml_collections.ConfigDict) -> None:
-    """The claims at small scale: scale (A3), algorithm x KL (A1, A2, A4), mixture (A5)."""
+    """The claims at small scale: scale (A3: 3 sizes x 3 seeds), algorithm x KL (A1, A2, A4: 3
+    policy-gradient algorithms x 3 coefficients x 2 seeds, and online EI, which has no KL term),
+    mixture (A5: 4 TinyGSM shares x 2 seeds); 15 pretraining runs and 33 cells (estimated 2-3
+    hours on 2 cores of session 6's speed, not yet measured)."""
     c.sweeps.scale = _sweep(["tg_omi1_omi2"], ["xs", "tiny", "small"], ["grpo"], [0], [0, 1, 2])
     c.sweeps.algorithm_kl = _sweep(
-        ["tg_omi1_omi2"], ["tiny"], ["grpo", "ppo", "reinforce"], [0, 1e-3, 1e-2], [0, 1, 2]
+        ["tg_omi1_omi2"], ["tiny"], ["grpo", "ppo", "reinforce"], [0, 1e-3, 1e-2], [0, 1]
     )
+    c.sweeps.expert_iteration = _sweep(["tg_omi1_omi2"], ["tiny"], ["ei_online"], [0], [0, 1])
     c.sweeps.mixture = _sweep(
         ["tg", "tg_omi1", "tg_4xomi1", "tg_omi1_omi2"], ["tiny"], ["grpo"], [0], [0, 1]
     )
