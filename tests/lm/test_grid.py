@@ -1,6 +1,7 @@
 """The experiment grid (`configs/echo_grid.py`, `echo_jax/lm/jobs/grid.py`): which cells a grid
 and a shard hold, and the `smoke` grid end to end: a failing cell reported while the rest run,
-shards that together cover the grid, a rerun that skips finished cells, the report rebuilt alone."""
+shards that together cover the grid, a rerun that skips finished cells, the report rebuilt alone
+(and by `notebooks/echo_grid.ipynb`)."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.lm.jobs import grid as grid_job
 from tests.conftest import REPO
+from tests.notebooks import execute_notebook
 
 
 def _config(*overrides):
@@ -74,7 +76,7 @@ def _grid(workdir, *overrides):
     )
 
 
-def test_smoke_grid_end_to_end(tmp_path):
+def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     cells = grid_job.cells(_config())
     broken = [c.name for c in cells if c.size == "s2"]  # d_model 32 has no 3 heads
     first = _grid(tmp_path, "grid.shard=0", "grid.num_shards=2", "sizes.s2.n_heads=3")
@@ -115,3 +117,7 @@ def test_smoke_grid_end_to_end(tmp_path):
     again = _grid(tmp_path, "grid.report_only=True")
     assert again.returncode == 0 and "this shard 0, 0 finished earlier" in again.stderr
     assert "6 of 6 cells finished." in (tmp_path / "report.md").read_text()
+
+    (tmp_path / "plots" / "style_share.png").unlink()
+    execute_notebook("echo_grid.ipynb", tmp_path, monkeypatch)  # builds the report from the grid
+    assert (tmp_path / "plots" / "style_share.png").stat().st_size
