@@ -4,12 +4,15 @@ RL algorithm x KL coefficient x seed, then one report (`echo_jax/lm/jobs/grid.py
     python -m echo_jax.main --config=configs/echo_grid.py:cpu --workdir=runs/grid \
         [--config.grid.shard=0 --config.grid.num_shards=2]
 
-A grid is the union of named sweeps (`grid.sweeps.<name>`, each a product of its axes, as the
-study's sweep files list theirs). A cell is one RL run (and its evaluation) from one pretraining
+A grid is the union of named sweeps (`sweeps.<name>`, each a product of its axes, as the
+study's sweep files list theirs). A cell's RL block is `rl` with its algorithm's own settings
+(`algorithms.<algo>`: what `lm_rl.py:<algo>` sets differently from `lm_rl.py:grpo`, e.g. the KL
+estimator) and its KL coefficient. A cell is one RL run (and its evaluation) from one pretraining
 run; a pretraining run (mixture, size, seed) and its evaluation before RL are shared by every cell
 that starts from it. A rerun skips finished cells and resumes a cut one; `grid.num_shards`
-processes (or TPU VMs, through `launch/`) each take `grid.shard`'s share, whole pretraining
-groups at a time; `grid.report_only=True` rebuilds the report from what is finished.
+processes on one workdir (or TPU VMs on one bucket) each take `grid.shard`'s share, whole
+pretraining groups at a time (a group's shard is a hash of its name, so adding sweeps moves no
+group); `grid.report_only=True` rebuilds the report from what is finished.
 
 Variants: `smoke` (every stage in seconds: tests and the notebook), `cpu` (the claims at small
 scale on 2 CPU cores), `study_150m` and `study_1b` (the study's grid, for TPUs).
@@ -55,6 +58,35 @@ def _sizes(table: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({n: dict(zip(keys, v, strict=True)) for n, v in table.items()})
 
 
+ALGORITHMS = ("grpo", "ppo", "reinforce", "rloo", "ei_online")
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _algorithm_settings() -> ml_collections.ConfigDict:
+    """Per algorithm, the `lm_rl.py` keys its own variant sets differently from GRPO's."""
+    base = _flat(_family("lm_rl.py:grpo"))
+    out = ml_collections.ConfigDict()
+    for algo in ALGORITHMS:
+        own = ml_collections.ConfigDict()
+        for path, value in _flat(_family(f"lm_rl.py:{algo}")).items():
+            if path != "algo" and base.get(path) != value:
+                block, key = path.rsplit(".", 1)
+                if block not in own:
+                    own[block] = ml_collections.ConfigDict()
+                own[block][key] = value
+        out[algo] = own
+    return out
+
+
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     variant = check_variant(variant, VARIANTS, "echo_grid")
     study = variant.startswith("study_")
@@ -71,6 +103,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.sizes = _sizes(STUDY_SIZES if study else CPU_SIZES)
     c.pretrain = _family(f"lm_pretrain.py:{scale if study else 'tiny'}")
     c.rl = _family(f"lm_rl.py:{'study_grpo' if study else 'grpo'}")
+    c.algorithms = _algorithm_settings()
     c.eval = _family(f"lm_eval.py:{'gsm8k' if study else 'synthetic'}")
     c.eval.synthetic.levels = (1, 2, 3)  # the pretraining levels, then a harder one (transfer)
     c.eval.synthetic.per_level = 32

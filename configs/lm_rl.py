@@ -165,8 +165,11 @@ def _expert_iteration_rounds(c: ml_collections.ConfigDict, study: bool) -> None:
     r.warmup_ratio, r.min_lr_ratio = 0.03, 0.1
     r.epochs = 2
     c.train.checkpoint_every = 20  # fine-tuning updates
-    if study:  # 64 samples of each of GSM8K's 7,473 questions, up to 2048 tokens; SFT rows 1024
-        r.samples_per_prompt, r.max_new_tokens, c.ei.sft_tokens = 64, 2048, 1024
+    if study:  # 64 samples of each of GSM8K's 7,473 questions; SFT rows of 1024 tokens
+        # the study asks vLLM for 2048 new tokens, which the 1B model's 2048-token context caps:
+        # prompt (at most 256 GSM8K tokens) + completion fit in it
+        r.max_prompt_len, r.max_new_tokens = 256, 1792
+        r.samples_per_prompt, c.ei.sft_tokens = 64, 1024
         r.prompts_per_step, r.sampler_batch_size = 64, 64
         r.train_batch_size, r.micro_batch_size, r.lr = 256, 8, 1e-4
     else:  # 256 synthetic questions x 8 samples a round (the study: 7,473 x 64)

@@ -46,6 +46,10 @@ _RUNNERS = {
 }
 
 
+# jobs whose workdir several processes share (a grid's shards): each stage locks its own folder
+_SHARED_WORKDIR_KINDS = ("echo_grid",)
+
+
 def _runner_path(kind: str) -> tuple[str, str]:
     if kind not in _RUNNERS:
         raise ConfigError(f"unknown config.kind {kind!r}")
@@ -75,8 +79,11 @@ def main(argv: list[str]) -> None:
     try:
         validate(config)  # values, kind and workdir first: a mistake fails before jax loads
         _runner_path(config.kind)
-        with lock_workdir(workdir):
+        if config.kind in _SHARED_WORKDIR_KINDS:
             _run(config, workdir)
+        else:
+            with lock_workdir(workdir):
+                _run(config, workdir)
     except ConfigError as e:
         _fail(f"echo_jax: error: {e}", 2)
 

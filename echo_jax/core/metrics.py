@@ -42,7 +42,10 @@ class MetricWriter:
             if resume_step is not None and r.get("step", 0) <= resume_step
         ]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
+        # events at steps >= purge_step are hidden: the rows after the resume step (all on a
+        # fresh run), not the resume step's own
+        purge = 0 if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}

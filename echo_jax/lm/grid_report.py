@@ -327,6 +327,7 @@ def write(workdir: str, config: Any, grid: Sequence[Any]) -> str:
         if path:
             lines += ["", f"![{os.path.basename(path)}]({os.path.relpath(path, workdir)})"]
     path = os.path.join(workdir, "report.md")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # shards may write it at once: each whole
         f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
     return path

@@ -90,8 +90,12 @@ def test_a_chunk_keeps_one_of_each_correct_question_completion_pair():
         ("q1", "a", "tinygsm"),
         ("q2", "a", "omi1"),
     ]
-    stats = ei_rounds.round_stats([record])
-    assert stats["accuracy"] == 0.75 and stats["kept"] == 2 and stats["duplicates"] == 1
+    again = {**record, "chunk": 1}  # the same question in another chunk (a pool may repeat one)
+    kept, stats = ei_rounds.round_stats([record, again])
+    assert len(kept) == 2 and stats["sampled"] == 8 and stats["duplicates"] == 4
+    kept, stats = ei_rounds.round_stats([record])
+    assert stats["accuracy"] == 0.75 and stats["kept"] == len(kept) == 2
+    assert stats["duplicates"] == 1
     assert stats["style_share/tinygsm"] == 0.5 and stats["style_accuracy/omi2"] == 0.0
     assert stats["kept_share/omi1"] == 0.5 and stats["kept_share/omi2"] == 0.0
 

@@ -52,7 +52,11 @@ from echo_jax.lm.rl.common import OptimConfig
 from echo_jax.lm.rl.policy_eval import PolicyEval
 
 SFT_FROM = ("base", "last")
-ROUNDS_MAY_CHANGE = (*workdir_lib.RESUME_MAY_CHANGE, "ei.rounds")
+# more rounds may be added; not another initial model (every round reads it)
+ROUNDS_MAY_CHANGE = (
+    *(p for p in workdir_lib.RESUME_MAY_CHANGE if p != "*init_from"),
+    "ei.rounds",
+)
 
 
 def round_dir(workdir: str, r: int) -> epath.Path:
@@ -130,8 +134,9 @@ def sample_round(
 
 
 def chunk_record(c: int, info: rollout.RolloutInfo) -> dict:
-    """Counts per style (sampled, correct) and the kept samples of one chunk. Deduplicating
-    within a chunk deduplicates the round: a question's samples are all in one chunk."""
+    """Counts per style (sampled, correct) and the correct samples of one chunk, one of each
+    (question, completion) pair (`round_stats` deduplicates the round: a prompt pool may hold a
+    question twice)."""
     styles = list(info.styles)
     keep = expert_iteration.select_expert_samples(info.questions, info.texts, info.correct)
     return {
@@ -154,11 +159,13 @@ def json_line(row: dict) -> str:
     return json.dumps(row) + "\n"
 
 
-def round_stats(records: Sequence[dict]) -> dict[str, float]:
-    """The round's sampling row: accuracy, style shares and accuracies of every sample, the
-    number kept (after deduplication) and each style's share of them."""
+def round_stats(records: Sequence[dict]) -> tuple[list[dict], dict[str, float]]:
+    """The round's kept samples, one of each (question, completion) pair over the whole round
+    (as the study's `drop_duplicates`), and its sampling row: accuracy, style shares and
+    accuracies of every sample, the number kept and each style's share of them."""
     sampled = sum(r["sampled"] for r in records)
-    kept = [k for r in records for k in r["kept"]]
+    unique = {(k["question"], k["completion"]): k for r in records for k in r["kept"]}
+    kept = list(unique.values())
     row = {
         "sampled": float(sampled),
         "accuracy": sum(r["correct"] for r in records) / max(sampled, 1),
@@ -171,7 +178,7 @@ def round_stats(records: Sequence[dict]) -> dict[str, float]:
         if n:
             row[f"style_accuracy/{s}"] = sum(r["styles_correct"][s] for r in records) / n
         row[f"kept_share/{s}"] = sum(k["style"] == s for k in kept) / max(len(kept), 1)
-    return row
+    return kept, row
 
 
 # --- 2. fine-tuning ------------------------------------------------------------------------------
@@ -231,8 +238,7 @@ def sft_task(
     seq_len = sft_length(config)
 
     def warm_start(state: TrainState) -> TrainState:
-        shardings = jax.tree.map(lambda x: x.sharding, state.params)
-        return TrainState.create(start(shardings), tx)
+        return state.replace(params=start(jax.tree.map(lambda x: x.sharding, state.params)))
 
     return TrainTask(
         init_state=pretrain.make_init_state(model, tx, 8),
@@ -303,8 +309,8 @@ class ExpertIterationRun:
         records = sample_round(
             self.config, self.sampler, params, self.prompts, self.vocabulary, r, chunks_path
         )
-        kept = [{**k, "round": r} for rec in records for k in rec["kept"]]
-        stats = round_stats(records)
+        kept, stats = round_stats(records)
+        kept = [{**k, "round": r} for k in kept]
         if jax.process_index() == 0:
             tmp = folder / f"round_{r}.jsonl.tmp"
             tmp.write_text("".join(json_line(k) for k in kept))
@@ -402,7 +408,7 @@ def run_ei(config: ml_collections.ConfigDict, workdir: str) -> None:
 def write_metrics(workdir: str, rows: Sequence[dict]) -> None:
     """Brings `metrics.jsonl` (and TensorBoard) up to `rows`: step 0 the initial evaluation,
     step r + 1 round r; rows logged already are not written twice."""
-    logged = {row["step"] for row in read_jsonl(epath.Path(workdir) / "metrics.jsonl")}
+    logged = {row["step"] for row in read_jsonl(epath.Path(workdir) / "metrics.jsonl", repair=True)}
     missing = [step for step in range(len(rows)) if step not in logged]
     if not missing:
         return

@@ -7,8 +7,10 @@ Layout of the workdir:
 - `cells/<mixture>-<size>-<algo>-kl<kl>-s<seed>/rl` and `.../eval_after`: one per cell;
   `.../error.txt` when the cell failed (the others still run; a rerun retries it).
 
-Cells run in a stable order (the sweeps' order, a pretraining group's cells together); shard i of
-n takes the pretraining groups whose index is i modulo n, so shards never share a stage.
+Cells run in a stable order (sweeps by name, a pretraining group's cells together); shard i of n
+takes the pretraining groups whose name hashes to i modulo n, so shards never share a stage and
+adding a sweep moves no group. Shards may share the workdir (each stage locks its own folder);
+each writes the report of what is finished when it ends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Sequence
 
 import ml_collections
@@ -32,12 +35,14 @@ from echo_jax.lm.data import mixtures as mixtures_lib
 from echo_jax.lm.jobs import eval as eval_job
 from echo_jax.lm.jobs import pretrain as pretrain_job
 from echo_jax.lm.jobs import rl as rl_job
+from echo_jax.lm.model import ModelConfig
 from echo_jax.lm.rl import algorithm
 
 # a rerun may add sweeps, cells and seeds (a finished cell is kept), shard differently, or change
-# how often stages log and save; not change what a cell means
+# how often stages log and save; not change what a cell means (its evaluation included: finished
+# cells keep theirs)
 GRID_MAY_CHANGE = (
-    *workdir_lib.RESUME_MAY_CHANGE,
+    *(p for p in workdir_lib.RESUME_MAY_CHANGE if p not in ("eval.*", "*init_from")),
     "grid.*",
     "sweeps.*",
     "*.mesh.*",
@@ -77,9 +82,8 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
 
 
 def shard(all_cells: Sequence[Cell], index: int, count: int) -> list[Cell]:
-    groups = list(dict.fromkeys(c.pretraining for c in all_cells))
-    mine = {g for i, g in enumerate(groups) if i % count == index}
-    return [c for c in all_cells if c.pretraining in mine]
+    """The cells of the pretraining groups whose name hashes to `index` modulo `count`."""
+    return [c for c in all_cells if zlib.crc32(c.pretraining.encode()) % count == index]
 
 
 def check_config(config: ml_collections.ConfigDict) -> list[Cell]:
@@ -96,8 +100,13 @@ def check_config(config: ml_collections.ConfigDict) -> list[Cell]:
             )
         if cell.size not in config.sizes:
             raise ConfigError(f"unknown size {cell.size!r}; sizes: {sorted(config.sizes)}")
-        if cell.algo not in algorithm.names():
-            raise ConfigError(f"unknown algo {cell.algo!r}; registered: {algorithm.names()}")
+        if cell.algo not in algorithm.names() or cell.algo not in config.algorithms:
+            raise ConfigError(
+                f"unknown algo {cell.algo!r}; the grid's: {sorted(config.algorithms)}"
+            )
+    for size in {c.size for c in grid}:  # a model mistake fails now, not hours in
+        stage = stage_configs(config, next(c for c in grid if c.size == size), "")["pretrain"][1]
+        ModelConfig(**stage.model.to_dict())
     return grid
 
 
@@ -116,6 +125,9 @@ def stage_configs(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     pretrain.train.lr = size.lr
     pretrain.data.mixture = cell.mixture
     rl = copy.deepcopy(config.rl)
+    for block, values in config.algorithms[cell.algo].items():
+        for key, value in values.items():
+            rl[block][key] = value
     rl.algo, rl.rl.kl_coef, rl.init_from = cell.algo, cell.kl_coef, dirs["pretrain"]
     before, after = copy.deepcopy(config.eval), copy.deepcopy(config.eval)
     before.checkpoint, after.checkpoint = dirs["pretrain"], dirs["rl"]
@@ -153,6 +165,14 @@ def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> Non
         )
 
 
+def shared_stages_done(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> bool:
+    """Whether the cell's pretraining and its evaluation (shared by its group) are finished."""
+    found = stage_configs(config, cell, workdir)
+    (pretrain_dir, pretrain), (eval_dir, _) = found["pretrain"], found["eval_before"]
+    trained = stages.reached_step(pretrain_dir, pretrain.train.num_steps)
+    return trained and os.path.exists(os.path.join(eval_dir, "eval.json"))
+
+
 def cell_finished(workdir: str, cell: Cell) -> bool:
     return os.path.exists(os.path.join(workdir, "cells", cell.name, "eval_after", "eval.json"))
 
@@ -169,7 +189,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> str:
         config,
         may_change=GRID_MAY_CHANGE,
         label="grid",
-        started=os.path.isdir(os.path.join(workdir, "cells")),
+        started=os.path.isdir(os.path.join(workdir, "pretrain")),
     )
     mine = [] if config.grid.report_only else shard(grid, config.grid.shard, config.grid.num_shards)
     todo = [c for c in mine if not cell_finished(workdir, c)]
@@ -179,12 +199,16 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> str:
         file=sys.stderr,
         flush=True,
     )
-    failed, start = [], time.perf_counter()
+    failed, broken_groups, start = [], set(), time.perf_counter()
     for i, cell in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
         eta = f", ETA {elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min" if i > 1 else ""
         print(f"[grid] cell {i}/{len(todo)}: {cell.name}{eta}", file=sys.stderr, flush=True)
         error = os.path.join(workdir, "cells", cell.name, "error.txt")
+        if cell.pretraining in broken_groups:  # its shared stages failed once: not again
+            failed.append(cell.name)
+            print(f"[grid] cell {cell.name} skipped: {cell.pretraining} failed", file=sys.stderr)
+            continue
         try:
             run_cell(config, cell, workdir)
         except Preempted:
@@ -195,6 +219,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> str:
             with open(error, "w") as f:
                 f.write(traceback.format_exc())
             print(f"[grid] cell {cell.name} failed: {e!r} (see {error})", file=sys.stderr)
+            if not shared_stages_done(config, cell, workdir):
+                broken_groups.add(cell.pretraining)
         else:
             if os.path.exists(error):
                 os.remove(error)
