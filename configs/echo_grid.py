@@ -26,7 +26,7 @@ from echo_jax.core.config import check_variant, load_config_file, resume_options
 
 VARIANTS = ("smoke", "cpu", "study_150m", "study_1b")
 # d_model, n_layers, n_heads, mlp_dim, peak lr: the CPU ladder, 0.2M, 1.2M and 6.6M parameters
-# (30x; the largest pretrains the shared data budget in ~12 minutes on 2 fast cores)
+# (counted from the shapes; 30x apart)
 CPU_SIZES = {
     "xs": (64, 2, 2, 256, 3e-3),
     "tiny": (128, 4, 4, 512, 3e-3),
@@ -101,18 +101,14 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.sweeps = ml_collections.ConfigDict()
     scale = variant.removeprefix("study_")
     c.sizes = _sizes(STUDY_SIZES if study else CPU_SIZES)
-    c.pretrain = _family(f"lm_pretrain.py:{scale if study else 'tiny'}")
-    c.rl = _family(f"lm_rl.py:{'study_grpo' if study else 'grpo'}")
+    if study:
+        c.pretrain = _family(f"lm_pretrain.py:{scale}")
+        c.rl = _family("lm_rl.py:study_grpo")
+        c.eval = _family("lm_eval.py:gsm8k")
+    else:  # each cell's stages as the main job runs them (its `smoke` for the smoke grid)
+        main_job = _family(f"echo_chamber.py:{'smoke' if variant == 'smoke' else 'tiny'}")
+        c.pretrain, c.rl, c.eval = main_job.pretrain, main_job.rl, main_job.eval
     c.algorithms = _algorithm_settings()
-    c.eval = _family(f"lm_eval.py:{'gsm8k' if study else 'synthetic'}")
-    c.eval.synthetic.levels = (1, 2, 3)  # the pretraining levels, then a harder one (transfer)
-    c.eval.synthetic.per_level = 32
-    c.eval.sampling.num_samples = 8  # pass@8, maj@8 (the study: 64)
-    c.eval.sampling.max_new_tokens = 200
-    c.eval.chunk_prompts = 32
-    c.rl.eval.levels = (1, 2)
-    c.rl.eval.num_samples = 0
-    c.rl.eval.every = 4
     if variant == "smoke":
         _smoke(c)
     elif variant == "cpu":
@@ -154,16 +150,3 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     c.sweeps.scale = _sweep(["tg_omi1_omi2"], ["s1", "s2"], ["grpo"], [0], [0])
     c.sweeps.algorithm_kl = _sweep(["tg_omi1_omi2"], ["s1"], ["grpo", "ppo"], [0, 1e-2], [0])
     c.sweeps.mixture = _sweep(["tg_omi1"], ["s1"], ["grpo"], [0], [0])
-    p = c.pretrain
-    p.data.examples_per_style, p.data.eval_examples = 500, 4
-    p.train.num_steps, p.train.batch_size, p.train.warmup_steps = 4, 4, 1
-    p.train.log_every, p.train.eval_every, p.train.checkpoint_every = 2, 4, 4
-    p.mesh.data = 1
-    c.eval.synthetic.levels, c.eval.synthetic.per_level = (1, 2), 2
-    c.eval.sampling.num_samples, c.eval.sampling.max_new_tokens = 2, 8
-    c.eval.batch_size, c.eval.chunk_prompts, c.eval.mesh.data = 4, 2, 1
-    c.rl.train.num_steps, c.rl.train.checkpoint_every, c.rl.eval.every = 2, 2, 1
-    r = c.rl.rl
-    r.prompts_per_step, r.samples_per_prompt, r.max_new_tokens = 2, 2, 8
-    r.train_batch_size, r.micro_batch_size = 2, 2
-    c.rl.eval.per_level, c.rl.eval.max_new_tokens, c.rl.eval.batch_size = 2, 8, 4

@@ -4,7 +4,6 @@ that resumes at the next chunk, more rounds added to a finished run, and config 
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from echo_jax.lm import grading, restore
 from echo_jax.lm.jobs import ei_rounds
 from echo_jax.lm.rl import rollout
 from tests.conftest import REPO
-from tests.lm.test_rl_job import PRETRAIN, _env, _main
+from tests.lm.conftest import cpu_env, main_command
 
 PROMPTS, SAMPLES, PER_CHUNK = 6, 2, 4  # two chunks, the second padded
 EI = [
@@ -34,19 +33,6 @@ EI = [
     "eval.batch_size=4",
     "train.checkpoint_every=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("untrained") / "pretrain"
-    subprocess.run(
-        _main("configs/lm_pretrain.py:tiny", workdir, *PRETRAIN),
-        cwd=REPO,
-        env=_env(),
-        check=True,
-        capture_output=True,
-    )
-    return workdir
 
 
 class Killed(Exception):
@@ -176,9 +162,9 @@ def test_config_mistakes_are_config_errors(untrained, tmp_path, overrides, messa
 
 def test_rl_only_keys_are_refused_on_the_command_line(tmp_path):
     out = subprocess.run(
-        [sys.executable, *_main("configs/lm_rl.py:ei", tmp_path, "--config.rl.kl_coef=0.01")[1:]],
+        main_command("configs/lm_rl.py:ei", tmp_path, "--config.rl.kl_coef=0.01"),
         cwd=REPO,
-        env=_env(),
+        env=cpu_env(),
         capture_output=True,
         text=True,
     )

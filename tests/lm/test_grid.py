@@ -4,9 +4,7 @@ shards that together cover the grid, a rerun that skips finished cells, the repo
 (and by `notebooks/echo_grid.ipynb`)."""
 
 import json
-import os
 import subprocess
-import sys
 import zlib
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from echo_jax.core.config import ConfigError, load_config
 from echo_jax.lm.jobs import grid as grid_job
 from tests.conftest import REPO
+from tests.lm.conftest import cpu_env, main_command
 from tests.notebooks import execute_notebook
 
 
@@ -74,16 +73,9 @@ def test_grid_mistakes_are_config_errors(overrides, message, tmp_path):
 def _grid(workdir, *overrides):
     """The smoke grid through `main` (one CPU device, as on the command line)."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echo_jax.main",
-            "--config=configs/echo_grid.py:smoke",
-            f"--workdir={workdir}",
-            *(f"--config.{o}" for o in overrides),
-        ],
+        main_command("configs/echo_grid.py:smoke", workdir, *(f"--config.{o}" for o in overrides)),
         cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+        env=cpu_env(),
         capture_output=True,
         text=True,
     )

@@ -5,7 +5,6 @@ config mistakes."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,22 +16,10 @@ from echo_jax.lm.data import generators, vocab
 from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig
 from tests.conftest import REPO
+from tests.lm.conftest import cpu_env as _env
+from tests.lm.conftest import main_command as _main
 
 STEPS = 12
-# A model that learns nothing, sized so that every step takes well under a second.
-PRETRAIN = [
-    "--config.model.d_model=32",
-    "--config.model.n_layers=1",
-    "--config.model.n_heads=2",
-    "--config.model.mlp_dim=64",
-    "--config.data.examples_per_style=500",
-    "--config.data.eval_examples=4",
-    "--config.train.num_steps=2",
-    "--config.train.batch_size=4",
-    "--config.train.warmup_steps=1",
-    "--config.train.checkpoint_every=2",
-    "--config.mesh.data=1",
-]
 RL = [
     "--config.rl.prompts_per_step=2",
     "--config.rl.samples_per_prompt=4",
@@ -61,34 +48,6 @@ STEP_KEYS = {
     "time/train_step",
     *(f"style_share/{s}" for s in grading.STYLE_LABELS),
 }
-
-
-def _env():
-    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-
-
-def _main(config, workdir, *args):
-    return [
-        sys.executable,
-        "-m",
-        "echo_jax.main",
-        f"--config={config}",
-        f"--workdir={workdir}",
-        *args,
-    ]
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("untrained") / "pretrain"
-    subprocess.run(
-        _main("configs/lm_pretrain.py:tiny", workdir, *PRETRAIN),
-        cwd=REPO,
-        env=_env(),
-        check=True,
-        capture_output=True,
-    )
-    return workdir
 
 
 def _rl(workdir, untrained, algo="grpo"):

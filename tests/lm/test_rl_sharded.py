@@ -21,7 +21,6 @@ from echo_jax.core.train_loop import TrainTask, initial_state, jit_train_step
 from echo_jax.lm.jobs import rl as rl_job
 from echo_jax.lm.model import ModelConfig
 from tests.conftest import REPO
-from tests.lm import test_rl_job as rl_job_test
 
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 SHARDED = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -173,9 +172,8 @@ def test_sharded_update_equals_one_device_update(algo_name):
 # --- A sharded RL run killed with SIGKILL resumes bitwise. ---
 
 STEPS = 8
-# test_rl_job's untrained pretraining run: its dims divide the mesh (d_model 32 / fsdp; 2 heads,
-# mlp 64 and the 1024-piece vocabulary / tensor), trained on one device.
-PRETRAIN = rl_job_test.PRETRAIN
+# `untrained` (tests/lm/conftest.py): its dims divide the mesh (d_model 32 / fsdp; 2 heads, mlp 64
+# and the 1024-piece vocabulary / tensor), trained on one device.
 # 8 rows per rollout (divisible by data x fsdp = 4), sampled 4 at a time; no evaluation.
 RL = [
     "--config.mesh.data=2",
@@ -212,26 +210,6 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         **extra,
     }
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("untrained") / "pretrain"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echo_jax.main",
-            "--config=configs/lm_pretrain.py:tiny",
-            f"--workdir={workdir}",
-            *PRETRAIN,
-        ],
-        cwd=REPO,
-        env=_env(1),
-        check=True,
-        capture_output=True,
-    )
-    return workdir
 
 
 def _comparable(rows):
