@@ -120,18 +120,18 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
 
 
 def _cpu(c: ml_collections.ConfigDict) -> None:
-    """The claims at small scale: scale (A3: 3 sizes x 3 seeds), algorithm x KL (A1, A2, A4: 3
-    policy-gradient algorithms x 3 coefficients x 2 seeds, and online EI, which has no KL term),
-    mixture (A5: 4 TinyGSM shares x 2 seeds); 15 pretraining runs and 33 cells (estimated 2-3
-    hours on 2 cores of session 6's speed, not yet measured)."""
-    c.sweeps.scale = _sweep(["tg_omi1_omi2"], ["xs", "tiny", "small"], ["grpo"], [0], [0, 1, 2])
-    c.sweeps.algorithm_kl = _sweep(
-        ["tg_omi1_omi2"], ["tiny"], ["grpo", "ppo", "reinforce"], [0, 1e-3, 1e-2], [0, 1]
-    )
-    c.sweeps.expert_iteration = _sweep(["tg_omi1_omi2"], ["tiny"], ["ei_online"], [0], [0, 1])
-    c.sweeps.mixture = _sweep(
-        ["tg", "tg_omi1", "tg_4xomi1", "tg_omi1_omi2"], ["tiny"], ["grpo"], [0], [0, 1]
-    )
+    """The claims at small scale, sized to about 1.5 hours on 2 cores (two shards): scale (A3: the
+    0.2M, 1.2M and 6.6M rungs, a second seed where pretraining is cheap), algorithm x KL (A1, A2,
+    A4: 3 policy-gradient algorithms x 3 coefficients, and online EI, which has no KL term),
+    mixture (A5: 4 TinyGSM shares, a second seed on the main mixture); 8 pretraining runs and 17
+    cells. More seeds: add them to a sweep (`--config.sweeps.algorithm_kl.seeds=0,1`); finished
+    cells are kept."""
+    main, tiny = ["tg_omi1_omi2"], ["tiny"]
+    c.sweeps.scale = _sweep(main, ["xs", "tiny", "small"], ["grpo"], [0], [0])
+    c.sweeps.scale_seeds = _sweep(main, ["xs", "tiny"], ["grpo"], [0], [1])
+    c.sweeps.algorithm_kl = _sweep(main, tiny, ["grpo", "ppo", "reinforce"], [0, 1e-3, 1e-2], [0])
+    c.sweeps.expert_iteration = _sweep(main, tiny, ["ei_online"], [0], [0])
+    c.sweeps.mixture = _sweep(["tg", "tg_omi1", "tg_4xomi1", *main], tiny, ["grpo"], [0], [0])
 
 
 def _study(c: ml_collections.ConfigDict, scale: str) -> None:
