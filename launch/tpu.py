@@ -106,17 +106,27 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
 
 
 def run_commands(args: argparse.Namespace) -> list[list[str]]:
-    """Start the same `echo_jax.main` on all workers, detached so the ssh returns at once."""
+    """Start the same `echo_jax.main` on all workers, detached so the ssh returns at once; with
+    `--shards N`, VM i runs the grid's shard i (`--config.grid.shard=i --config.grid.num_shards=N`).
+    """
     for override in args.overrides:
         if not override.startswith("--config."):
             raise ValueError(f"override {override!r} must look like --config.KEY=VALUE")
+        if args.shards and override.startswith(("--config.grid.shard=", "--config.grid.num_")):
+            raise ValueError(f"--shards sets the grid's shard; drop {override!r}")
+    overrides = list(args.overrides)
+    if args.shards:
+        overrides += [
+            f"--config.grid.shard={args.shard}",
+            f"--config.grid.num_shards={args.shards}",
+        ]
     main = [
         "python",
         "-m",
         "echo_jax.main",
         f"--config={args.config}",
         f"--workdir={args.workdir}",
-        *args.overrides,
+        *overrides,
     ]
     inner = (
         f"source {shlex.quote(args.venv)}/bin/activate && cd {shlex.quote(args.remote_dir)}"
@@ -147,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str, build: Builder) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(build=build)
-        sub.add_argument("--name", required=True, help="TPU VM name")
+        sub.add_argument("--name", required=True, help="TPU VM name (with --shards: its prefix)")
+        sub.add_argument(
+            "--shards",
+            type=int,
+            default=0,
+            help="act on the VMs NAME-0 ... NAME-(N-1); `run` gives VM i the grid's shard i",
+        )
         sub.add_argument("--zone", required=True, help="e.g. us-central2-b")
         sub.add_argument("--project", help="GCP project (default: gcloud's configured one)")
         sub.add_argument("--dry-run", action="store_true", help="print commands, run nothing")
@@ -191,11 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands_for(args: argparse.Namespace) -> list[list[str]]:
+    """The subcommand's commands, for one VM or (`--shards N`) for each of NAME-0 ... NAME-(N-1)."""
+    if args.shards < 0:
+        raise ValueError(f"--shards must be >= 1, got {args.shards}")
+    if not args.shards:
+        return args.build(args)
+    commands = []
+    for shard in range(args.shards):
+        one = argparse.Namespace(**{**vars(args), "name": f"{args.name}-{shard}", "shard": shard})
+        commands += args.build(one)
+    return commands
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = args.build(args)
+        commands = commands_for(args)
     except ValueError as e:
         parser.error(str(e))
     if args.subcommand == "run" and not args.workdir.startswith("gs://"):

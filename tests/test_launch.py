@@ -109,6 +109,26 @@ def test_run_quotes_config_workdir_and_overrides(capsys):
     ]
 
 
+def test_shards_run_one_grid_shard_per_vm(capsys):
+    argv = ["--config", "configs/echo_grid.py:study_150m", "--workdir", "gs://b/grid"]
+    cmds = dry_run(capsys, "run", *BASE, "--shards", "3", *argv, "--", "--config.seed=1")
+    assert [cmd[5] for cmd in cmds] == ["echo-1-0", "echo-1-1", "echo-1-2"]
+    for shard, cmd in enumerate(cmds):
+        inner = shlex.split(flag(cmd, "--command"))[3]
+        main = shlex.split(inner.rsplit("exec ", 1)[1])
+        assert main[4:] == [
+            "--workdir=gs://b/grid",
+            "--config.seed=1",
+            f"--config.grid.shard={shard}",
+            "--config.grid.num_shards=3",
+        ]
+    deletes = dry_run(capsys, "delete", *BASE, "--shards", "2")
+    assert [cmd[5] for cmd in deletes] == ["echo-1-0", "echo-1-1"]
+    with pytest.raises(SystemExit):
+        tpu.main(["run", *BASE, "--shards", "2", *argv, "--", "--config.grid.shard=1"])
+    assert "--shards sets the grid's shard" in capsys.readouterr().err
+
+
 def test_run_rejects_non_config_override(capsys):
     with pytest.raises(SystemExit) as e:
         tpu.main(["run", *BASE, "--config", "c.py", "--workdir", "gs://b", "--", "steps=3"])
