@@ -33,6 +33,9 @@ class ModelConfig:
     mlp_dim: int
     max_len: int
     norm: str = "rms"  # "rms" (learned scale) or "layernorm" (non-parametric, as OLMo)
+    norm_eps: float = ops.NORM_EPS  # inside the rsqrt of both norms (OLMo 1e-5, Llama: its config)
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention, as Llama); 0: n_heads
+    clip_qkv: float = 0.0  # clamp the q, k, v projections to [-clip_qkv, clip_qkv] (OLMo); 0: off
     tied_embeddings: bool = True
     smear_keys: bool = False
     rope_theta: float = 10_000.0
@@ -52,9 +55,21 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"n_kv_heads must be 0 or divide n_heads {self.n_heads}, got {self.n_kv_heads}"
+            )
+        if self.clip_qkv < 0 or self.norm_eps <= 0:
+            raise ConfigError(
+                f"need clip_qkv >= 0 and norm_eps > 0, got {self.clip_qkv} and {self.norm_eps}"
+            )
         if self.norm not in ("rms", "layernorm"):
             raise ConfigError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.attention_block < 0:
@@ -95,12 +110,12 @@ class Attention(nn.Module):
         # Separate q/k/v matrices: slicing one fused output costs XLA:CPU a pad+add per
         # slice in the backward pass (measured in benchmarks/RESULTS.md).
         w_DxHxK = [
-            _param(self, name, (cfg.d_model, H, K), ("embed", "heads", "kv"), cfg.init_std).astype(
-                x_BxLxD.dtype
-            )
-            for name in ("q", "k", "v")
+            _param(
+                self, name, (cfg.d_model, heads, K), ("embed", "heads", "kv"), cfg.init_std
+            ).astype(x_BxLxD.dtype)
+            for name, heads in (("q", H), ("k", cfg.kv_heads), ("v", cfg.kv_heads))
         ]
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = ops.project_qkv(cfg, x_BxLxD, w_DxHxK)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._grouped(ops.project_qkv(cfg, x_BxLxD, w_DxHxK))
         smear_H = None
         if cfg.smear_keys:
             gate_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
@@ -140,6 +155,18 @@ class Attention(nn.Module):
             new_cache["seg"],
         )
         return self._output(out_BxLxHxK), new_cache
+
+    def _grouped(self, qkv: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """OLMo's clamp of the projections, then each key/value head repeated for its group of
+        query heads (query head h reads key head h // group, as `transformers`' `repeat_kv`)."""
+        cfg = self.cfg
+        if cfg.clip_qkv:
+            qkv = tuple(jnp.clip(x, -cfg.clip_qkv, cfg.clip_qkv) for x in qkv)
+        group = cfg.n_heads // cfg.kv_heads
+        if group == 1:
+            return qkv
+        q, k, v = qkv
+        return q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
 
     def _output(self, out_BxLxHxK):
         cfg = self.cfg
@@ -265,7 +292,14 @@ def config_meta(cfg: ModelConfig) -> dict:
     resume or a restore may pick others."""
     meta = dataclasses.asdict(cfg)
     del meta["kernels"], meta["kernel_overrides"]
+    for name, default in _LATER_FIELDS.items():  # so checkpoints saved before them still resume
+        if meta[name] == default:
+            del meta[name]
     return {"model": meta}
+
+
+# fields added after checkpoints existed (Hugging Face models): recorded only when not default
+_LATER_FIELDS = {"norm_eps": ops.NORM_EPS, "n_kv_heads": 0, "clip_qkv": 0.0}
 
 
 def param_count(params: Any) -> int:

@@ -50,13 +50,20 @@ def test_causal_and_segment_isolated():
     assert np.abs(out[:, 5:8] - base[:, 5:8]).max() > 1e-4
 
 
-def test_kv_cache_matches_full_forward():
-    params, model = _params(), Transformer(SMALL)
+# Hugging Face models' options: OLMo's non-parametric LayerNorm, eps and clip, Llama's GQA
+HF_LIKE = dataclasses.replace(
+    SMALL, smear_keys=False, norm="layernorm", norm_eps=1e-5, clip_qkv=0.5, n_kv_heads=2
+)
+
+
+@pytest.mark.parametrize("cfg", [SMALL, HF_LIKE], ids=["smear", "hf_like"])
+def test_kv_cache_matches_full_forward(cfg):
+    params, model = _params(cfg), Transformer(cfg)
     tokens, positions, segments = _packed(2, 12, seed=1)
     segments[:] = 1
     positions[:] = np.arange(12)
     full, _ = model.apply({"params": params}, tokens, positions, segments)
-    cache = init_cache(SMALL, 2, 16)
+    cache = init_cache(cfg, 2, 16)
     logits, cache = model.apply(
         {"params": params},
         tokens[:, :7],
@@ -77,6 +84,27 @@ def test_kv_cache_matches_full_forward():
         )
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+
+
+def test_grouped_query_attention_is_attention_with_repeated_key_heads():
+    gqa = dataclasses.replace(SMALL, smear_keys=False, n_kv_heads=2, clip_qkv=0.3)
+    full = dataclasses.replace(gqa, n_kv_heads=0)
+    params = _params(gqa)
+    assert params["block_0"]["attn"]["k"].shape == (32, 2, 8)
+    repeated = jax.tree.map(lambda x: x, params)
+    for i in range(2):
+        attn = repeated[f"block_{i}"]["attn"]
+        attn["k"], attn["v"] = (jnp.repeat(attn[n], 2, axis=1) for n in ("k", "v"))
+    tokens, positions, segments = _packed(2, 16, seed=3)
+    out, _ = Transformer(gqa).apply({"params": params}, tokens, positions, segments)
+    ref, _ = Transformer(full).apply({"params": repeated}, tokens, positions, segments)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    unclipped, _ = Transformer(dataclasses.replace(full, clip_qkv=0.0)).apply(
+        {"params": repeated}, tokens, positions, segments
+    )
+    assert np.abs(unclipped - ref).max() > 1e-3  # the clamp is applied
+    assert "n_kv_heads" in config_meta(gqa)["model"]
+    assert "n_kv_heads" not in config_meta(SMALL)["model"]  # older checkpoints still match
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 OPS = ("attention", "rms_norm", "dense_vjps", "swiglu")
 NATIVE_OPS = ("attention", "rms_norm", "swiglu")  # C++ kernels, built by build.py
 CHOICES = ("auto", "cpu", "xla")
-# The norm's epsilon, for XLA and (as an FFI attribute) the C++ kernel alike.
+# The default `ModelConfig.norm_eps`, for XLA and (as an FFI attribute) the C++ kernel alike.
 NORM_EPS = 1e-6
 
 
@@ -142,7 +142,7 @@ def swiglu_mlp(
 
 
 def rms_norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """`x * rsqrt(mean(x^2, -1) + NORM_EPS)`, times `scale` unless None, of float32 `x`."""
+    """`x * rsqrt(mean(x^2, -1) + cfg.norm_eps)`, times `scale` unless None, of float32 `x`."""
     if scale is None:
         if choice(cfg, "rms_norm") == "cpu":
             raise ConfigError(
@@ -154,8 +154,8 @@ def rms_norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array | None) -> jax.Arr
         cpu_rms_norm.supports(x),
         f"d_model a multiple of {cpu_rms_norm.LANES}, got {x.shape[-1]}",
     ):
-        return cpu_rms_norm.rms_norm(x, scale, NORM_EPS)
-    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS)
+        return cpu_rms_norm.rms_norm(x, scale, cfg.norm_eps)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps)
     return x if scale is None else x * scale
 
 
