@@ -25,7 +25,8 @@ from echo_jax.core.config import ConfigError, MissingFileError
 from echo_jax.core.stages import checkpoint_dir
 from echo_jax.lm.model import ModelConfig, Transformer
 
-LM_KINDS = ("lm_pretrain", "lm_rl", "lm_ei")  # the jobs whose checkpoints hold a language model
+# the runs whose checkpoints hold a language model (hf_import: `echo_jax.lm.hf import`)
+LM_KINDS = ("lm_pretrain", "lm_rl", "lm_ei", "hf_import")
 
 
 def _run_config(path: pathlib.Path) -> dict:

@@ -4,7 +4,8 @@ pipeline.
 "byte" is the default: UTF-8 bytes offset by 3 (pad 0, eos 1, unk 2; 259 ids), so a tiny model sees
 the digits of every number. "spm" is a small SentencePiece BPE trained on generated text of all
 three styles, with digits split (as Llama's tokenizer does) and byte fallback, and identity
-normalisation so that newlines and code indentation survive a round trip.
+normalisation so that newlines and code indentation survive a round trip. "hf:<folder>" is a
+Hugging Face tokenizer (`hf_vocab`), as an imported model's run names it.
 """
 
 import io
@@ -16,9 +17,9 @@ import sentencepiece as spm
 import seqio
 
 from echo_jax.core.config import ConfigError
-from echo_jax.lm.data import generators
+from echo_jax.lm.data import generators, hf_vocab
 
-VOCABULARIES = ("byte", "spm")
+VOCABULARIES = ("byte", "spm", "hf:<folder>")
 SPM_VOCAB_SIZE = 1024  # 512 leaves only ~250 merges once the 256 byte-fallback pieces are counted
 SPM_EXAMPLES_PER_STYLE = 2000
 
@@ -75,6 +76,8 @@ def get_vocabulary(
     """
     if name == "byte":
         return seqio.ByteVocabulary()
+    if name.startswith(hf_vocab.PREFIX):
+        return hf_vocab.load(name.removeprefix(hf_vocab.PREFIX))
     if name != "spm":
         raise ConfigError(f"unknown vocabulary {name!r}; valid vocabularies: {VOCABULARIES}")
     root = pathlib.Path(cache_dir or os.path.join(tempfile.gettempdir(), "echo_jax_vocab"))
