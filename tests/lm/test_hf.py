@@ -20,6 +20,8 @@ from echo_jax.lm import hf, restore
 from echo_jax.lm.data import vocab
 from echo_jax.lm.model import Transformer
 from echo_jax.lm.sampler import Sampler, SamplingParams, pad_prompts
+from tests.conftest import REPO
+from tests.lm.conftest import cpu_env, main_command
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "data" / "hf"
 ARCHS = ("olmo", "llama")
@@ -182,3 +184,52 @@ def test_cli_prints_one_line_and_exits_2_on_a_mistake(tmp_path):
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not empty" in errors[0]
+
+
+def test_imported_model_end_to_end_on_the_real_benchmarks(tmp_path, shared_data):
+    """The tiny imported Llama: GSM8K RL for 2 steps, evaluation on GSM8K, MATH-500 and AIME
+    (2 problems each), then export; every stage a `main` job as a user runs it."""
+    model, rl = tmp_path / "model", tmp_path / "rl"
+    hf.import_hf(str(FIXTURES / "llama"), str(model))
+    env = {**cpu_env(), "ECHO_JAX_DATA": str(shared_data)}
+    rl_args = {
+        "init_from": model,
+        "data.prompts": "gsm8k",
+        "train.num_steps": 2,
+        "rl.prompts_per_step": 2,
+        "rl.samples_per_prompt": 2,
+        "rl.max_new_tokens": 8,
+        "rl.max_prompt_len": 512,  # the fixture's small vocabulary makes prompts long
+        "rl.train_batch_size": 4,
+        "rl.micro_batch_size": 4,
+        "eval.every": 0,
+    }
+    commands = [main_command("configs/lm_rl.py:grpo", rl, *_overrides(rl_args))]
+    for dataset in ("gsm8k", "math500", "aime_all"):
+        eval_args = {
+            "checkpoint": rl,
+            "num_examples": 2,
+            "sampling.num_samples": 2,
+            "sampling.max_new_tokens": 8,
+            "batch_size": 4,
+            "mesh.data": 1,
+        }
+        workdir = tmp_path / f"eval_{dataset}"
+        commands.append(
+            main_command(f"configs/lm_eval.py:{dataset}", workdir, *_overrides(eval_args))
+        )
+    for command in commands:
+        done = subprocess.run(
+            command, env=env, cwd=REPO, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    for dataset in ("gsm8k", "math500", "aime_all"):
+        result = json.loads((tmp_path / f"eval_{dataset}" / "eval.json").read_text())
+        assert result["num_prompts"] == 2, result
+    assert restore.latest_step(str(rl)) == 2
+    hf.export_hf(str(rl), str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def _overrides(values: dict) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in values.items()]
