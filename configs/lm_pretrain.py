@@ -11,6 +11,12 @@ pretraining from scratch; they differ in taking the loss on the solution tokens 
 (`data.loss_on="solution"`; the study: every token, `"all"`), synthetic problems instead of the
 real sets, RMSNorm instead of OLMo's LayerNorm, and "smear keys" (RESULTS.md).
 
+`150m` and `1b` read the study's real sets (`data.source="real"`: the files
+`python -m echo_jax.lm.data.download` writes, each repeated as the mixture says, loss on every
+token). The study tokenized with Llama-2's tokenizer: point `data.vocab` at a folder holding its
+`tokenizer.json` and `tokenizer_config.json` (`--config.data.vocab=hf:/path/Llama-2-7b-hf`); its
+general math text (FineMath-3+, Algebraic-Stack) is not part of these mixtures.
+
     python -m echo_jax.main --config=configs/lm_pretrain.py:tiny --workdir=runs/pretrain
 """
 
@@ -41,13 +47,18 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.mixture = "tg_omi1_omi2"  # a preset of echo_jax.lm.data.mixtures.MIXTURES
+    # "synthetic": generated problems; "real": the study's TinyGSM / OMI1 / OMI2 files as
+    # `python -m echo_jax.lm.data.download` writes them into `data.real_dir` (default
+    # $ECHO_JAX_DATA/pretrain), each repeated as the mixture says (lm/data/pretrain_files.py)
+    c.data.source = "real" if study_scale else "synthetic"
+    c.data.real_dir = ""
     c.data.levels = (1, 2) if not study_scale else (1, 2, 3, 4)  # arithmetic steps
     c.data.seq_len = seq_len  # no example is truncated at these lengths (SentencePiece tokens)
     # SentencePiece (1024 pieces, digits split) makes examples ~3x shorter than bytes: the tiny
     # model sees ~3x more problems per second (benchmarks/RESULTS.md). "byte" is the alternative.
     c.data.vocab = "spm"
     c.data.examples_per_style = 100_000 if study_scale else 20_000
-    c.data.loss_on = "solution"  # "solution" or "all"
+    c.data.loss_on = "all" if study_scale else "solution"  # the study's OLMo: every token
     # The share of OMI1 code blocks ending in print(answer) instead of a bare expression: the
     # study's OMI1 example ends notebook-style (its grader eval's the last line; a print gives
     # None, never rewarded). 1.0 renders every block as echo_jax did before session 8.

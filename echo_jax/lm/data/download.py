@@ -1,21 +1,27 @@
 """Optional: fetch the study's real pretraining sets from the Hugging Face Hub as jsonl.
 
-Writes one `{"text": question + "\\n\\n" + solution, "style": ...}` per line, the way the study
-stores examples. Needs internet; nothing else in echo_jax calls it, and importing it touches no
-network.
+Writes `OUT/<dataset>.jsonl` (`tinygsm`, `omi1`, `omi2`), one example per line:
+`{"question": ..., "text": question + "\\n\\n" + solution, "style": ...}` plus the dataset's extra
+fields, the way the study stores examples (OMI1: its correct solutions only). That folder is what
+`data.source="real"` pretraining reads (`data.real_dir`, default `$ECHO_JAX_DATA/pretrain`;
+`pretrain_files.py`). Fetching needs internet; nothing else in echo_jax calls it, and importing it
+touches no network. `--from-files` converts raw files already on disk (parquet or jsonl, in the
+dataset's own schema) the same way.
 
     python -m echo_jax.lm.data.download --list
     python -m echo_jax.lm.data.download --dataset omi1 --out /data/echo --max-rows 100000
     python -m echo_jax.lm.data.download --dataset tinygsm --out /data/echo --dry-run
+    python -m echo_jax.lm.data.download --dataset omi2 --out /data/echo --from-files a.parquet
 """
 
 import argparse
 import dataclasses
 import fnmatch
 import json
+import os
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,26 +90,41 @@ def download(
     )
     if not files:
         raise FileNotFoundError(f"no file of {spec.repo_id} matches {pattern or spec.pattern!r}")
+    local = (
+        huggingface_hub.hf_hub_download(spec.repo_id, f, repo_type="dataset", cache_dir=cache_dir)
+        for f in files
+    )
+    return convert(name, local, out_dir, max_rows)
+
+
+def convert(
+    name: str, files: Iterable[str | os.PathLike], out_dir: str, max_rows: int | None = None
+) -> pathlib.Path:
+    """Writes `{out_dir}/{name}.jsonl` from raw files in dataset `name`'s schema (written to a
+    temporary file and renamed when complete)."""
+    spec = DATASETS[name]
     out = pathlib.Path(out_dir) / f"{name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     columns = [spec.question, spec.solution, *spec.keep]
     if spec.filter_field:
         columns.append(spec.filter_field)
     written = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for filename in files:
-            local = huggingface_hub.hf_hub_download(
-                spec.repo_id, filename, repo_type="dataset", cache_dir=cache_dir
-            )
-            for row in _rows(pathlib.Path(local), columns):
+    with open(f"{out}.tmp", "w", encoding="utf-8") as f:
+        for path in files:
+            for row in _rows(pathlib.Path(path), columns):
                 if spec.filter_field and not row.get(spec.filter_field, False):
                     continue
-                text = f"{row[spec.question]}\n\n{row[spec.solution]}"
+                question = row[spec.question]
+                text = f"{question}\n\n{row[spec.solution]}"
                 extra = {k: row.get(k) for k in spec.keep}
-                f.write(json.dumps({"text": text, "style": spec.style, **extra}) + "\n")
+                example = {"question": question, "text": text, "style": spec.style, **extra}
+                f.write(json.dumps(example) + "\n")
                 written += 1
                 if max_rows is not None and written >= max_rows:
-                    return out
+                    break
+            if max_rows is not None and written >= max_rows:
+                break
+    os.replace(f"{out}.tmp", out)
     return out
 
 
@@ -121,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=None, help="stop after this many rows")
     parser.add_argument("--pattern", default=None, help="override the repository file glob")
     parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
+    parser.add_argument(
+        "--from-files", nargs="+", help="convert these raw files instead of fetching (one dataset)"
+    )
     parser.add_argument("--list", action="store_true", help="list the known datasets and exit")
     parser.add_argument("--dry-run", action="store_true", help="print what would be fetched")
     args = parser.parse_args(argv)
@@ -133,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.dataset or not args.out:
         parser.error("--dataset and --out are required unless --list is given")
+    if args.from_files:
+        if len(args.dataset) != 1:
+            parser.error("--from-files converts one --dataset at a time")
+        print(f"wrote {convert(args.dataset[0], args.from_files, args.out, args.max_rows)}")
+        return 0
     for name in args.dataset:
         spec = DATASETS[name]
         target = pathlib.Path(args.out) / f"{name}.jsonl"

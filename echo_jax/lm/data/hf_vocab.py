@@ -2,7 +2,9 @@
 vocabulary, so imported models (`echo_jax.lm.hf`) read and write text like our own.
 
 Its folder holds `tokenizer.json` and `special_tokens.json` (`bos_id`, `eos_id`, `pad_id`, from the
-model's Hugging Face `config.json`); a run names it `data.vocab = "hf:<folder>"`. `encode` adds no
+model's Hugging Face `config.json`, as `echo_jax.lm.hf import` writes it) or, in a folder as the Hub
+has it, `tokenizer_config.json` (its `bos_token`, `eos_token`, `pad_token`); a run names it
+`data.vocab = "hf:<folder>"`. `encode` adds no
 special tokens (seqio's convention: the pipelines append EOS themselves).
 """
 
@@ -24,12 +26,18 @@ SPECIAL_TOKENS_FILE = "special_tokens.json"
 class HFVocabulary(seqio.Vocabulary):
     def __init__(self, folder: str):
         root = pathlib.Path(folder)
-        for name in ("tokenizer.json", SPECIAL_TOKENS_FILE):
-            if not (root / name).is_file():
-                raise MissingFileError(f"no {name} in {root}: not a Hugging Face vocabulary folder")
+        specials = [root / n for n in (SPECIAL_TOKENS_FILE, "tokenizer_config.json")]
+        if not (root / "tokenizer.json").is_file() or not any(p.is_file() for p in specials):
+            raise MissingFileError(
+                f"{root} is not a Hugging Face vocabulary folder: it needs tokenizer.json and "
+                f"{SPECIAL_TOKENS_FILE} or tokenizer_config.json"
+            )
         try:
             self._tokenizer = tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))
-            special = json.loads((root / SPECIAL_TOKENS_FILE).read_text())
+            if specials[0].is_file():
+                special = json.loads(specials[0].read_text())
+            else:
+                special = self._from_tokenizer_config(json.loads(specials[1].read_text()))
         except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception types
             raise ConfigError(f"cannot read the tokenizer in {root}: {e}") from None
         if special.get("eos_id") is None:
@@ -37,6 +45,14 @@ class HFVocabulary(seqio.Vocabulary):
         self.folder = str(root)
         self._special = special
         super().__init__(extra_ids=0)
+
+    def _from_tokenizer_config(self, config: dict) -> dict:
+        def token_id(key: str) -> int | None:
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            return None if token is None else self._tokenizer.token_to_id(token)
+
+        return {f"{name}_id": token_id(f"{name}_token") for name in ("bos", "eos", "pad")}
 
     @property
     def special_ids(self) -> dict:

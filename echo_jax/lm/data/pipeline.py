@@ -22,11 +22,12 @@ import numpy as np
 from absl import logging
 
 from echo_jax.core.config import ConfigError
-from echo_jax.lm.data import generators, mixtures
+from echo_jax.lm.data import generators, mixtures, pretrain_files
 from echo_jax.lm.data import vocab as vocab_lib
 
 FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 LOSS_ON = ("solution", "all")
+SOURCES = ("synthetic", "real")
 _PACKED = ("inputs", "targets", "loss_mask")
 
 
@@ -112,6 +113,9 @@ def make_train_iterator(
     packing_bins: int = 64,
     vocab_dir: str | None = None,
     omi1_print_share: float = 0.0,
+    source: str = "synthetic",
+    real_dir: str = "",
+    real_skip: int = 0,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of packed [batch_size, seq_len] pretraining batches.
 
@@ -121,20 +125,27 @@ def make_train_iterator(
     First-fit packing fills max(batch_size, packing_bins) rows at a time: more bins, denser rows
     (about 0.8 -> 0.84 real tokens per slot at seq_len 640, 0.85 -> 0.93 at 1024, levels 1-4).
     `num_workers` > 0 adds grain multiprocessing prefetch (needs absl flags parsed, as in main.py).
+    `source="real"` reads the study's files instead (`pretrain_files`: each repeated as the
+    mixture says, concatenated, shuffled; their first `real_skip` lines left out for validation).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     rates = mixtures.get_mixture(mixture)
     vocabulary = vocab_lib.get_vocabulary(vocab_name, vocab_dir)
-    datasets = []
-    for style in rates:
-        source = generators.ProblemSource(
-            "train", seed, levels, examples_per_style, style, omi1_print_share
-        )
-        shard = grain.MapDataset.source(source)[process_index::process_count]
-        style_seed = generators.stable_hash("shuffle", seed, style) % 2**32
-        datasets.append(shard.shuffle(seed=style_seed).repeat())
-    ds = grain.MapDataset.mix(datasets, weights=list(rates.values()))
+    if source == "real":
+        files = pretrain_files.MixtureSource(mixture, real_dir, skip=real_skip)
+        shard = grain.MapDataset.source(files)[process_index::process_count]
+        ds = shard.shuffle(seed=generators.stable_hash("shuffle", seed, mixture) % 2**32).repeat()
+    else:
+        datasets = []
+        for style in rates:
+            problems = generators.ProblemSource(
+                "train", seed, levels, examples_per_style, style, omi1_print_share
+            )
+            shard = grain.MapDataset.source(problems)[process_index::process_count]
+            style_seed = generators.stable_hash("shuffle", seed, style) % 2**32
+            datasets.append(shard.shuffle(seed=style_seed).repeat())
+        ds = grain.MapDataset.mix(datasets, weights=list(rates.values()))
     ds = ds.map(Tokenize(vocabulary, seq_len, loss_on))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=256))
     ds = _pack(ds, seq_len, max(batch_size, packing_bins), seed=seed, shuffle_bins=True)
@@ -157,13 +168,22 @@ def make_eval_batches(
     vocab_name: str = "byte",
     vocab_dir: str | None = None,
     omi1_print_share: float = 0.0,
+    source: str = "synthetic",
+    real_dir: str = "",
 ) -> list[dict[str, np.ndarray]]:
-    """Deterministic packed batches of `num_examples` problems of one style, for per-style loss.
+    """Deterministic packed batches of `num_examples` problems of one style, for per-style loss
+    (`source="real"`: the first `num_examples` lines of the style's file).
 
     The last batch is filled up with all-padding rows (loss_mask 0), so every batch has one shape.
     """
     vocabulary = vocab_lib.get_vocabulary(vocab_name, vocab_dir)
-    source = generators.ProblemSource(split, seed, levels, num_examples, style, omi1_print_share)
+    if source == "real":
+        path = pretrain_files.style_file(real_dir, style)
+        source = pretrain_files.JsonlSource(path, stop=num_examples)
+    else:
+        source = generators.ProblemSource(
+            split, seed, levels, num_examples, style, omi1_print_share
+        )
     ds = grain.MapDataset.source(source).map(Tokenize(vocabulary, seq_len, loss_on))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
     rows = list(_pack(ds, seq_len, num_bins=batch_size, seed=seed, shuffle_bins=False))

@@ -4,7 +4,11 @@ The grain pipeline (`pipeline.py`) is what training uses; these registrations gi
 vocabulary and mixture rates to seqio-based tools (inspection, caching, T5X-style evaluation). Tasks
 are `echo_jax_{style}` with splits train / rl / validation / test; mixtures are
 `echo_jax_mix_{name}` for every name in `mixtures.MIXTURES`. `register_all` replaces earlier
-registrations, so importing or re-registering never raises.
+registrations, so importing or re-registering never raises. `register_real(real_dir)` registers
+the study's real files (`pretrain_files.py`) likewise: `echo_jax_real_{style}` (validation = the
+first `eval_examples` lines, train = the rest) and `echo_jax_real_mix_{name}`, whose rates are the
+file repeats times the file sizes, so sampling draws each file as often as the study's
+concatenation holds it.
 """
 
 import ast
@@ -16,11 +20,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from echo_jax.lm.data import generators, mixtures
+from echo_jax.core.config import MissingFileError
+from echo_jax.lm.data import generators, mixtures, pretrain_files
 from echo_jax.lm.data import vocab as vocab_lib
 
 TASK_PREFIX = "echo_jax_"
 MIXTURE_PREFIX = "echo_jax_mix_"
+REAL_TASK_PREFIX = "echo_jax_real_"
+REAL_MIXTURE_PREFIX = "echo_jax_real_mix_"
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _CODE_OUTPUT = re.compile(r"<llm-code-output>\n?(.*?)\n?</llm-code-output>", re.S)
 _BINOPS = {
@@ -191,6 +198,73 @@ def register_all(
             mixture_name(name), [(task_name(style), rate) for style, rate in rates.items()]
         )
         names.append(mixture_name(name))
+    return names
+
+
+def _real_dataset_fn(
+    split: str, shuffle_files: bool, seed: int | None = None, *, sources: dict
+) -> tf.data.Dataset:
+    """The lines of one style's file: inputs = question + blank line, targets = the solution."""
+    del shuffle_files, seed
+    source = sources[split]
+
+    def examples():
+        for i in range(len(source)):
+            ex = source[i]
+            prompt = ex["question"] + "\n\n"
+            yield {"inputs": prompt, "targets": ex["text"][len(prompt) :]}
+
+    signature = {k: tf.TensorSpec((), tf.string) for k in ("inputs", "targets")}
+    return tf.data.Dataset.from_generator(examples, output_signature=signature)
+
+
+def register_real(
+    real_dir: str = "",
+    eval_examples: int = 64,
+    vocab_name: str = "byte",
+    vocab_dir: str | None = None,
+) -> list[str]:
+    """(Re)registers a Task per style file found in `real_dir` and every mixture preset whose
+    files are all there; returns the registered names."""
+    vocabulary = vocab_lib.get_vocabulary(vocab_name, vocab_dir)
+    features = {
+        "inputs": seqio.Feature(vocabulary, add_eos=False),
+        "targets": seqio.Feature(vocabulary, add_eos=True),
+    }
+    sizes, names = {}, []
+    for style in generators.STYLES:
+        try:
+            path = pretrain_files.style_file(real_dir, style)
+        except MissingFileError:
+            continue
+        sources = {
+            "train": pretrain_files.JsonlSource(path, start=eval_examples),
+            "validation": pretrain_files.JsonlSource(path, stop=eval_examples),
+        }
+        sizes[style] = len(sources["train"])
+        name = REAL_TASK_PREFIX + style
+        seqio.TaskRegistry.remove(name)
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(
+                functools.partial(_real_dataset_fn, sources=sources),
+                splits=tuple(sources),
+                num_input_examples={k: len(v) for k, v in sources.items()},
+            ),
+            output_features=features,
+            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        )
+        names.append(name)
+    for mixture, rates in mixtures.MIXTURES.items():
+        if not set(rates) <= set(sizes):
+            continue
+        repeats = pretrain_files.repeats(mixture)
+        name = REAL_MIXTURE_PREFIX + mixture
+        seqio.MixtureRegistry.remove(name)
+        seqio.MixtureRegistry.add(
+            name, [(REAL_TASK_PREFIX + s, repeats[s] * sizes[s]) for s in repeats]
+        )
+        names.append(name)
     return names
 
 

@@ -16,6 +16,10 @@ from echo_jax.lm.model import Transformer, config_meta
 def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
     """Model, optimizer, grain iterator and per-style evaluation for `configs/lm_pretrain.py`."""
     cfg = pretrain.model_config(config)
+    if config.data.source not in pipeline.SOURCES:
+        raise ConfigError(
+            f"data.source must be one of {pipeline.SOURCES}, got {config.data.source!r}"
+        )
     vocab_size = vocab.get_vocabulary(config.data.vocab).vocab_size
     if cfg.vocab_size < vocab_size:
         raise ConfigError(
@@ -43,6 +47,9 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
         process_count=jax.process_count(),
         examples_per_style=data.examples_per_style,
         omi1_print_share=data.omi1_print_share,
+        source=data.source,
+        real_dir=data.real_dir,
+        real_skip=data.eval_examples,
     )
     eval_batches = {
         style: pipeline.make_eval_batches(
@@ -56,6 +63,8 @@ def build_pretrain_task(config: ml_collections.ConfigDict, mesh) -> TrainTask:
             loss_on=data.loss_on,
             vocab_name=data.vocab,
             omi1_print_share=data.omi1_print_share,
+            source=data.source,
+            real_dir=data.real_dir,
         )
         for style in mixtures.get_mixture(data.mixture)
     }
