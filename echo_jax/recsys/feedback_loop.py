@@ -208,6 +208,9 @@ def iteration_record(iteration: int, arrays: dict, result: dict, num_items: int)
         "llm_ratio": result["bias/llm_ratio"],
         "ndcg@5": result["eval/ndcg@5"],
         "full/recall@10": result["eval/full/recall@10"],
+        "hit@5": result["eval/hit@5"],
+        "mrr@5": result["eval/mrr@5"],
+        **{k: v for k, v in result.items() if k.startswith("exposure/")},
     }
     for metric in ("ndcg", "map"):
         for k in (1, 3, 5):

@@ -2,8 +2,10 @@
 
 Shapes: N lists, C candidates per list, I catalogue items. Gains are binary, as in the study's
 code (`Rec_SourceBias/src/metrics.py`): NDCG@k = DCG@k / IDCG@k with 1 / log2(rank + 1) discounts,
-MAP@k = sum_{i<=k} P@i * rel_i / #relevant, Recall@k = hits in the top k / #relevant. Ties are
-broken by a fixed random order, so no position or source wins ties systematically.
+MAP@k = sum_{i<=k} P@i * rel_i / #relevant, Recall@k = hits in the top k / #relevant, Hit@k = 1
+when any relevant item is in the top k, MRR@k = 1 / rank of the first relevant item in the top k
+(0 beyond; RecBole's definitions). Ties are broken by a fixed random order, so no position or
+source wins ties systematically.
 
 Source bias: every candidate appears twice (HGC copy, AIGC copy). *Human-Target* counts only the
 HGC copy of the positive as relevant, *LLM-Target* only the AIGC copy;
@@ -51,16 +53,54 @@ def recall_at_k(scores_NxC: np.ndarray, labels_NxC: np.ndarray, k: int) -> float
     return float(np.mean(rel.sum(-1) / np.asarray(labels_NxC).sum(-1)))
 
 
+def hit_and_mrr_at_k(scores_NxC: np.ndarray, labels_NxC: np.ndarray, k: int) -> tuple[float, float]:
+    """(Hit@k, MRR@k), means over the lists."""
+    rel = _sorted_labels(scores_NxC, labels_NxC)[:, :k] > 0
+    first = np.argmax(rel, axis=-1)
+    hit = rel.any(-1)
+    return float(hit.mean()), float(np.where(hit, 1.0 / (first + 1), 0.0).mean())
+
+
 def ranking_metrics(
     scores_NxC: np.ndarray, labels_NxC: np.ndarray, ks: Sequence[int] = KS
 ) -> dict[str, float]:
-    """NDCG, MAP and Recall at every k in `ks` that the list length allows."""
+    """NDCG, MAP, Recall, Hit and MRR at every k in `ks` that the list length allows."""
     out = {}
     for k in (k for k in ks if k <= scores_NxC.shape[-1]):
         out[f"ndcg@{k}"] = ndcg_at_k(scores_NxC, labels_NxC, k)
         out[f"map@{k}"] = map_at_k(scores_NxC, labels_NxC, k)
         out[f"recall@{k}"] = recall_at_k(scores_NxC, labels_NxC, k)
+        out[f"hit@{k}"], out[f"mrr@{k}"] = hit_and_mrr_at_k(scores_NxC, labels_NxC, k)
     return out
+
+
+def gini(counts: np.ndarray) -> float:
+    """Gini index of non-negative counts: 0 when all equal, (n - 1) / n when one item has all."""
+    x = np.sort(np.asarray(counts, np.float64))
+    n, total = len(x), x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * total))
+
+
+def exposure(
+    scores_NxR: np.ndarray, exclude_NxI: np.ndarray, num_items: int, k: int = 10
+) -> dict[str, float]:
+    """What users are shown when each gets the top k of the whole paired catalogue (rows [0, I)
+    the HGC copies, [I, 2I) the AIGC copies; both copies of the `exclude_NxI` items left out):
+    the AIGC share of those k slots, catalogue coverage@k (items shown to anyone, either copy,
+    over I) and the Gini index of item exposure@k (0: every item shown equally often)."""
+    scores = np.asarray(scores_NxR, np.float64)[:, : 2 * num_items].copy()
+    exclude = np.asarray(exclude_NxI, bool)
+    scores[np.concatenate([exclude, exclude], axis=1)] = -np.inf
+    top = rank_order(scores)[:, :k]
+    items = top % num_items
+    shown = np.bincount(items.ravel(), minlength=num_items)
+    return {
+        f"aigc_share@{k}": float((top >= num_items).mean()),
+        f"coverage@{k}": float((shown > 0).mean()),
+        f"gini@{k}": gini(shown),
+    }
 
 
 def rela_delta(m_hgc: float, m_aigc: float) -> float:

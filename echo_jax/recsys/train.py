@@ -207,7 +207,8 @@ def evaluate_arrays(
 
     `eval/*`: the impression lists as shown (HGC copies); `eval/full/*`: the positive against
     every HGC item in the catalogue, history excluded; `bias/*`: the paired lists (every
-    candidate once per source), Human- vs LLM-Target.
+    candidate once per source), Human- vs LLM-Target; `exposure/*`: each user's top 10 of the
+    whole paired catalogue (AIGC share, coverage, Gini of exposure).
     """
 
     def scores(rows):
@@ -226,6 +227,9 @@ def evaluate_arrays(
         users_MxD @ items_RxD[:num_items].T, arrays["positive_item"], exclude
     )
     out.update({f"eval/full/{k}": v for k, v in full.items()})
+    if len(items_RxD) >= 2 * num_items:
+        shown = metrics.exposure(users_MxD @ items_RxD[: 2 * num_items].T, exclude, num_items)
+        out.update({f"exposure/{k}": v for k, v in shown.items()})
     bias = metrics.source_bias(scores(arrays["paired"]), arrays["labels"])
     out.update({f"bias/{k}": v for k, v in bias.items()})
     return out

@@ -188,8 +188,14 @@ def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
         "ndcg@5/human_target",
         "ndcg@5/llm_target",
         "map@5/human_target",
+        "hit@5",
+        "mrr@5",
+        "exposure/gini@10",
     ):
         assert all(np.isfinite(r[key]) for r in rows), key
+    for row in rows:  # every user's top 10 of the paired catalogue
+        assert 0 <= row["exposure/aigc_share@10"] <= 1
+        assert 10 / 150 <= row["exposure/coverage@10"] <= 1  # loop_smoke: 150 items
     assert rows[0]["aigc_click_share"] == 0.0
     for t, row in enumerate(rows):
         with np.load(whole / "seed0" / f"iter{t:02d}" / "interactions.npz") as f:

@@ -58,3 +58,25 @@ def test_full_ranking_excludes_history_and_counts_ties_against_the_positive():
     # row 0: item 0 excluded, item 2 above -> rank 2; row 1: 4-way tie -> rank 4
     assert out["recall@2"] == 0.5
     assert out["ndcg@2"] == pytest.approx(0.5 / np.log2(3))
+
+
+def test_hit_and_mrr_by_hand():
+    scores = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6, 0.1], [0.9, 0.8, 0.7, 0.1]])
+    labels = np.array([[0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1]])  # first relevant: ranks 2, 2, 4
+    out = metrics.ranking_metrics(scores, labels, ks=(1, 3))
+    assert out["hit@1"] == 0.0 and out["mrr@1"] == 0.0
+    assert out["hit@3"] == pytest.approx(2 / 3)
+    assert out["mrr@3"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
+
+
+def test_gini_and_exposure_of_the_paired_catalogue_by_hand():
+    assert metrics.gini(np.array([3, 3, 3])) == 0.0
+    assert metrics.gini(np.array([0, 0, 6])) == pytest.approx(2 / 3)
+    # 3 items: rows 0-2 HGC, rows 3-5 AIGC; user 0 has item 0 in its history
+    scores = np.array([[9.0, 1.0, 2.0, 8.0, 5.0, 3.0], [1.0, 2.0, 3.0, 6.0, 5.0, 4.0]])
+    exclude = np.array([[True, False, False], [False, False, False]])
+    out = metrics.exposure(scores, exclude, num_items=3, k=2)
+    # user 0: rows 4 (AIGC item 1), 5 (AIGC item 2); user 1: rows 3, 4 (AIGC items 0, 1)
+    assert out["aigc_share@2"] == 1.0
+    assert out["coverage@2"] == 1.0
+    assert out["gini@2"] == pytest.approx(metrics.gini(np.array([1, 2, 1])))

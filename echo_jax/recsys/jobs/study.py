@@ -29,6 +29,11 @@ LOOP_COLUMNS = (
     "ndcg@5/human_target",
     "ndcg@5/llm_target",
     "ndcg@5",
+    "hit@5",
+    "mrr@5",
+    "exposure/aigc_share@10",
+    "exposure/coverage@10",
+    "exposure/gini@10",
 )
 
 
@@ -55,10 +60,12 @@ def summarise_loop(results: dict[str, dict[int, list[dict]]]) -> dict:
     out = {}
     for arm, by_seed in results.items():
         runs = list(by_seed.values())
+        # records written before a metric existed (a resumed loop) leave that metric out
+        shared = set.intersection(*(set(r) for run in runs for r in run))
         out[arm] = {
             k: np.stack([[r[k] for r in run] for run in runs])
             for k in runs[0][0]
-            if isinstance(runs[0][0][k], (int, float))
+            if k in shared and isinstance(runs[0][0][k], (int, float))
         }
         out[arm] = {
             k: np.stack([v.mean(0), v.min(0), v.max(0)], -1).tolist() for k, v in out[arm].items()
@@ -104,17 +111,20 @@ def plot_loop(loop: dict, workdir: str) -> str:
     """Click share, RelaΔ NDCG@5 and NDCG@5 per iteration, per arm, with min-max bands."""
     panels = (
         ("aigc_click_share", "AIGC click share"),
+        ("exposure/aigc_share@10", "AIGC share of every user's top 10"),
         ("rela_delta_ndcg@5", "RelaΔ NDCG@5 % (< 0: AIGC preferred)"),
         ("ndcg@5", "NDCG@5 (dev, HGC lists)"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    present = next(iter(loop.values()))
+    panels = tuple(p for p in panels if p[0] in present)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for ax, (key, title) in zip(axes, panels):
         for arm, metrics in loop.items():
             values = np.asarray(metrics[key])
             iters = np.arange(len(values))
             (line,) = ax.plot(iters, values[:, 0], marker="o", label=arm)
             ax.fill_between(iters, values[:, 1], values[:, 2], color=line.get_color(), alpha=0.2)
-        if key == "aigc_click_share":
+        if "aigc" in key:
             ax.axhline(0.5, color="grey", lw=0.8)
         if key.startswith("rela"):
             ax.axhline(0.0, color="grey", lw=0.8)
@@ -137,18 +147,21 @@ def loop_markdown(loop: dict, seeds: list[int]) -> str:
         "",
         "`ndcg@5/*_target`: the paired dev lists (both copies of every candidate) with the "
         "human or the AIGC copy as the relevant one; `ndcg@5`: the dev lists of human "
-        "copies, as shown.",
+        "copies, as shown; `hit@5`, `mrr@5`: those lists too; `exposure/*@10`: each dev user's "
+        "top 10 of the whole paired catalogue (history excluded): the AIGC share of the slots, "
+        "the catalogue coverage and the Gini index of item exposure.",
         "",
     ]
     for arm, m in loop.items():
+        columns = [c for c in LOOP_COLUMNS if c in m]
         lines += [
             f"**{arm}**",
             "",
-            "| iteration | " + " | ".join(LOOP_COLUMNS) + " |",
-            "|---" * (len(LOOP_COLUMNS) + 1) + "|",
+            "| iteration | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
         ]
         for t in range(len(m["iteration"])):
-            cells = [_fmt(m[c][t], 1 if c.startswith("rela") else 3) for c in LOOP_COLUMNS]
+            cells = [_fmt(m[c][t], 1 if c.startswith("rela") else 3) for c in columns]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
