@@ -46,6 +46,9 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.phases.encoders = ENCODERS  # phase 1
     c.phases.rho_encoder = "bert4rec"  # phase 2 (the encoder of the study's third-party rerun)
     c.phases.rhos = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    # True: retrain at each rho on train and dev histories swapped alike (echo_jax's choice);
+    # False: score dev, swapped at each rho, under the phase-1 model (the study's test.py)
+    c.phases.retrain = True
     c.phases.seeds = (0,) if base == "controlled" else (0, 1, 2)
     if "loop" in variant:
         _add_loop(c, base)

@@ -3,7 +3,9 @@ them is `echo_jax.recsys.jobs.phases`).
 
 Phase 1 (HGC dominant): train on human-text histories for every user encoder and rank paired
 lists (each candidate in both sources). Phase 2 (coexisting): swap a share rho of history slots
-to their AIGC text (train and dev histories alike) and retrain one encoder per rho.
+to their AIGC text and, with `phases.retrain` (echo_jax's choice), retrain one encoder per rho on
+train and dev histories swapped alike; without it (the study's), score the dev histories swapped
+at each rho under the phase-1 model.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ def run_name(encoder: str, rho: float, seed: int) -> str:
 
 
 def plan(phases: ml_collections.ConfigDict) -> list[tuple[str, float, int]]:
-    """Phase 1: every encoder at rho 0; phase 2: `rho_encoder` at every rho (rho 0 shared)."""
+    """Phase 1: every encoder at rho 0; phase 2: `rho_encoder` at every rho (rho 0 shared, and
+    trained before the others when phase 2 does not retrain)."""
     runs = [(e, 0.0, s) for s in phases.seeds for e in phases.encoders]
+    runs += [(phases.rho_encoder, 0.0, s) for s in phases.seeds]
     runs += [(phases.rho_encoder, float(r), s) for s in phases.seeds for r in phases.rhos]
     return list(dict.fromkeys(runs))
 

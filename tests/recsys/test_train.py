@@ -95,6 +95,26 @@ def test_phases_run_on_paired_lists_and_skip_finished_runs(tmp_path, monkeypatch
     assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
 
 
+def test_phase_two_without_retraining_scores_swapped_dev_under_the_phase_one_model(tmp_path):
+    config = _config(
+        "source_bias",
+        "train.num_steps=4",
+        "phases.encoders=('mean',)",
+        "phases.rho_encoder=mean",
+        "phases.rhos=(0.0, 1.0)",
+        "phases.retrain=False",
+    )
+    summary = run_phases(config, str(tmp_path))
+    swapped = tmp_path / "runs" / "mean-rho1.00-seed0"
+    assert [p.name for p in swapped.iterdir()] == ["result.json"]  # nothing trained
+    trained = tmp_path / "runs" / "mean-rho0.00-seed0"
+    assert (trained / "checkpoints").is_dir()
+    rho0, rho1 = summary["phase2"]["0.00"], summary["phase2"]["1.00"]
+    assert rho0 != rho1  # the same model, dev histories swapped
+    again = json.loads((trained / "result.json").read_text())
+    assert again["bias/llm_ratio"] == rho0["bias/llm_ratio"][0]
+
+
 def test_paired_arrays_hold_both_copies_and_swaps_are_nested():
     cat = make_controlled_catalogue(seed=0, num_users=50, num_items=60)
     rows = TextRows(tuple(cat.items), ("hgc", "sim-llm"))

@@ -3,8 +3,10 @@ resumable.
 
 Each (encoder, rho, seed) sub-run of `phases.plan` trains through the shared loop in
 `WORKDIR/runs/<name>` and leaves a `result.json`; finished sub-runs are skipped, interrupted ones
-resume from their checkpoints. Writes `source_bias.md`, `results.json` and `plots/phase2.png`
-into the workdir.
+resume from their checkpoints. With `phases.retrain=False` (the study's `test.py`) a phase-2
+sub-run trains nothing: it scores dev, histories swapped at its rho, under the rho-0 model of the
+same encoder and seed, and leaves only its `result.json`. Writes `source_bias.md`, `results.json`
+and `plots/phase2.png` into the workdir.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for index, (encoder, rho, seed) in enumerate(runs, start=1):
         name = phases.run_name(encoder, rho, seed)
         sub_dir = os.path.join(workdir, "runs", name)
+        trained_at = rho if config.phases.retrain else 0.0
         train = functools.partial(
             train_and_evaluate,
-            sub_config(config, encoder, rho, seed),
-            sub_dir,
+            sub_config(config, encoder, trained_at, seed),
+            os.path.join(workdir, "runs", phases.run_name(encoder, trained_at, seed)),
             cache_dir,
             evaluate_in_loop=False,
             label=name,
+            eval_aigc_share=rho,
         )
         results[name] = run_stage(
             train,

@@ -103,7 +103,11 @@ class Prepared:
     eval_arrays: dict[str, np.ndarray]
 
 
-def prepare(config: ml_collections.ConfigDict, cache_dir: str) -> Prepared:
+def prepare(
+    config: ml_collections.ConfigDict, cache_dir: str, eval_aigc_share: float | None = None
+) -> Prepared:
+    """`eval_aigc_share` swaps the dev histories at another share than training's (the study's
+    phase 2, which scores dev under the phase-1 model)."""
     ds, rows = load_dataset(config.data)
     table, vocab_size = feature_table(config, ds, rows, cache_dir)
     d = config.data
@@ -123,7 +127,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str) -> Prepared:
             ds.splits[d.eval_split],
             rows,
             d.history_len,
-            d.aigc_share,
+            d.aigc_share if eval_aigc_share is None else eval_aigc_share,
             swap_seed=config.seed + rng.EVAL_SWAP,
         ),
     )
@@ -181,11 +185,13 @@ def train_and_evaluate(
     cache_dir: str,
     evaluate_in_loop: bool = True,
     label: str = "recsys",
+    eval_aigc_share: float | None = None,
 ) -> dict[str, float]:
-    """One training run through the shared loop (resumed if `workdir` has checkpoints); returns
-    the final evaluation."""
+    """One training run through the shared loop (resumed if `workdir` has checkpoints, returned
+    at once if finished); returns the final evaluation (of dev histories swapped at
+    `eval_aigc_share` when given)."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    task, evaluate = build_task(config, mesh, prepare(config, cache_dir))
+    task, evaluate = build_task(config, mesh, prepare(config, cache_dir, eval_aigc_share))
     if evaluate_in_loop:
         task.evaluate = evaluate
     state = train(
