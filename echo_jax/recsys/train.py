@@ -43,7 +43,8 @@ def make_init_state(
     cand = jnp.zeros((1, num_candidates, *table_RxF.shape[1:]), table_RxF.dtype)
 
     def init_state(rng: jax.Array) -> TrainState:
-        params = model.init(rng, hist, jnp.ones((1, history_len), bool), cand)["params"]
+        variables = model.init(rng, hist, jnp.ones((1, history_len), bool), cand)
+        params = variables.get("params", {})  # none: the mean encoder over frozen vectors
         return TrainState.create(params, tx)
 
     return init_state
@@ -66,11 +67,14 @@ def make_train_step(
     log_q_N: np.ndarray,
     debias: debiasing.Debias = debiasing.Debias(),  # noqa: B008  (frozen: a constant)
     rewrite_R: np.ndarray | None = None,
+    negatives: int = 0,
 ) -> Callable:
     """`(state, batch, rng) -> (state, metrics)` for the impression or the in-batch loss.
 
     With `debias.enabled` the impression loss gets the black-box debiasing penalty; `rewrite_R`
     maps each text row to its rewrite's row. Disabled, the step is exactly the plain one.
+    `negatives` > 0 scores the positive against that many of each row's shown negatives, drawn
+    afresh every step (the study: one); 0 against all of them.
     """
     if loss not in LOSSES:
         raise ConfigError(f"train.loss {loss!r} not in {LOSSES}")
@@ -158,11 +162,27 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         batch = {k: batch[k] for k in TRAIN_KEYS}
+        if negatives:
+            rng, pick = jax.random.split(rng)
+            batch = sample_negatives(pick, batch, negatives)
         grads, step_metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
         step_metrics["grad_norm"] = optax.tree.norm(grads)
         return state.apply_gradients(grads, tx), step_metrics
 
     return train_step
+
+
+def sample_negatives(rng: jax.Array, batch: dict, k: int) -> dict:
+    """`batch` with `candidates` and `labels` cut to [positive, k negatives drawn without
+    replacement from the row's others], the positive first."""
+    labels_BxC = batch["labels"]
+    keys = jax.random.uniform(rng, labels_BxC.shape) - 2.0 * labels_BxC  # the positive sorts first
+    order = jnp.argsort(keys, axis=-1)[:, : k + 1]
+    return {
+        **batch,
+        "candidates": jnp.take_along_axis(batch["candidates"], order, axis=-1),
+        "labels": jnp.take_along_axis(labels_BxC, order, axis=-1),
+    }
 
 
 class Scorer:

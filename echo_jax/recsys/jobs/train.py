@@ -25,7 +25,7 @@ from echo_jax.recsys.pipeline import (
     make_train_iterator,
     positive_log_q,
 )
-from echo_jax.recsys.text_encoder import WordVocab, minilm_dir
+from echo_jax.recsys.text_encoder import POOLINGS, WordVocab, minilm_dir
 
 DATASETS = ("controlled", "beauty637")
 
@@ -76,8 +76,16 @@ def feature_table(
     """`[R, F]` item features and the vocabulary size (0 for frozen vectors)."""
     texts = rows.texts(ds)
     if config.model.item_tower == "minilm":
+        if config.model.pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling {config.model.pooling!r} not in {POOLINGS}")
         model_dir = str(minilm_dir(config.model.minilm_dir))
-        return minilm_vectors(texts, model_dir, cache_dir), 0
+        table = minilm_vectors(texts, model_dir, cache_dir, config.model.pooling)
+        if not config.model.item_projection and config.model.dim != table.shape[1]:
+            raise ConfigError(
+                f"model.item_projection=False scores dot(user, item vector): model.dim must be "
+                f"the item vectors' width {table.shape[1]}, got {config.model.dim}"
+            )
+        return table, 0
     vocab = WordVocab.build(texts)
     return vocab.encode(texts, config.model.max_text_len)[0], len(vocab)
 
@@ -150,7 +158,14 @@ def build_task(
     try:
         debias = Debias.from_config(config.get("debias"))
         rewrite = rewrite_rows(num_items, len(prep.rows.sources)) if debias.enabled else None
-        step = rtrain.make_train_step(prep.model, tx, prep.table, t.loss, log_q, debias, rewrite)
+        if not 0 <= t.negatives < num_candidates:
+            raise ValueError(
+                f"train.negatives must be in [0, {num_candidates - 1}] (0: all shown), "
+                f"got {t.negatives}"
+            )
+        step = rtrain.make_train_step(
+            prep.model, tx, prep.table, t.loss, log_q, debias, rewrite, t.negatives
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     task = TrainTask(
@@ -170,6 +185,7 @@ def build_task(
                 **dataclasses.asdict(prep.model.cfg),
                 "data": d.to_dict(),
                 "loss": t.loss,
+                "negatives": t.negatives,
                 "debias": dataclasses.asdict(debias),
             }
         },
