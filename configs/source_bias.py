@@ -8,6 +8,14 @@ over `loop.seeds`, and write `WORKDIR/report.md`: `loop` (controlled catalogue, 
 `loop_small` (a few minutes; the notebook's), `loop_smoke` (seconds; tests) and
 `beauty637_loop` (needs `ECHO_JAX_DATA`). All share `configs/recsys.py`'s settings.
 
+`beauty637_study` runs phases 1 and 2 with the study's settings where echo_jax has them as
+options (`Yuqi-Zhou/Rec_SourceBias`, STUDIES.md B): no item-side parameters (score = dot(user,
+frozen vector), so users are as wide as the vectors), the study's pooling (the mean over a
+100-token padded window, not normalised), one negative drawn from the four shown, batch 256, 3
+epochs, lr 1e-3 with wd 1e-5, and phase 2 without retraining at rho = 0, 0.1, ..., 1. Still
+ours: MiniLM (384 wide) for the study's bert-base-uncased (768), SASRec's inner width 2 x 384
+(the study: 256), and no dropout inside the frozen encoder.
+
     python -m echo_jax.main --config=configs/source_bias.py:controlled --workdir=runs/bias
     python -m echo_jax.main --config=configs/source_bias.py:loop --workdir=runs/loop
 """
@@ -26,6 +34,7 @@ VARIANTS = (
     "loop_small",
     "loop_smoke",
     "beauty637_loop",
+    "beauty637_study",
 )
 ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
 
@@ -56,11 +65,23 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
         _shrink(c, users=800, items=400, steps=40, phase_steps=60, iterations=5, seeds=(0, 1))
         c.phases.encoders = ("sasrec", "mean")
         c.phases.rhos = (0.0, 0.5, 1.0)
+    if variant == "beauty637_study":
+        _study_settings(c, train_rows=594)  # the beauty637 train impressions (README)
     if variant == "loop_smoke":  # every stage in seconds, for tests
         _shrink(c, users=300, items=150, steps=8, phase_steps=4, iterations=2, seeds=(0,))
         c.model.dim, c.train.batch_size = 16, 32
         c.phases.encoders, c.phases.rho_encoder, c.phases.rhos = ("mean",), "mean", (0.0, 1.0)
     return c
+
+
+def _study_settings(c: ml_collections.ConfigDict, train_rows: int) -> None:
+    m, t = c.model, c.train
+    m.item_tower, m.item_projection, m.pooling, m.dim = "minilm", False, "padded_mean", 384
+    t.negatives, t.batch_size, t.lr, t.weight_decay = 1, 256, 1e-3, 1e-5
+    t.num_steps = -(-3 * train_rows // t.batch_size)  # 3 epochs
+    t.checkpoint_every = t.num_steps
+    c.phases.retrain = False
+    c.phases.rhos = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 def _shrink(
