@@ -108,6 +108,9 @@ def _add_loop(c: ml_collections.ConfigDict, base: str) -> None:
     c.loop.seeds = (0, 1, 2)
     c.loop.train_steps = 100 if base == "controlled" else 150  # per iteration, from scratch
     c.loop.click_eta = 0.0  # 0: click the better-ranked copy; > 0: position-biased clicks
+    c.loop.init = "new"  # a new seed per iteration; "same": the same initial weights (the study)
+    c.loop.train_histories = "swapped"  # or "human": train on unswapped histories (the study)
+    c.loop.click_epochs = 1  # click draws per iteration's data (the study: 3, one per epoch)
     c.debias = ml_collections.ConfigDict()
     c.debias.alpha = 1.0  # the study's values; 0 and 0 run the undebiased loop only
     c.debias.beta = 0.01

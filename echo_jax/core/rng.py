@@ -43,6 +43,16 @@ def loop_stream(seed: int, iteration: int, purpose: LoopPurpose) -> np.random.Ge
     return np.random.default_rng([seed, iteration, int(purpose)])
 
 
+def loop_epoch_stream(
+    seed: int, iteration: int, purpose: LoopPurpose, epoch: int
+) -> np.random.Generator:
+    """`loop_stream` for epoch `epoch` of an iteration whose clicks are drawn anew each epoch
+    (epoch 0 is `loop_stream` itself)."""
+    if epoch == 0:
+        return loop_stream(seed, iteration, purpose)
+    return np.random.default_rng([seed, iteration, int(purpose), epoch])
+
+
 def loop_train_seed(seed: int, iteration: int) -> int:
     """The seed of iteration `iteration`'s training run (parameter init, batches, dropout)."""
     return seed * LOOP_SEED_STRIDE + iteration

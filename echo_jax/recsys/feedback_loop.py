@@ -14,6 +14,12 @@ Iteration 0 is the HGC-dominant start: the recommender trains on the first train
    step 1. The recommender is re-initialised and retrained on them. (The study's code trains on
    human-text histories and uses the swapped ones only to compute the clicking users; here the
    AIGC share of histories enters the training data too, as the loop's premise says);
+
+   The study's choices are options beside ours: `loop.init="same"` resets every iteration to
+   the same initial weights (ours, "new": a new seed per iteration), `loop.train_histories=
+   "human"` trains on the unswapped histories (ours, "swapped"), `loop.click_epochs=3` draws
+   the clicks anew for each of 3 epochs (the training data hold each draw; ours, 1), and
+   `train.negatives=1` scores the clicked copy against one of the other copies;
 4. the dev split, its histories swapped at a_t, measures source bias and accuracy.
 
 Every interaction keeps its provenance: iteration t's training arrays, with the source of every
@@ -175,11 +181,18 @@ def _load_interactions(path: str) -> dict[str, np.ndarray]:
 
 
 def _next_interactions(
-    data: LoopData, state: TrainState, iteration: int, share: float, seed: int, eta: float
+    data: LoopData,
+    state: TrainState,
+    iteration: int,
+    share: float,
+    seed: int,
+    loop: ml_collections.ConfigDict,
 ) -> dict[str, np.ndarray]:
-    """Iteration `iteration`'s training data, clicked under the recommender `state`."""
+    """Iteration `iteration`'s training data, clicked under the recommender `state` by users
+    whose histories are swapped at `share` (trained on them, or on the human ones)."""
+    logged = data.halves[iteration % 2]
     half = swap_histories(
-        data.halves[iteration % 2],
+        logged,
         share,
         data.num_items,
         rng.loop_stream(seed, iteration, rng.LoopPurpose.TRAIN_SWAP),
@@ -188,12 +201,15 @@ def _next_interactions(
     users = scorer.user_vectors(state.params, half["history"], half["history_mask"])
     items = scorer.item_vectors(state.params)
     scores = np.einsum("md,mcsd->mcs", users, items[half["paired"]])
-    clicked = simulate_clicks(
-        scores, half["labels"], eta, rng.loop_stream(seed, iteration, rng.LoopPurpose.CLICKS)
-    )
-    return clicked_impressions(
-        half, clicked, rng.loop_stream(seed, iteration, rng.LoopPurpose.NEGATIVES)
-    )
+    trained_on = logged if loop.get("train_histories", "swapped") == "human" else half
+    epochs = []
+    for epoch in range(loop.get("click_epochs", 1)):
+        stream = functools.partial(rng.loop_epoch_stream, seed, iteration, epoch=epoch)
+        clicked = simulate_clicks(
+            scores, half["labels"], loop.click_eta, stream(rng.LoopPurpose.CLICKS)
+        )
+        epochs.append(clicked_impressions(trained_on, clicked, stream(rng.LoopPurpose.NEGATIVES)))
+    return {k: np.concatenate([e[k] for e in epochs]) for k in epochs[0]}
 
 
 def iteration_record(iteration: int, arrays: dict, result: dict, num_items: int) -> dict:
@@ -246,11 +262,23 @@ def check_settings(loop: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"loop.click_eta must be >= 0 (0: no position bias), got {loop.click_eta}"
         )
+    for key, values in STUDY_OPTIONS.items():
+        if loop.get(key, values[0]) not in values:
+            raise ConfigError(f"loop.{key} must be one of {values}, got {loop[key]!r}")
+    if loop.get("click_epochs", 1) < 1:
+        raise ConfigError(f"loop.click_epochs must be >= 1, got {loop.click_epochs}")
+
+
+# the study's choices (module doc) and echo_jax's defaults; a loop's settings record them only
+# when they differ, so loops run before they were options still resume
+STUDY_OPTIONS = {"init": ("new", "same"), "train_histories": ("swapped", "human")}
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict:
     """What a loop's finished iterations depend on (not how many there are, nor the seeds)."""
     loop = {k: v for k, v in config.loop.to_dict().items() if k in ("train_steps", "click_eta")}
+    defaults = {key: values[0] for key, values in STUDY_OPTIONS.items()} | {"click_epochs": 1}
+    loop |= {k: config.loop[k] for k, v in defaults.items() if config.loop.get(k, v) != v}
     return json.loads(
         json.dumps(
             {
@@ -309,13 +337,13 @@ def run_seed(
             mesh,
             sub.sharding.rules,
             iter_dir,
-            rng.loop_train_seed(seed, t),
+            rng.loop_train_seed(seed, t if loop.get("init", "new") == "new" else 0),
             config=sub,
             label=f"{label} iter {t}",
             may_change=ITERATION_MAY_CHANGE,
         )
         record = iteration_record(t, arrays, evaluate(state), data.num_items)
-        arrays = _next_interactions(data, state, t + 1, click_share, seed, loop.click_eta)
+        arrays = _next_interactions(data, state, t + 1, click_share, seed, loop)
         if is_chief:  # before the record that marks iteration t finished
             _save_interactions(
                 os.path.join(workdir, f"iter{t + 1:02d}", "interactions.npz"),

@@ -224,6 +224,34 @@ def test_loop_records_provenance_and_resumes_per_iteration(tmp_path):
         _run(tmp_path, "short", "loop.iterations=2", "loop.click_eta=1.0")
 
 
+def test_the_study_loop_options_reset_weights_train_on_human_histories_and_redraw_clicks(
+    tmp_path, monkeypatch
+):
+    seeds = []
+    real_seed = loop.rng.loop_train_seed
+    monkeypatch.setattr(
+        loop.rng, "loop_train_seed", lambda s, t: seeds.append(t) or real_seed(s, t)
+    )
+    study = (
+        "loop.init=same",
+        "loop.train_histories=human",
+        "loop.click_epochs=3",
+        "loop.click_eta=1.0",
+        "train.negatives=1",
+    )
+    rows = _run(tmp_path, "study", "loop.iterations=2", *study)
+    assert seeds == [0, 0, 0]  # the same initial weights every iteration
+    logged = loop.LoopData(_tiny(), str(tmp_path / "cache")).halves[0]  # iteration 2
+    with np.load(tmp_path / "study" / "seed0" / "iter02" / "interactions.npz") as f:
+        assert len(f["positive"]) == 3 * len(logged["positive"])  # one click draw per epoch
+        assert not f["history_source"][f["history_mask"]].any()  # trained on human histories
+        first, second = np.split(f["positive_source"], 3)[:2]
+        assert (first != second).any()  # position-biased clicks drawn anew
+    assert rows[2]["history_aigc_share"] == 0.0 and rows[1]["aigc_click_share"] > 0
+    with pytest.raises(ConfigError, match="loop.init"):
+        _run(tmp_path, "bad", "loop.init=fresh")
+
+
 def _assert_same(got, want):
     assert len(got) == len(want)
     for a, b in zip(got, want):
