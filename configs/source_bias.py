@@ -14,7 +14,9 @@ frozen vector), so users are as wide as the vectors), the study's pooling (the m
 100-token padded window, not normalised), one negative drawn from the four shown, batch 256, 3
 epochs, lr 1e-3 with wd 1e-5, and phase 2 without retraining at rho = 0, 0.1, ..., 1. Still
 ours: MiniLM (384 wide) for the study's bert-base-uncased (768), SASRec's inner width 2 x 384
-(the study: 256), and no dropout inside the frozen encoder.
+(the study: 256), and no dropout inside the frozen encoder. `beauty637_loop_study` adds the
+loop with the study's choices (`loop.init="same"`, `loop.train_histories="human"`,
+`loop.click_epochs=3`; `feedback_loop.py`).
 
     python -m echo_jax.main --config=configs/source_bias.py:controlled --workdir=runs/bias
     python -m echo_jax.main --config=configs/source_bias.py:loop --workdir=runs/loop
@@ -35,6 +37,7 @@ VARIANTS = (
     "loop_smoke",
     "beauty637_loop",
     "beauty637_study",
+    "beauty637_loop_study",
 )
 ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
 
@@ -65,8 +68,11 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
         _shrink(c, users=800, items=400, steps=40, phase_steps=60, iterations=5, seeds=(0, 1))
         c.phases.encoders = ("sasrec", "mean")
         c.phases.rhos = (0.0, 0.5, 1.0)
-    if variant == "beauty637_study":
+    if variant in ("beauty637_study", "beauty637_loop_study"):
         _study_settings(c, train_rows=594)  # the beauty637 train impressions (README)
+    if variant == "beauty637_loop_study":  # its halves hold 772 and 283 impressions: 3 epochs
+        c.loop.train_steps = -(-3 * (772 + 283) // 2 // c.train.batch_size)  # of their mean
+        c.loop.init, c.loop.train_histories, c.loop.click_epochs = "same", "human", 3
     if variant == "loop_smoke":  # every stage in seconds, for tests
         _shrink(c, users=300, items=150, steps=8, phase_steps=4, iterations=2, seeds=(0,))
         c.model.dim, c.train.batch_size = 16, 32
