@@ -108,6 +108,12 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     else:  # each cell's stages as the main job runs them (its `smoke` for the smoke grid)
         main_job = _family(f"echo_chamber.py:{'smoke' if variant == 'smoke' else 'tiny'}")
         c.pretrain, c.rl, c.eval = main_job.pretrain, main_job.rl, main_job.eval
+    # other problems each cell's model is evaluated on before and after RL (an lm_eval config
+    # each): the study's benchmarks at its scale, a harder synthetic level in the smoke grid
+    c.transfer = ml_collections.ConfigDict()
+    if study:
+        for benchmark in ("math500", "aime_all"):
+            c.transfer[benchmark] = _family(f"lm_eval.py:{benchmark}")
     c.algorithms = _algorithm_settings()
     if variant == "smoke":
         _smoke(c)
@@ -145,7 +151,10 @@ def _study(c: ml_collections.ConfigDict, scale: str) -> None:
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
-    """Two sizes, two algorithms, two mixtures: every stage and every report part in seconds."""
+    """Two sizes, two algorithms, two mixtures, a transfer level: every stage and every report
+    part in seconds."""
+    c.transfer.level3 = c.eval.copy_and_resolve_references()
+    c.transfer.level3.synthetic.levels = (3,)
     c.sizes = _sizes({"s1": (16, 1, 2, 32, 3e-3), "s2": (32, 1, 2, 64, 3e-3)})
     c.sweeps.scale = _sweep(["tg_omi1_omi2"], ["s1", "s2"], ["grpo"], [0], [0])
     c.sweeps.algorithm_kl = _sweep(["tg_omi1_omi2"], ["s1"], ["grpo", "ppo"], [0, 1e-2], [0])

@@ -61,6 +61,7 @@ def cell_result(workdir: str, cell: Any, threshold: float) -> dict[str, Any]:
         "steps": [r["step"] for r in rows],
         "rollout_share": {s: [r.get(f"style_share/{s}", 0.0) for r in rows] for s in STYLES},
         "rollout_accuracy": [r["accuracy"] for r in rows],
+        "transfer": _transfer(workdir, cell),
     }
     if after is not None:
         top = max(STYLES, key=lambda s: record["after"]["sampled_share"][s])
@@ -71,6 +72,20 @@ def cell_result(workdir: str, cell: Any, threshold: float) -> dict[str, Any]:
         ]
         record.update(dominant=top, steps_to_threshold=passed[0] if passed else None)
     return record
+
+
+def _transfer(workdir: str, cell: Any) -> dict[str, dict]:
+    """Per `transfer.<name>` evaluation written after RL: greedy pass@1 before and after."""
+    after_dir = os.path.join(workdir, "cells", cell.name, "transfer_after")
+    out = {}
+    for name in sorted(os.listdir(after_dir)) if os.path.isdir(after_dir) else []:
+        before = read_json(
+            os.path.join(workdir, "transfer_before", cell.pretraining, name, "eval.json")
+        )
+        after = read_json(os.path.join(after_dir, name, "eval.json"))
+        if before and after:
+            out[name] = {w: e["greedy_pass@1"] for w, e in (("before", before), ("after", after))}
+    return out
 
 
 def _group_key(record: dict) -> tuple:
@@ -118,6 +133,14 @@ def groups(records: Sequence[dict]) -> list[dict]:
                 for when in ("before", "after")
             }
             for lv in levels
+        }
+        benchmarks = sorted({name for r in runs for name in r.get("transfer", {})})
+        group["transfer"] = {
+            name: {
+                when: _stats([r["transfer"].get(name, {}).get(when) for r in runs])
+                for when in ("before", "after")
+            }
+            for name in benchmarks
         }
         group["n"] = runs[0]["after"]["n"]
         out.append(group)
@@ -255,6 +278,24 @@ def _tables(grouped: Sequence[dict], threshold: float) -> list[str]:
             for lv in levels
         ]
         lines.append(f"| {_label(g)} | " + " | ".join(cells) + " |")
+    benchmarks = sorted({name for g in grouped for name in g.get("transfer", {})})
+    if benchmarks:
+        lines += [
+            "",
+            "## Transfer to other problems (`transfer.<name>`): greedy pass@1, before -> after "
+            "(in %)",
+            "",
+            "| group | " + " | ".join(benchmarks) + " |",
+            "|---|" + "---|" * len(benchmarks),
+        ]
+        for g in grouped:
+            cells = [
+                f"{_pct(g['transfer'][b]['before'])} -> {_pct(g['transfer'][b]['after'])}"
+                if b in g["transfer"]
+                else "–"
+                for b in benchmarks
+            ]
+            lines.append(f"| {_label(g)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -111,9 +111,20 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     for record in results["cells"]:
         assert record["finished"] and record["steps"] == [1, 2]
         assert record["dominant"] in ("tinygsm", "omi1", "omi2")
+        assert set(record["transfer"]) == {"level3"}  # the smoke grid's transfer evaluation
+    cell = cells[0]
+    for folder in (f"transfer_before/{cell.pretraining}", f"cells/{cell.name}/transfer_after"):
+        level3 = json.loads((tmp_path / folder / "level3" / "eval.json").read_text())
+        assert list(level3["by_level"]) == ["3"]
     report = (tmp_path / "report.md").read_text()
     assert "6 of 6 cells finished." in report
-    for section in ("## Every group", "by mixture and size", "## Algorithm x KL", "## Transfer"):
+    for section in (
+        "## Every group",
+        "by mixture and size",
+        "## Algorithm x KL",
+        "## Transfer: greedy pass@1 per level",
+        "## Transfer to other problems",
+    ):
         assert section in report
     for figure in ("style_share.png", "before_after.png", "gain_vs_tinygsm.png"):
         assert f"(plots/{figure})" in report and (tmp_path / "plots" / figure).stat().st_size

@@ -5,7 +5,10 @@ Layout of the workdir:
 - `pretrain/<mixture>-<size>-s<seed>/` and `eval_before/<same>/`: shared by the cells that start
   from that pretraining run;
 - `cells/<mixture>-<size>-<algo>-kl<kl>-s<seed>/rl` and `.../eval_after`: one per cell;
-  `.../error.txt` when the cell failed (the others still run; a rerun retries it).
+  `.../error.txt` when the cell failed (the others still run; a rerun retries it);
+- with `transfer.<name>` blocks (an `lm_eval` config each: GSM8K, MATH-500, AIME, a harder
+  synthetic level), `transfer_before/<pretraining>/<name>/` and `cells/<cell>/transfer_after/
+  <name>/`: the same model evaluated on other problems before and after RL.
 
 Cells run in a stable order (sweeps by name, a pretraining group's cells together); shard i of n
 takes the pretraining groups whose name hashes to i modulo n, so shards never share a stage and
@@ -45,6 +48,7 @@ GRID_MAY_CHANGE = (
     *(p for p in workdir_lib.RESUME_MAY_CHANGE if p not in ("eval.*", "*init_from")),
     "grid.*",
     "sweeps.*",
+    "transfer.*",  # a changed evaluation is moved aside and rerun; a new one runs
     "*.mesh.*",
     "*.async_checkpoints",
 )
@@ -132,6 +136,16 @@ def stage_configs(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     before, after = copy.deepcopy(config.eval), copy.deepcopy(config.eval)
     before.checkpoint, after.checkpoint = dirs["pretrain"], dirs["rl"]
     configs = {"pretrain": pretrain, "eval_before": before, "rl": rl, "eval_after": after}
+    for name, evaluation in config.get("transfer", {}).items():
+        for when, model in (("before", "pretrain"), ("after", "rl")):
+            stage = f"transfer_{when}:{name}"
+            folder = (
+                os.path.join(workdir, "transfer_before", cell.pretraining, name)
+                if when == "before"
+                else os.path.join(workdir, "cells", cell.name, "transfer_after", name)
+            )
+            dirs[stage], configs[stage] = folder, copy.deepcopy(evaluation)
+            configs[stage].checkpoint = dirs[model]
     for block in configs.values():
         block.seed = cell.seed
         with block.unlocked():
@@ -139,14 +153,18 @@ def stage_configs(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
     return {name: (dirs[name], configs[name]) for name in dirs}
 
 
+def _order(stage: str) -> int:
+    """Pretraining and what evaluates it, then RL and what evaluates it."""
+    return 0 if stage in ("pretrain", "eval_before") or "before" in stage else 1
+
+
 def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> None:
-    """The cell's four stages, each skipped when finished (the shared two by an earlier cell)."""
+    """The cell's stages, each skipped when finished (the shared ones by an earlier cell)."""
     stages_ = stage_configs(config, cell, workdir)
+    runners = {"pretrain": pretrain_job.run_pretrain, "rl": rl_job.run_rl}
     steps = {
-        "pretrain": (pretrain_job.run_pretrain, "train"),
-        "eval_before": (eval_job.run_eval, None),
-        "rl": (rl_job.run_rl, "train"),
-        "eval_after": (eval_job.run_eval, None),
+        name: (runners.get(name, eval_job.run_eval), "train" if name in runners else None)
+        for name in sorted(stages_, key=_order)
     }
     for i, (name, (run, trained)) in enumerate(steps.items(), 1):
         folder, stage = stages_[name]
@@ -166,15 +184,19 @@ def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> Non
 
 
 def shared_stages_done(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> bool:
-    """Whether the cell's pretraining and its evaluation (shared by its group) are finished."""
+    """Whether the cell's pretraining and its evaluations (shared by its group) are finished."""
     found = stage_configs(config, cell, workdir)
-    (pretrain_dir, pretrain), (eval_dir, _) = found["pretrain"], found["eval_before"]
+    pretrain_dir, pretrain = found["pretrain"]
+    evals = [f for name, (f, _) in found.items() if name != "pretrain" and _order(name) == 0]
     trained = stages.reached_step(pretrain_dir, pretrain.train.num_steps)
-    return trained and os.path.exists(os.path.join(eval_dir, "eval.json"))
+    return trained and all(os.path.exists(os.path.join(f, "eval.json")) for f in evals)
 
 
-def cell_finished(workdir: str, cell: Cell) -> bool:
-    return os.path.exists(os.path.join(workdir, "cells", cell.name, "eval_after", "eval.json"))
+def cell_finished(workdir: str, cell: Cell, transfer: Sequence[str] = ()) -> bool:
+    """Whether the cell's evaluation after RL (and each `transfer` one) is written."""
+    base = os.path.join(workdir, "cells", cell.name)
+    folders = ["eval_after", *(os.path.join("transfer_after", name) for name in transfer)]
+    return all(os.path.exists(os.path.join(base, f, "eval.json")) for f in folders)
 
 
 def run_grid(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -192,7 +214,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str) -> str:
         started=os.path.isdir(os.path.join(workdir, "pretrain")),
     )
     mine = [] if config.grid.report_only else shard(grid, config.grid.shard, config.grid.num_shards)
-    todo = [c for c in mine if not cell_finished(workdir, c)]
+    transfer = list(config.get("transfer", {}))
+    todo = [c for c in mine if not cell_finished(workdir, c, transfer)]
     print(
         f"[grid] {len(grid)} cells; this shard {len(mine)}, {len(mine) - len(todo)} finished "
         f"earlier",
