@@ -62,6 +62,27 @@ RESUME_MAY_CHANGE = (
     "*kernel_overrides",
 )
 
+# Config keys added after runs existed, with the value that means what those runs did: a run
+# saved without the key resumes when the key holds that value (`fnmatch` patterns).
+ADDED_KEYS = {
+    "*data.source": "synthetic",
+    "*data.real_dir": "",
+    "*model.item_projection": True,
+    "*model.pooling": "sentence",
+    "*train.negatives": 0,
+    "phases.retrain": True,
+    "loop.init": "new",
+    "loop.train_histories": "swapped",
+    "loop.click_epochs": 1,
+}
+
+
+def _added_as_before(key: str, current: Any) -> bool:
+    return any(
+        fnmatch.fnmatchcase(key, pattern) and current == value
+        for pattern, value in ADDED_KEYS.items()
+    )
+
 
 # --- the lock ------------------------------------------------------------------------------------
 
@@ -196,14 +217,16 @@ def differences(
     saved: Mapping, current: Mapping, may_change: Sequence[str] = ()
 ) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, current value) of every key (sorted) whose value differs,
-    except the keys matched by a `may_change` pattern (`fnmatch`: `eval.*`, `*.log_every`); a key
-    missing on one side has the value None."""
+    except the keys matched by a `may_change` pattern (`fnmatch`: `eval.*`, `*.log_every`) and
+    keys added since the run was saved that hold the value meaning what it did (`ADDED_KEYS`); a
+    key missing on one side has the value None."""
     old, new = _flatten(plain(saved)), _flatten(plain(current))
     return [
         (key, old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
         and not any(fnmatch.fnmatchcase(key, pattern) for pattern in may_change)
+        and not (key not in old and _added_as_before(key, new.get(key)))
     ]
 
 

@@ -122,6 +122,18 @@ def test_a_resume_that_changes_the_experiment_is_refused_naming_every_key(tmp_pa
     assert not (tmp_path / workdir.HISTORY_FILE).exists()
 
 
+def test_a_key_added_since_resumes_when_it_means_what_the_run_did(tmp_path):
+    for run in ("a", "b"):
+        workdir.record_run(tmp_path / run, _config())  # saved before `data.source` existed
+    same = _config()
+    same.data.source = "synthetic"
+    workdir.record_run(tmp_path / "a", same, step=5)
+    other = _config()
+    other.data.source = "real"
+    with pytest.raises(ConfigError, match=r"data.source \(None -> 'real'\)"):
+        workdir.record_run(tmp_path / "b", other, step=5)
+
+
 def test_allowed_changes_are_recorded_and_announced(tmp_path, capsys):
     workdir.record_run(tmp_path, _config())
     changed = _config(lr=0.2)
