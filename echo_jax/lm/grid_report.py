@@ -194,13 +194,24 @@ def plot_trajectories(workdir: str, records: Sequence[dict], threshold: float) -
 
 
 def plot_gain_vs_tinygsm(workdir: str, grouped: Sequence[dict]) -> str | None:
-    """Greedy pass@1 gain from RL against TinyGSM's share of the pretraining mixture."""
-    if len({g["mixture"] for g in grouped}) < 2:
+    """Greedy pass@1 gain from RL against TinyGSM's share of the pretraining mixture, one line
+    per size, for the (algorithm, KL) run on the most mixtures (the mixture sweep's)."""
+    mixtures_of = collections.defaultdict(set)
+    for g in grouped:
+        mixtures_of[(g["algo"], g["kl_coef"])].add(g["mixture"])
+    setting = max(mixtures_of, key=lambda k: len(mixtures_of[k]), default=None)
+    if setting is None or len(mixtures_of[setting]) < 2:
         return None
+    swept = [g for g in grouped if (g["algo"], g["kl_coef"]) == setting]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for size in sorted({g["size"] for g in grouped}):
+    for size in sorted({g["size"] for g in swept}):
         points = sorted(
-            (g["tinygsm_in_mixture"], g["greedy_pass@1/gain"]) for g in grouped if g["size"] == size
+            (
+                (g["tinygsm_in_mixture"], g["greedy_pass@1/gain"])
+                for g in swept
+                if g["size"] == size
+            ),
+            key=lambda point: point[0],
         )
         xs = [x for x, _ in points]
         ax.errorbar(
@@ -214,7 +225,11 @@ def plot_gain_vs_tinygsm(workdir: str, grouped: Sequence[dict]) -> str | None:
             label=size,
             capsize=3,
         )
-    ax.set(xlabel="TinyGSM share of the pretraining mixture", ylabel="greedy pass@1 gain")
+    ax.set(
+        xlabel="TinyGSM share of the pretraining mixture",
+        ylabel="greedy pass@1 gain",
+        title=f"{setting[0]}, KL {setting[1]:g}",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, workdir, "gain_vs_tinygsm.png")

@@ -81,6 +81,33 @@ def _grid(workdir, *overrides):
     )
 
 
+def test_gain_figure_takes_the_mixture_sweeps_setting_when_groups_share_a_mixture(tmp_path):
+    from echo_jax.lm import grid_report
+
+    def group(mixture, algo, kl, gain):
+        stats = {"mean": gain, "min": gain, "max": gain}
+        share = {"tg": 1.0, "tg_omi1": 0.5, "tg_omi1_omi2": 1 / 3}[mixture]
+        return {
+            "mixture": mixture,
+            "size": "tiny",
+            "algo": algo,
+            "kl_coef": kl,
+            "tinygsm_in_mixture": share,
+            "greedy_pass@1/gain": stats,
+        }
+
+    grouped = [
+        group("tg_omi1_omi2", "grpo", 0.0, 0.1),
+        group("tg_omi1_omi2", "ppo", 0.0, -0.2),  # same mixture, other gains: ties on x
+        group("tg_omi1_omi2", "grpo", 0.01, 0.3),
+        group("tg", "grpo", 0.0, 0.0),
+        group("tg_omi1", "grpo", 0.0, 0.05),
+    ]
+    path = grid_report.plot_gain_vs_tinygsm(str(tmp_path), grouped)
+    assert path and (tmp_path / "plots" / "gain_vs_tinygsm.png").stat().st_size
+    assert grid_report.plot_gain_vs_tinygsm(str(tmp_path), grouped[:3]) is None  # one mixture
+
+
 def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     cells = grid_job.cells(_config())
     broken = [c.name for c in cells if c.size == "s2"]  # its pretraining diverges (NaN)
