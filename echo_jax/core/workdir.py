@@ -74,6 +74,7 @@ ADDED_KEYS = {
     "loop.init": "new",
     "loop.train_histories": "swapped",
     "loop.click_epochs": 1,
+    "transfer": {},  # the grid's transfer evaluations (an empty block flattens to itself)
 }
 
 
