@@ -70,6 +70,7 @@ ADDED_KEYS = {
     "*model.item_projection": True,
     "*model.pooling": "sentence",
     "*train.negatives": 0,
+    "*model.negatives": 0,  # the recommender's checkpoint metadata
     "phases.retrain": True,
     "loop.init": "new",
     "loop.train_histories": "swapped",

@@ -41,7 +41,9 @@ def _summary(evaluation: dict) -> dict[str, Any]:
     return out
 
 
-def cell_result(workdir: str, cell: Any, threshold: float) -> dict[str, Any]:
+def cell_result(
+    workdir: str, cell: Any, threshold: float, transfer: Sequence[str] = ()
+) -> dict[str, Any]:
     """One cell's record: its axes, its evaluations and its RL trajectory (None where missing)."""
     base = os.path.join(workdir, "cells", cell.name)
     before = read_json(os.path.join(workdir, "eval_before", cell.pretraining, "eval.json"))
@@ -61,7 +63,7 @@ def cell_result(workdir: str, cell: Any, threshold: float) -> dict[str, Any]:
         "steps": [r["step"] for r in rows],
         "rollout_share": {s: [r.get(f"style_share/{s}", 0.0) for r in rows] for s in STYLES},
         "rollout_accuracy": [r["accuracy"] for r in rows],
-        "transfer": _transfer(workdir, cell),
+        "transfer": _transfer(workdir, cell, transfer),
     }
     if after is not None:
         top = max(STYLES, key=lambda s: record["after"]["sampled_share"][s])
@@ -74,11 +76,12 @@ def cell_result(workdir: str, cell: Any, threshold: float) -> dict[str, Any]:
     return record
 
 
-def _transfer(workdir: str, cell: Any) -> dict[str, dict]:
-    """Per `transfer.<name>` evaluation written after RL: greedy pass@1 before and after."""
+def _transfer(workdir: str, cell: Any, names: Sequence[str]) -> dict[str, dict]:
+    """Per `transfer.<name>` evaluation of the config written before and after RL: greedy
+    pass@1 (evaluations moved aside, `<name>.old1`, are not read)."""
     after_dir = os.path.join(workdir, "cells", cell.name, "transfer_after")
     out = {}
-    for name in sorted(os.listdir(after_dir)) if os.path.isdir(after_dir) else []:
+    for name in sorted(names):
         before = read_json(
             os.path.join(workdir, "transfer_before", cell.pretraining, name, "eval.json")
         )
@@ -356,7 +359,8 @@ def _algorithm_table(grouped: Sequence[dict], threshold: float) -> list[str]:
 def write(workdir: str, config: Any, grid: Sequence[Any]) -> str:
     """`results.json`, the figures and `report.md`; returns the report's path."""
     threshold = config.grid.share_threshold
-    records = [cell_result(workdir, cell, threshold) for cell in grid]
+    transfer = list(config.get("transfer", {}))
+    records = [cell_result(workdir, cell, threshold, transfer) for cell in grid]
     grouped = groups(records)
     write_json(
         os.path.join(workdir, "results.json"),

@@ -83,7 +83,7 @@ def model_config(hf: dict) -> ModelConfig:
         norm_eps=OLMO_NORM_EPS if arch == OLMO else float(hf.get("rms_norm_eps", 1e-6)),
         n_kv_heads=0 if kv_heads == heads else kv_heads,
         clip_qkv=float(hf.get("clip_qkv") or 0.0),
-        tied_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default
         rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10_000.0),
     )
 
@@ -170,7 +170,8 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
     """Our parameter tree from `transformers` tensors; `ConfigError` on a missing, left-over or
     misshapen tensor."""
     names = tensor_names(cfg)
-    leftover = sorted(set(tensors) - set(names.values()) - {"lm_head.weight"})
+    tied_copy = {"lm_head.weight"} if cfg.tied_embeddings else set()  # some tied models save it
+    leftover = sorted(set(tensors) - set(names.values()) - tied_copy)
     leftover = [n for n in leftover if not n.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise ConfigError(f"tensors the architecture does not use: {', '.join(leftover[:5])}")
@@ -247,7 +248,10 @@ def import_hf(hf_dir: str, workdir: str) -> ModelConfig:
         hf = json.loads((source / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source / 'config.json'} is not valid JSON ({e})") from None
-    cfg = model_config(hf)
+    try:
+        cfg = model_config(hf)
+    except KeyError as e:
+        raise ConfigError(f"{source / 'config.json'} has no {e.args[0]!r}") from None
     params = params_from_hf(cfg, _read_tensors(source))
     special = {
         "bos_id": _first(hf.get("bos_token_id")),

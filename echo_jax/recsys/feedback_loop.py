@@ -18,7 +18,8 @@ Iteration 0 is the HGC-dominant start: the recommender trains on the first train
    The study's choices are options beside ours: `loop.init="same"` resets every iteration to
    the same initial weights (ours, "new": a new seed per iteration), `loop.train_histories=
    "human"` trains on the unswapped histories (ours, "swapped"), `loop.click_epochs=3` draws
-   the clicks anew for each of 3 epochs (the training data hold each draw; ours, 1), and
+   the clicks anew for each of 3 epochs (the training data hold each draw; ours, 1; with
+   `click_eta` 0 every draw clicks the top-ranked copy, so only the negatives differ), and
    `train.negatives=1` scores the clicked copy against one of the other copies;
 4. the dev split, its histories swapped at a_t, measures source bias and accuracy.
 

@@ -28,7 +28,8 @@ def plan(phases: ml_collections.ConfigDict) -> list[tuple[str, float, int]]:
     """Phase 1: every encoder at rho 0; phase 2: `rho_encoder` at every rho (rho 0 shared, and
     trained before the others when phase 2 does not retrain)."""
     runs = [(e, 0.0, s) for s in phases.seeds for e in phases.encoders]
-    runs += [(phases.rho_encoder, 0.0, s) for s in phases.seeds]
+    if not phases.get("retrain", True):  # the model the other rhos are scored under
+        runs += [(phases.rho_encoder, 0.0, s) for s in phases.seeds]
     runs += [(phases.rho_encoder, float(r), s) for s in phases.seeds for r in phases.rhos]
     return list(dict.fromkeys(runs))
 

@@ -135,6 +135,15 @@ def test_import_refuses_what_it_cannot_express_and_writes_nothing(tmp_path, edit
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_config_without_tie_word_embeddings_is_untied_as_in_transformers(tmp_path):
+    source = _broken_copy(tmp_path, lambda c, f: c.pop("tie_word_embeddings"))
+    hf.import_hf(source, str(tmp_path / "untied"))
+    cfg, params = restore.load_params(str(tmp_path / "untied"))
+    reference = np.load(FIXTURES / "llama" / "reference.npz")
+    assert not cfg.tied_embeddings
+    assert np.abs(_logits(cfg, params, reference["tokens"]) - reference["logits"]).max() < 1e-4
+
+
 def test_import_and_export_refuse_a_busy_target_and_a_workdir_without_hf_vocab(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -145,6 +145,18 @@ def test_seqio_tasks_read_the_same_files(real_dir):
     assert task.num_input_examples("validation") == 5
 
 
+def test_seqio_tasks_tokenize_with_a_hugging_face_tokenizer(real_dir, tmp_path):
+    hf.import_hf(str(FIXTURES / "llama"), str(tmp_path / "imported"))
+    folder = tmp_path / "imported" / "tokenizer"
+    tasks.register_real(str(real_dir), eval_examples=5, vocab_name=f"hf:{folder}")
+    task = seqio.get_mixture_or_task("echo_jax_real_omi1")
+    example = next(task.get_dataset(None, split="validation", shuffle=False).as_numpy_iterator())
+    vocabulary = task.output_features["targets"].vocabulary
+    assert example["targets"][-1] == vocabulary.eos_id
+    assert "<llm-code>" in vocabulary.decode(example["targets"].tolist())
+    tasks.register_real(str(real_dir), eval_examples=5)  # leave the byte registrations
+
+
 def test_missing_and_malformed_files_fail_in_one_line(real_dir, tmp_path):
     with pytest.raises(MissingFileError, match="echo_jax.lm.data.download --dataset omi2"):
         pretrain_files.style_file(tmp_path, "omi2")

@@ -41,7 +41,7 @@ class HFVocabulary(seqio.Vocabulary):
         except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception types
             raise ConfigError(f"cannot read the tokenizer in {root}: {e}") from None
         if special.get("eos_id") is None:
-            raise ConfigError(f"{root / SPECIAL_TOKENS_FILE} names no eos_id")
+            raise ConfigError(f"the tokenizer in {root} has no EOS token id")
         self.folder = str(root)
         self._special = special
         super().__init__(extra_ids=0)
@@ -92,15 +92,22 @@ class HFVocabulary(seqio.Vocabulary):
         def encode(text):
             return tf.constant(self._encode(text.numpy().decode("utf-8")), tf.int32)
 
-        return tf.py_function(encode, [s], Tout=tf.int32)
+        ids = tf.py_function(encode, [s], Tout=tf.int32)
+        ids.set_shape([None])  # seqio checks the feature's rank
+        return ids
 
     def _decode_tf(self, ids):
         import tensorflow as tf
 
-        def decode(row):
-            return tf.constant(self._decode(row.numpy().tolist()))
+        def decode(rows):
+            rows = rows.numpy()
+            if rows.ndim == 1:
+                return tf.constant(self._decode(rows.tolist()))
+            return tf.constant([self._decode(row.tolist()) for row in rows])
 
-        return tf.py_function(decode, [ids], Tout=tf.string)
+        text = tf.py_function(decode, [ids], Tout=tf.string)
+        text.set_shape(ids.shape[:-1])
+        return text
 
     def __eq__(self, other) -> bool:
         return isinstance(other, HFVocabulary) and other.folder == self.folder

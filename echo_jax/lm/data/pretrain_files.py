@@ -5,8 +5,9 @@ Layout of `data.real_dir` (default `$ECHO_JAX_DATA/pretrain`): one `<style>.json
 (`tinygsm.jsonl`, `omi1.jsonl`, `omi2.jsonl`), one example per line,
 `{"question": ..., "text": question + "\\n\\n" + solution, "style": ...}` plus the source's extra
 fields (OMI1: its correct solutions only). A line without `question` is split at its first blank
-line. Next to each file an index of line offsets (`<style>.jsonl.offsets.npy`) is written on first
-use (in `$TMPDIR/echo_jax_offsets` where the folder is read-only), so any example is one seek away.
+line. Next to each file an index of line offsets (`<style>.jsonl.<size>.offsets.npy`) is written on
+first use (in `$TMPDIR/echo_jax_offsets` where the folder is read-only), so any example is one
+seek away.
 
 Mixtures are the study's: files repeated N times and concatenated (`tg_4xomi1` = TinyGSM once +
 OMI1 four times), then shuffled; the rates of `mixtures.MIXTURES` are those repetition counts. The
@@ -53,11 +54,13 @@ def repeats(mixture: str) -> dict[str, int]:
 
 
 def _offsets_path(path: pathlib.Path) -> pathlib.Path:
-    beside = path.with_name(path.name + ".offsets.npy")
+    """The index's file, named by the data file's size (a replaced file gets a new index)."""
+    beside = path.with_name(f"{path.name}.{path.stat().st_size}.offsets.npy")
     if os.access(path.parent, os.W_OK):
         return beside
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    return pathlib.Path(tempfile.gettempdir(), "echo_jax_offsets", f"{key}.offsets.npy")
+    name = f"{key}.{path.stat().st_size}.offsets.npy"
+    return pathlib.Path(tempfile.gettempdir(), "echo_jax_offsets", name)
 
 
 def _line_offsets(path: pathlib.Path) -> np.ndarray:

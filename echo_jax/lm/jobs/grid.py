@@ -48,7 +48,7 @@ GRID_MAY_CHANGE = (
     *(p for p in workdir_lib.RESUME_MAY_CHANGE if p not in ("eval.*", "*init_from")),
     "grid.*",
     "sweeps.*",
-    "transfer.*",  # a changed evaluation is moved aside and rerun; a new one runs
+    "transfer*",  # a changed evaluation is moved aside and rerun; a new one runs
     "*.mesh.*",
     "*.async_checkpoints",
 )
@@ -155,7 +155,7 @@ def stage_configs(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -
 
 def _order(stage: str) -> int:
     """Pretraining and what evaluates it, then RL and what evaluates it."""
-    return 0 if stage in ("pretrain", "eval_before") or "before" in stage else 1
+    return 0 if stage in ("pretrain", "eval_before") or stage.startswith("transfer_before:") else 1
 
 
 def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> None:
