@@ -73,6 +73,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.mlp_dim = mlp_dim
     c.model.max_len = seq_len
     c.model.norm = "layernorm" if study_scale else "rms"
+    c.model.norm_eps = 1e-5 if study_scale else 1e-6  # OLMo's LayerNorm: 1e-5
+    c.model.n_kv_heads = 0  # grouped-query attention (Llama); 0: one key/value head per head
+    c.model.clip_qkv = 0.0  # OLMo's optional clamp of q, k, v; 0: off
     c.model.tied_embeddings = variant != "150m"
     c.model.smear_keys = not study_scale  # a copying shortcut small models need (RESULTS.md)
     c.model.rope_theta = 10_000.0

@@ -68,6 +68,9 @@ ADDED_KEYS = {
     "*data.source": "synthetic",
     "*data.real_dir": "",
     "*model.item_projection": True,
+    "*model.norm_eps": 1e-6,  # the language model's options of Hugging Face models
+    "*model.n_kv_heads": 0,
+    "*model.clip_qkv": 0.0,
     "*model.pooling": "sentence",
     "*train.negatives": 0,
     "*model.negatives": 0,  # the recommender's checkpoint metadata
