@@ -130,7 +130,7 @@ def _cpu(c: ml_collections.ConfigDict) -> None:
     pretraining is cheap), algorithm x KL (A1, A2, A4: 3 policy-gradient algorithms x 3
     coefficients, and online EI, which has no KL term), mixture (A5: 4 TinyGSM shares); 8
     pretraining runs and 17 cells. Measured: 16 cells in 92 min with 2-4 shard processes on 2
-    busy cores; the 6.6M pretraining alone runs 1.4 steps/s on idle cores (14 min; RESULTS). Add
+    busy cores, the 6.6M cell's pretraining at 1.3-1.4 steps/s alone (RESULTS). Add
     seeds to a sweep (`--config.sweeps.algorithm_kl.seeds=0,1`); finished cells are kept."""
     main, tiny = ["tg_omi1_omi2"], ["tiny"]
     c.sweeps.scale = _sweep(main, ["xs", "tiny", "small"], ["grpo"], [0], [0])
