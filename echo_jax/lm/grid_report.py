@@ -48,7 +48,9 @@ def cell_result(
     base = os.path.join(workdir, "cells", cell.name)
     before = read_json(os.path.join(workdir, "eval_before", cell.pretraining, "eval.json"))
     after = read_json(os.path.join(base, "eval_after", "eval.json"))
-    rows = [r for r in read_jsonl(os.path.join(base, "rl", "metrics.jsonl")) if "accuracy" in r]
+    metrics = read_jsonl(os.path.join(base, "rl", "metrics.jsonl"))
+    rows = [r for r in metrics if "accuracy" in r]
+    greedy = {r["step"]: r["eval/greedy_pass@1"] for r in metrics if "eval/greedy_pass@1" in r}
     record = {
         "name": cell.name,
         "mixture": cell.mixture,
@@ -63,6 +65,7 @@ def cell_result(
         "steps": [r["step"] for r in rows],
         "rollout_share": {s: [r.get(f"style_share/{s}", 0.0) for r in rows] for s in STYLES},
         "rollout_accuracy": [r["accuracy"] for r in rows],
+        "greedy_during_rl": {str(step): value for step, value in sorted(greedy.items())},
         "transfer": _transfer(workdir, cell, transfer),
     }
     if after is not None:
@@ -168,7 +171,8 @@ def _label(group: dict) -> str:
 
 def plot_trajectories(workdir: str, records: Sequence[dict], threshold: float) -> str | None:
     """Per group: the rollout share of each style against the RL step (log x), mean over seeds
-    with a min-max band, and the rollout accuracy (dashed)."""
+    with a min-max band, the rollout accuracy (dashed) and the greedy pass@1 of RL's own
+    evaluations (black dots, at the steps every seed evaluated)."""
     by_key: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in records:
         if r["finished"] and r["steps"]:
@@ -187,6 +191,11 @@ def plot_trajectories(workdir: str, records: Sequence[dict], threshold: float) -
             ax.fill_between(steps, ys.min(0), ys.max(0), color=COLORS[style], alpha=0.2)
         accuracy = np.array([r["rollout_accuracy"][:length] for r in runs])
         ax.plot(steps, accuracy.mean(0), "k--", label="rollout accuracy")
+        shared = set.intersection(*(set(r.get("greedy_during_rl", {})) for r in runs))
+        evaluated = sorted(int(step) for step in shared if int(step) > 0)
+        if evaluated:
+            greedy = [np.mean([r["greedy_during_rl"][str(t)] for r in runs]) for t in evaluated]
+            ax.plot(evaluated, greedy, "ko:", ms=3, label="greedy pass@1")
         ax.axhline(threshold, color="gray", lw=0.5)
         ax.set(xscale="log", ylim=(0, 1), title=" ".join(map(str, key)), xlabel="RL step")
     for ax in list(axes.flat)[len(by_key) :]:

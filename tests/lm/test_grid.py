@@ -139,6 +139,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
         assert record["finished"] and record["steps"] == [1, 2]
         assert record["dominant"] in ("tinygsm", "omi1", "omi2")
         assert set(record["transfer"]) == {"level3"}  # the smoke grid's transfer evaluation
+        assert {"1", "2"} <= set(record["greedy_during_rl"])  # RL's own evaluations, per step
     cell = cells[0]
     for folder in (f"transfer_before/{cell.pretraining}", f"cells/{cell.name}/transfer_after"):
         level3 = json.loads((tmp_path / folder / "level3" / "eval.json").read_text())
