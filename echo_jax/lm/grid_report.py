@@ -289,40 +289,32 @@ def _tables(grouped: Sequence[dict], threshold: float) -> list[str]:
             f"{_pct(g['pass@n/after'])} | {_pct(g['maj@n/before'])} | {_pct(g['maj@n/after'])} |"
         )
     lines += ["", *_scale_table(grouped), "", *_algorithm_table(grouped, threshold)]
-    levels = sorted({lv for g in grouped for lv in g["by_level"]})
-    lines += [
-        "",
+    lines += _before_after_table(
+        grouped,
+        "by_level",
         "## Transfer: greedy pass@1 per level, before -> after (in %)",
-        "",
-        "| group | " + " | ".join(f"level {lv}" for lv in levels) + " |",
-        "|---|" + "---|" * len(levels),
-    ]
+        "level ",
+    )
+    if any(g.get("transfer") for g in grouped):
+        title = "## Transfer to other problems (`transfer.<name>`): greedy pass@1, before -> after"
+        lines += _before_after_table(grouped, "transfer", f"{title} (in %)")
+    return lines
+
+
+def _before_after_table(
+    grouped: Sequence[dict], field: str, title: str, prefix: str = ""
+) -> list[str]:
+    """One row per group, one column per key of `group[field]`: before -> after."""
+    keys = sorted({key for g in grouped for key in g.get(field, {})})
+    lines = ["", title, "", "| group | " + " | ".join(f"{prefix}{k}" for k in keys) + " |"]
+    lines.append("|---|" + "---|" * len(keys))
     for g in grouped:
+        values = g.get(field, {})
         cells = [
-            f"{_pct(g['by_level'][lv]['before'])} -> {_pct(g['by_level'][lv]['after'])}"
-            if lv in g["by_level"]
-            else "–"
-            for lv in levels
+            f"{_pct(values[k]['before'])} -> {_pct(values[k]['after'])}" if k in values else "–"
+            for k in keys
         ]
         lines.append(f"| {_label(g)} | " + " | ".join(cells) + " |")
-    benchmarks = sorted({name for g in grouped for name in g.get("transfer", {})})
-    if benchmarks:
-        lines += [
-            "",
-            "## Transfer to other problems (`transfer.<name>`): greedy pass@1, before -> after "
-            "(in %)",
-            "",
-            "| group | " + " | ".join(benchmarks) + " |",
-            "|---|" + "---|" * len(benchmarks),
-        ]
-        for g in grouped:
-            cells = [
-                f"{_pct(g['transfer'][b]['before'])} -> {_pct(g['transfer'][b]['after'])}"
-                if b in g["transfer"]
-                else "–"
-                for b in benchmarks
-            ]
-            lines.append(f"| {_label(g)} | " + " | ".join(cells) + " |")
     return lines
 
 

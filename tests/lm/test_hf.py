@@ -162,34 +162,12 @@ def test_import_and_export_refuse_a_busy_target_and_a_workdir_without_hf_vocab(t
 
 
 def test_cli_prints_one_line_and_exits_2_on_a_mistake(tmp_path):
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echo_jax.lm.hf",
-            "import",
-            str(FIXTURES / "llama"),
-            str(tmp_path / "w"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    command = [sys.executable, "-m", "echo_jax.lm.hf", "import", str(FIXTURES / "llama")]
+    command.append(str(tmp_path / "w"))
+    ok = subprocess.run(command, capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "import: 2 layers x 32 (rms)" in ok.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echo_jax.lm.hf",
-            "import",
-            str(FIXTURES / "llama"),
-            str(tmp_path / "w"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = subprocess.run(command, capture_output=True, text=True, check=False)  # now not empty
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not empty" in errors[0]

@@ -70,14 +70,17 @@ def test_training_resumes(trained, tmp_path):
     assert resumed["eval/ndcg@5"] == pytest.approx(result["eval/ndcg@5"], abs=1e-4)
 
 
+# phases 1 and 2 of the parameter-free mean encoder at rho 0 and 1, 4 steps each
+PHASES_OF_MEAN = (
+    "train.num_steps=4",
+    "phases.encoders=('mean',)",
+    "phases.rho_encoder=mean",
+    "phases.rhos=(0.0, 1.0)",
+)
+
+
 def test_phases_run_on_paired_lists_and_skip_finished_runs(tmp_path, monkeypatch):
-    config = _config(
-        "source_bias",
-        "train.num_steps=4",
-        "phases.encoders=('mean',)",
-        "phases.rho_encoder=mean",
-        "phases.rhos=(0.0, 1.0)",
-    )
+    config = _config("source_bias", *PHASES_OF_MEAN)
     summary = run_phases(config, str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "mean-rho0.00-seed0",
@@ -96,14 +99,7 @@ def test_phases_run_on_paired_lists_and_skip_finished_runs(tmp_path, monkeypatch
 
 
 def test_phase_two_without_retraining_scores_swapped_dev_under_the_phase_one_model(tmp_path):
-    config = _config(
-        "source_bias",
-        "train.num_steps=4",
-        "phases.encoders=('mean',)",
-        "phases.rho_encoder=mean",
-        "phases.rhos=(0.0, 1.0)",
-        "phases.retrain=False",
-    )
+    config = _config("source_bias", *PHASES_OF_MEAN, "phases.retrain=False")
     summary = run_phases(config, str(tmp_path))
     swapped = tmp_path / "runs" / "mean-rho1.00-seed0"
     assert [p.name for p in swapped.iterdir()] == ["result.json"]  # nothing trained
