@@ -135,11 +135,9 @@ class MixtureSource:
     after the validation examples) repeated as many times as the mixture says, concatenated."""
 
     def __init__(self, mixture: str, real_dir: str | os.PathLike, skip: int = 0):
-        self._parts = [
-            JsonlSource(style_file(real_dir, style), start=skip)
-            for style, count in repeats(mixture).items()
-            for _ in range(count)
-        ]
+        self._parts = []
+        for style, count in repeats(mixture).items():  # one index per file, however repeated
+            self._parts += [JsonlSource(style_file(real_dir, style), start=skip)] * count
         self._ends = np.cumsum([len(part) for part in self._parts])
 
     def __len__(self) -> int:
