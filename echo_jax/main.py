@@ -43,6 +43,7 @@ _RUNNERS = {
     "recsys_train": ("echo_jax.recsys.jobs.train", "run_train"),
     "source_bias_phases": ("echo_jax.recsys.jobs.phases", "run_phases"),
     "source_bias_study": ("echo_jax.recsys.jobs.study", "run_study"),
+    "source_bias_mechanism": ("echo_jax.recsys.jobs.mechanism", "run_mechanism"),
 }
 
 

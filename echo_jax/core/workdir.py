@@ -63,7 +63,9 @@ RESUME_MAY_CHANGE = (
 )
 
 # Config keys added after runs existed, with the value that means what those runs did: a run
-# saved without the key resumes when the key holds that value (`fnmatch` patterns).
+# saved without the key resumes when the key holds that value (`fnmatch` patterns; ANY: whatever
+# the value, as for an option of a part those runs did not use).
+ANY = object()
 ADDED_KEYS = {
     "*data.source": "synthetic",
     "*data.real_dir": "",
@@ -78,13 +80,17 @@ ADDED_KEYS = {
     "loop.init": "new",
     "loop.train_histories": "swapped",
     "loop.click_epochs": 1,
+    "*data.catalogue": "templated",  # the recommender's controlled catalogue before calibrated.py
+    "*data.denoise": ANY,  # options of the calibrated catalogue
+    "*data.praise": ANY,
+    "*data.rewriter": "calibrated",
     "transfer": {},  # the grid's transfer evaluations (an empty block flattens to itself)
 }
 
 
 def _added_as_before(key: str, current: Any) -> bool:
     return any(
-        fnmatch.fnmatchcase(key, pattern) and current == value
+        fnmatch.fnmatchcase(key, pattern) and (value is ANY or current == value)
         for pattern, value in ADDED_KEYS.items()
     )
 

@@ -262,34 +262,26 @@ def _impression(
     )
 
 
-def make_controlled_catalogue(
-    seed: int = 0,
-    num_users: int = 2000,
-    num_items: int = 1000,
-    num_topics: int = 8,
-    history_len: int = 10,
-    rewrite_strength: float = 0.5,
-    taste_concentration: float = 0.3,
-    popularity_sigma: float = 0.5,
-    num_negatives: int = 4,
-) -> ControlledCatalogue:
-    """Synthetic catalogue in the Beauty-637 layout (splits train, train1, train2, dev).
+def simulate_clicks(
+    rng: np.random.Generator,
+    item_topic: np.ndarray,
+    items: list[str],
+    *,
+    num_users: int,
+    history_len: int,
+    taste_concentration: float,
+    popularity_sigma: float,
+    num_negatives: int,
+) -> tuple[list[str], np.ndarray, dict[str, list[Impression]]]:
+    """Users, their topic tastes and the Beauty-637 splits; clicks depend on latents only.
 
     Each user clicks ``history_len + 2`` distinct items with probability proportional to
     ``taste[topic] * popularity``: the first ``history_len`` form the train history, the next is
     the train positive, the last the dev positive (dev history = the latest ``history_len``
     clicks). Negatives are uniform over the items the user never clicked. ``train1``/``train2``
-    split the train users in halves, for the feedback-loop iterations. Deterministic per ``seed``.
+    split the train users in halves, for the feedback-loop iterations.
     """
-    if not 1 <= num_topics <= len(TOPICS):
-        raise ConfigError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
-    if history_len + 2 + num_negatives > num_items:
-        raise ConfigError("num_items too small for history_len + 2 clicks + negatives")
-    rng = np.random.default_rng(seed)
-    topics = list(TOPICS)[:num_topics]
-    items = [f"I{i:05d}" for i in range(num_items)]
-    item_topic = rng.permutation(np.arange(num_items) % num_topics)
-    hgc = {item: _hgc_text(rng, topics[t]) for item, t in zip(items, item_topic)}
+    num_items, num_topics = len(items), int(item_topic.max()) + 1
     popularity = rng.lognormal(0.0, popularity_sigma, size=num_items)
     user_ids = [f"U{u:05d}" for u in range(num_users)]
     taste = rng.dirichlet(np.full(num_topics, taste_concentration), size=num_users)
@@ -311,6 +303,41 @@ def make_controlled_catalogue(
         "train2": [train[u] for u in sorted(half[num_users // 2 :])],
         "dev": dev,
     }
+    return user_ids, taste, splits
+
+
+def make_controlled_catalogue(
+    seed: int = 0,
+    num_users: int = 2000,
+    num_items: int = 1000,
+    num_topics: int = 8,
+    history_len: int = 10,
+    rewrite_strength: float = 0.5,
+    taste_concentration: float = 0.3,
+    popularity_sigma: float = 0.5,
+    num_negatives: int = 4,
+) -> ControlledCatalogue:
+    """Templated synthetic catalogue in the Beauty-637 layout (splits train, train1, train2,
+    dev; clicks from :func:`simulate_clicks`). Deterministic per ``seed``."""
+    if not 1 <= num_topics <= len(TOPICS):
+        raise ConfigError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
+    if history_len + 2 + num_negatives > num_items:
+        raise ConfigError("num_items too small for history_len + 2 clicks + negatives")
+    rng = np.random.default_rng(seed)
+    topics = list(TOPICS)[:num_topics]
+    items = [f"I{i:05d}" for i in range(num_items)]
+    item_topic = rng.permutation(np.arange(num_items) % num_topics)
+    hgc = {item: _hgc_text(rng, topics[t]) for item, t in zip(items, item_topic)}
+    user_ids, taste, splits = simulate_clicks(
+        rng,
+        item_topic,
+        items,
+        num_users=num_users,
+        history_len=history_len,
+        taste_concentration=taste_concentration,
+        popularity_sigma=popularity_sigma,
+        num_negatives=num_negatives,
+    )
     cat = ControlledCatalogue(
         splits=splits,
         items=items,

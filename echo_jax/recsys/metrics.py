@@ -116,7 +116,8 @@ def source_bias(
 
     `scores_NxCx2[..., 0]` scores the HGC copy of each candidate, `[..., 1]` its AIGC copy; the
     ranked list is all 2C copies. `llm_ratio` is the share of positives whose AIGC copy scores
-    strictly higher than their HGC copy (`ties` reports exact ties separately).
+    strictly higher than their HGC copy (`ties` reports exact ties separately);
+    `llm_ratio_ties_half` counts a tie as half a win, so identical copies give exactly 0.5.
     """
     scores_NxCx2 = np.asarray(scores_NxCx2)
     labels_NxC = np.asarray(labels_NxC)
@@ -127,7 +128,8 @@ def source_bias(
     llm = ranking_metrics(flat, (labels_NxC[..., None] * [0, 1]).reshape(flat.shape), ks)
     pos = labels_NxC.astype(bool)
     diff = scores_NxCx2[..., 1][pos] - scores_NxCx2[..., 0][pos]
-    out = {"llm_ratio": float((diff > 0).mean()), "ties": float((diff == 0).mean())}
+    wins, ties = float((diff > 0).mean()), float((diff == 0).mean())
+    out = {"llm_ratio": wins, "ties": ties, "llm_ratio_ties_half": wins + ties / 2}
     for name, value in human.items():
         out[f"human/{name}"] = value
         out[f"llm/{name}"] = llm[name]

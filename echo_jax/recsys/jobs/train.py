@@ -14,7 +14,7 @@ import numpy as np
 from echo_jax.core import plots, rng, sharding
 from echo_jax.core.config import ConfigError
 from echo_jax.core.train_loop import LoopConfig, TrainTask, train
-from echo_jax.recsys import catalogue, data
+from echo_jax.recsys import calibrated, catalogue, data
 from echo_jax.recsys import train as rtrain
 from echo_jax.recsys.debias import Debias, rewrite_rows
 from echo_jax.recsys.item_cache import minilm_vectors
@@ -30,20 +30,40 @@ from echo_jax.recsys.text_encoder import POOLINGS, WordVocab, minilm_dir
 DATASETS = ("controlled", "beauty637")
 
 
+CATALOGUES = ("calibrated", "templated")
+
+
+def _controlled(data_cfg: ml_collections.ConfigDict) -> data.RecDataset:
+    """The synthetic catalogue `data.catalogue` names (`calibrated` or the older `templated`)."""
+    shared = dict(
+        seed=data_cfg.catalogue_seed,
+        num_users=data_cfg.num_users,
+        num_items=data_cfg.num_items,
+        num_topics=data_cfg.num_topics,
+        history_len=data_cfg.history_len,
+    )
+    if data_cfg.catalogue == "calibrated":
+        return calibrated.make_calibrated_catalogue(
+            **shared,
+            rewrite=dataclasses.replace(
+                calibrated.Rewrite(), denoise=data_cfg.denoise, praise=data_cfg.praise
+            ),
+            rewriter=data_cfg.rewriter,
+        )
+    if data_cfg.catalogue == "templated":
+        return catalogue.make_controlled_catalogue(
+            **shared, rewrite_strength=data_cfg.rewrite_strength
+        )
+    raise ConfigError(f"data.catalogue {data_cfg.catalogue!r} not in {CATALOGUES}")
+
+
 def load_dataset(
     data_cfg: ml_collections.ConfigDict, with_rewrite: bool = False
 ) -> tuple[data.RecDataset, TextRows]:
     """The dataset and its text rows: `(hgc, aigc)` sources, every item in both, plus the
     rewrite of the AIGC text (the debiaser's third source) when `with_rewrite`."""
     if data_cfg.name == "controlled":
-        ds = catalogue.make_controlled_catalogue(
-            seed=data_cfg.catalogue_seed,
-            num_users=data_cfg.num_users,
-            num_items=data_cfg.num_items,
-            num_topics=data_cfg.num_topics,
-            history_len=data_cfg.history_len,
-            rewrite_strength=data_cfg.rewrite_strength,
-        )
+        ds = _controlled(data_cfg)
         aigc = data_cfg.aigc_source or catalogue.SIM_LLM
         rewrite = data_cfg.rewrite_source or catalogue.SIM_LLM_REWRITE
     elif data_cfg.name == "beauty637":
@@ -79,7 +99,15 @@ def feature_table(
         if config.model.pooling not in POOLINGS:
             raise ConfigError(f"model.pooling {config.model.pooling!r} not in {POOLINGS}")
         model_dir = str(minilm_dir(config.model.minilm_dir))
-        table = minilm_vectors(texts, model_dir, cache_dir, config.model.pooling)
+        # cached per source: runs that differ in one source (the rewrite) share the others'
+        n = len(rows.items)
+        pooling = config.model.pooling
+        table = np.concatenate(
+            [
+                minilm_vectors(texts[k : k + n], model_dir, cache_dir, pooling)
+                for k in range(0, len(texts), n)
+            ]
+        )
         if not config.model.item_projection and config.model.dim != table.shape[1]:
             raise ConfigError(
                 f"model.item_projection=False scores dot(user, item vector): model.dim must be "
