@@ -1,25 +1,34 @@
-"""The source-bias study: phases 1 and 2 (`controlled`, `beauty637`, `beauty637_clean`) and the
-whole three-phase study with the feedback loop and the debiaser (`loop`, `beauty637_loop`).
+"""The source-bias study: phases 1 and 2 (`controlled`, `beauty637`, `beauty637_clean`), the
+whole three-phase study with the feedback loop and the debiaser (`loop`, `beauty637_loop`), and
+the mechanism behind it (`mechanism`).
 
-Phase variants train every sub-run of phases 1 and 2 (a few minutes on 2 CPU cores for
-`controlled`). Loop variants run phases 1 and 2, then phase 3, the feedback loop, without and
+`controlled` variants use the calibrated synthetic catalogue (`recsys/calibrated.py`: latent
+content, a noisy human copy, an LLM rewrite that removes each noise edit with probability
+`data.denoise` and adds praise with probability `data.praise`, constants fitted to Beauty-637)
+and frozen MiniLM item vectors; they need no data folder. Phase variants train every sub-run of
+phases 1 and 2. Loop variants run phases 1 and 2, then phase 3, the feedback loop, without and
 with the black-box debiaser (`debias.alpha`, `debias.beta`; both 0 runs only the undebiased loop)
-over `loop.seeds`, and write `WORKDIR/report.md`: `loop` (controlled catalogue, full size),
-`loop_small` (a few minutes; the notebook's), `loop_smoke` (seconds; tests) and
-`beauty637_loop` (needs `ECHO_JAX_DATA`). All share `configs/recsys.py`'s settings.
+over `loop.seeds`, and write `WORKDIR/report.md`: `loop` (full size), `loop_small` (a few
+minutes; the notebook's), `loop_smoke` (seconds; tests) and `beauty637_loop` (needs
+`ECHO_JAX_DATA`). All share `configs/recsys.py`'s settings.
 
-`beauty637_study` runs phases 1 and 2 with the study's settings where echo_jax has them as
-options (`Yuqi-Zhou/Rec_SourceBias`, STUDIES.md B): no item-side parameters (score = dot(user,
-frozen vector), so users are as wide as the vectors), the study's pooling (the mean over a
-100-token padded window, not normalised), one negative drawn from the four shown, batch 256, 3
-epochs, lr 1e-3 with wd 1e-5, and phase 2 without retraining at rho = 0, 0.1, ..., 1. Still
-ours: MiniLM (384 wide) for the study's bert-base-uncased (768), SASRec's inner width 2 x 384
-(the study: 256), and no dropout inside the frozen encoder. `beauty637_loop_study` adds the
-loop with the study's choices (`loop.init="same"`, `loop.train_histories="human"`,
-`loop.click_epochs=3`; `feedback_loop.py`).
+The `*_study` variants use the study's settings where echo_jax has them as options
+(`Yuqi-Zhou/Rec_SourceBias`, STUDIES.md B): no item-side parameters (score = dot(user, frozen
+vector), so users are as wide as the vectors), the study's pooling (the mean over a 100-token
+padded window, not normalised), one negative drawn from the four shown, batch 256, 3 epochs, lr
+1e-3 with wd 1e-5, and phase 2 without retraining at rho = 0, 0.1, ..., 1. Still ours: MiniLM
+(384 wide) for the study's bert-base-uncased (768), SASRec's inner width 2 x 384 (the study:
+256), and no dropout inside the frozen encoder. `beauty637_study` and `controlled_study` run
+phases 1 and 2; `beauty637_loop_study` and `loop_study` add the loop with the study's choices
+(`loop.init="same"`, `loop.train_histories="human"`, `loop.click_epochs=3`; `feedback_loop.py`).
+
+`mechanism` (`recsys/mechanism.py`) trains phase 1 with the study's settings for every encoder
+over d in {0, 0.5, 1} and s in {0, 0.5} plus the identity-rewrite and from-scratch-tower
+controls, seeds 0-4; `mechanism_smoke` is its test-sized version.
 
     python -m echo_jax.main --config=configs/source_bias.py:controlled --workdir=runs/bias
     python -m echo_jax.main --config=configs/source_bias.py:loop --workdir=runs/loop
+    python -m echo_jax.main --config=configs/source_bias.py:mechanism --workdir=runs/mechanism
 """
 
 import os

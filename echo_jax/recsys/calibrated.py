@@ -41,27 +41,29 @@ REWRITERS = ("calibrated", "identity")
 
 @dataclass(frozen=True)
 class HumanNoise:
-    """Rates of the human copy's noise edits (per text unless stated)."""
+    """Rates of the human copy's noise edits (per text unless stated), fitted to Beauty-637.
+    `typo` has no statistic to fit: the real copies have the same share of words outside
+    MiniLM's vocabulary (12.1 % human, 12.3 % Mistral), so it stays 0."""
 
-    shorthand: float = 0.19  # "w/" for "with", "&" for "and"
+    shorthand: float = 0.16  # "w/" for "with", "&" for "and"
     typo: float = 0.0  # per content word of 5+ letters: two letters swapped
-    caps: float = 0.15  # one content sentence in capitals
-    html: float = 0.17  # HTML entities (&#xA0; &amp; &lt;p&gt;)
-    runon: float = 0.36  # sentences joined without a space ("clean.Use daily")
-    boilerplate: float = 0.21  # a seller sentence (shipping, guarantee, contact)
-    sku: float = 0.10  # a size or an item number
-    offtopic_mean: float = 2.2  # mean number of off-topic clauses (geometric)
-    extra_facts_mean: float = 4.0  # mean number of content sentences beyond the intro (geometric)
-    rare_word: float = 0.3  # per word with a rare spelling ("creme", "colour")
+    caps: float = 0.12  # one content sentence in capitals
+    html: float = 0.2  # HTML entities (&#xA0; &amp; &lt;p&gt;)
+    runon: float = 0.37  # sentences joined without a space ("clean.Use daily")
+    boilerplate: float = 0.18  # a seller sentence (shipping, guarantee, contact)
+    sku: float = 0.12  # a size or an item number
+    offtopic_mean: float = 7.4  # mean number of off-topic clauses (geometric)
+    extra_facts_mean: float = 12.0  # mean number of content sentences after the intro (geometric)
+    rare_word: float = 0.33  # per word with a rare spelling ("creme", "colour")
 
 
 @dataclass(frozen=True)
 class Rewrite:
     """The simulated LLM rewrite; `denoise` and `praise` are the mechanism's two knobs."""
 
-    denoise: float = 0.88  # d: each noise edit removed with this probability
-    praise: float = 0.5  # s: a generic praise sentence added with this probability
-    rephrase: float = 1.0  # each content sentence put in an LLM's phrasing (else the human's)
+    denoise: float = 0.94  # d: each noise edit removed with this probability
+    praise: float = 0.03  # s: a generic praise sentence added with this probability
+    rephrase: float = 0.5  # each content sentence put in an LLM's phrasing (else the human's)
     vocab_shift: float = 1.0  # each rare spelling replaced by the common word
     max_words: int = 94  # the length cap (Mistral's 99th percentile on Beauty-637)
 
@@ -113,14 +115,14 @@ _OFFTOPIC = (
     "For external use only.",
     "Made in the USA.",
     "Not tested on animals.",
-    "Perfect for travel and the gym bag.",
+    "Fits in a travel bag or a gym bag.",
     "Store in a cool dry place.",
 )
 _PRAISE = (
     "Elevate your daily routine with this exceptional product.",
     "A must-have addition to any beauty regimen.",
     "Indulge in a truly luxurious experience.",
-    "Experience the difference for yourself.",
+    "Experience the exceptional difference for yourself.",
     "Designed to enhance your natural radiance.",
     "An ideal choice for effortless, everyday care.",
 )
@@ -262,13 +264,13 @@ def render(
             i = arg % len(parts)
             parts[i] = parts[i].upper()
             text = " ".join(parts)
-    for kind, arg in edits:  # character-level edits last: they break the word boundaries
-        if kind == "runon":
-            text = re.sub(r"([a-z0-9])\. (?=[A-Z])", r"\1.", text)
-        elif kind == "html":
-            text = text.replace(" & ", " &amp; ").replace(". ", ".&#xA0; ")
-            if arg % 2:
-                text = f"&lt;p&gt;{text}&lt;/p&gt;"
+    kinds = dict(edits)  # character-level edits last (they break word boundaries), in order
+    if "runon" in kinds:
+        text = re.sub(r"([a-z0-9])\. (?=[A-Z])", r"\1.", text)
+    if "html" in kinds:
+        text = text.replace(" & ", " &amp; ").replace(". ", ".&#xA0; ")
+        if kinds["html"] % 2:
+            text = f"&lt;p&gt;{text}&lt;/p&gt;"
     return text
 
 

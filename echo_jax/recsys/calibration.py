@@ -7,7 +7,7 @@ sentences, shorthand, seller boilerplate, sizes and generic praise; lengths; the
 surprisal gap) are measured on the human and Mistral-7B copies of Beauty-637, then each constant
 of `calibrated.HumanNoise` / `Rewrite` is fitted, one coordinate at a time, to the statistic it
 drives on a synthetic catalogue, without an encoder. One statistic needs the encoder: the
-share of train positives whose AIGC copy lies closer than the human copy to the mean of the
+share of train and dev positives whose AIGC copy lies closer than the human copy to the mean of the
 user's history in frozen MiniLM space (the study's pooling). That share fits `Rewrite.rephrase`
 (how much of the content the rewrite puts in an LLM's phrasing), and is then reported at d = 0,
 the fitted d and 1. Needs the shared data folder (`ECHO_JAX_DATA`).
@@ -33,7 +33,8 @@ PATTERNS = {
     "caps": r"\b[A-Z]{3,}(?:\s+[A-Z]{3,})+\b",
     "runon": r"[a-z][.!?][A-Z]",
     "shorthand": r"(?<!&)&(?![#\w]+;)|\bw/",
-    "boilerplate": r"(?i)\b(?:ship|shipping|guarantee\w*|satisfaction|order|seller|contact us)\b",
+    "boilerplate": r"(?i)\b(?:ships?|shipping|guarantee\w*|satisfaction|orders?|seller|"
+    r"contact us)\b",
     "sku": r"(?i)\b\d+(?:\.\d+)?\s?(?:oz|ml|count|pcs|pack)\b|\bitem #",
     "praise": r"(?i)\b(?:luxurious|indulge|elevate|must-have|exceptional|effortless|radian\w*|"
     r"pamper\w*|ideal|perfect)\b",
@@ -143,7 +144,7 @@ def fit(real: dict, num_items: int = 600, sweeps: int = 2) -> tuple[object, obje
 def closer_to_history(
     ds: data.RecDataset, aigc_source: str, model_dir: str, cache_dir: str
 ) -> float:
-    """Share of train positives whose AIGC copy scores above the human copy under the
+    """Share of train and dev positives whose AIGC copy scores above the human copy under the
     parameter-free mean tower: dot(mean of the history's human vectors, item vector), frozen
     MiniLM with the study's pooling."""
     from echo_jax.recsys.item_cache import minilm_vectors
@@ -156,7 +157,7 @@ def closer_to_history(
         for src in (data.HGC, aigc_source)
     }
     wins = []
-    for imp in ds.splits["train"]:
+    for imp in (*ds.splits["train"], *ds.splits["dev"]):
         user = vec[data.HGC][[index[h] for h in imp.history]].mean(0)
         for pos in imp.positives:
             diff = vec[aigc_source][index[pos]] @ user - vec[data.HGC][index[pos]] @ user
