@@ -1,10 +1,10 @@
-"""The feedback loop's claims, checked by running `source_bias.py:loop_small` (controlled
-catalogue, seeds 0 and 1, 5 loop iterations) and asserting on the measured click shares.
+"""The feedback loop's claims, checked by running `source_bias.py:loop_small` (the calibrated
+catalogue, frozen MiniLM with echo_jax's settings, seeds 0 and 1, 5 loop iterations) and
+asserting on the measured click shares.
 
-In the controlled catalogue the direction of the initial source preference is set by the
-training seed (seed 0 starts near 0.5 and drifts to AIGC, seed 1 starts at 0.36 and drifts to
-HGC; RESULTS.md has the numbers), so escalation is checked as the click share moving away from
-0.5, in whichever direction it started.
+Escalation is checked as the click share moving away from 0.5 in whichever direction it started:
+with these settings both seeds start below 0.5 (0.24 and 0.22 at iteration 1) and run to the
+human copy (0.005 at iteration 5); RESULTS.md has the study preset's numbers.
 """
 
 import json
@@ -17,9 +17,9 @@ from echo_jax.core.config import load_config
 from echo_jax.recsys.jobs.study import UNDEBIASED, run_study
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# measured (seeds 0, 1): undebiased |share - 0.5| grows by 0.21 and 0.23 from iteration 1 to 5
-# (share drift 0.21, 0.23); debiased, every iteration's share lies within 0.15 of 0.5 and drifts
-# by 0.05 and 0.03; NDCG@5 costs under 0.01
+# measured (seeds 0, 1): undebiased |share - 0.5| grows by 0.24 and 0.22 from iteration 1 to 5;
+# debiased, every iteration's share lies within 0.10 of 0.5 and |share - 0.5| grows by 0.02 and
+# -0.09; NDCG@5 0.697 debiased against 0.666 undebiased
 MIN_ESCALATION = 0.10
 DEBIASED_BAND = 0.20
 NDCG_MARGIN = 0.03
@@ -45,6 +45,11 @@ def _per_seed(study, arm, key):
     return np.asarray(runs)
 
 
+def _escalation(share):
+    """How much further from 0.5 the click share ends than it started, per seed."""
+    return np.abs(share[:, -1] - 0.5) - np.abs(share[:, 0] - 0.5)
+
+
 def _debiased_arm(study):
     (arm,) = [a for a in study[0] if a != UNDEBIASED]
     return arm
@@ -54,7 +59,7 @@ def test_without_debiasing_the_loop_escalates_the_source_preference(study):
     share = _per_seed(study, UNDEBIASED, "aigc_click_share")
     ratio = _per_seed(study, UNDEBIASED, "llm_ratio")
     assert share.shape == (2, 6) and (share[:, 0] == 0).all()
-    growth = np.abs(share[:, -1] - 0.5) - np.abs(share[:, 1] - 0.5)
+    growth = _escalation(share[:, 1:])
     print("undebiased click shares", share.round(3).tolist())
     assert (growth > MIN_ESCALATION).all(), share.round(3).tolist()
     # it runs towards the copy the first click-trained recommender prefers (an inverted click
@@ -63,14 +68,13 @@ def test_without_debiasing_the_loop_escalates_the_source_preference(study):
     assert (np.abs(ratio[:, -1] - 0.5) > np.abs(ratio[:, 0] - 0.5)).all(), ratio.round(3)
 
 
-def test_with_debiasing_the_click_share_stays_near_half_and_drifts_less(study):
+def test_with_debiasing_the_click_share_stays_near_half_and_escalates_less(study):
     arm = _debiased_arm(study)
     share = _per_seed(study, arm, "aigc_click_share")[:, 1:]
     plain = _per_seed(study, UNDEBIASED, "aigc_click_share")[:, 1:]
     print("debiased click shares", share.round(3).tolist())
     assert np.abs(share - 0.5).max() < DEBIASED_BAND, share.round(3).tolist()
-    drift = np.abs(share[:, -1] - share[:, 0])
-    assert (drift < np.abs(plain[:, -1] - plain[:, 0]) / 2).all(), (drift, plain.round(3))
+    assert (_escalation(share) < _escalation(plain) / 2).all(), (share.round(3), plain.round(3))
 
 
 def test_debiasing_costs_little_accuracy(study):
