@@ -58,6 +58,19 @@ def test_denoising_moves_the_preference_to_the_rewrite(measured):
         assert all(d1 > d0 for d0, d1 in pairs), encoder
 
 
+def test_cells_that_change_only_the_aigc_text_share_one_model(measured):
+    _, workdir = measured
+    for encoder in ("mean", "sasrec"):
+        for seed in (0, 1, 2):
+            runs = [
+                workdir / "runs" / f"{c}-{encoder}-seed{seed}" for c in ("0_0", "1_0", "identity")
+            ]
+            assert (runs[0] / "checkpoints").is_dir()
+            assert not any((r / "checkpoints").exists() for r in runs[1:])
+            human_side = {json.loads((r / "result.json").read_text())["eval/ndcg@5"] for r in runs}
+            assert len(human_side) == 1, (encoder, seed, human_side)  # the same model
+
+
 def test_report_results_and_a_rerun_that_trains_nothing(measured, capsys):
     summary, workdir = measured
     saved = json.loads((workdir / "results.json").read_text())

@@ -1,10 +1,12 @@
 """The `source_bias_mechanism` job: phase 1 over the calibrated catalogue's rewrite settings and
 its controls (`recsys/mechanism.py`), resumable.
 
-Each (cell, encoder, seed) sub-run trains on human-text histories in `WORKDIR/runs/<name>` and
-leaves a `result.json`; finished sub-runs are skipped. Seed s draws catalogue s and trains with
-seed s, so catalogues that differ only in d and s share their human text, clicks and vectors
-(cached per source in `WORKDIR/item_cache`). Writes `report.md`, `results.json` and
+Each (cell, encoder, seed) sub-run leaves a `result.json` in `WORKDIR/runs/<name>`; finished
+sub-runs are skipped. Seed s draws catalogue s and trains with seed s. Phase 1 trains on human
+text only, so cells that change only the AIGC text (`data.*`: d, s, the identity rewrite) share
+one model per (encoder, seed): the first such cell trains it, the others score their own AIGC
+copies under it (their folders hold only `result.json`). Human texts, clicks and vectors are
+shared too (cached per source in `WORKDIR/item_cache`). Writes `report.md`, `results.json` and
 `plots/mechanism.png`.
 """
 
@@ -48,6 +50,11 @@ def sub_config(
     return sub
 
 
+def _text_only(overrides: dict) -> bool:
+    """A cell that changes only the data (the AIGC text), not the model or its training."""
+    return all(key.startswith("data.") for key in overrides)
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     mech = config.mechanism
     unknown = set(mech.controls) - set(mechanism.CONTROLS)
@@ -74,17 +81,22 @@ def run_mechanism(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for cell, overrides in mechanism.cells(mech).items()
         for enc in mech.encoders
     ]
+    shared_cells = {c: o for c, o in mechanism.cells(mech).items() if _text_only(o)}
+    model_cell = next(iter(shared_cells), None)  # trains the model the text-only cells share
     results = {}
     for index, (cell, overrides, encoder, seed) in enumerate(runs, start=1):
         name = mechanism.run_name(cell, encoder, seed)
         sub_dir = os.path.join(workdir, "runs", name)
+        trained_at = model_cell if cell in shared_cells else cell
+        scored = None if trained_at == cell else sub_config(config, overrides, encoder, seed)
         train = functools.partial(
             train_and_evaluate,
-            sub_config(config, overrides, encoder, seed),
-            sub_dir,
+            sub_config(config, mechanism.cells(mech)[trained_at], encoder, seed),
+            os.path.join(workdir, "runs", mechanism.run_name(trained_at, encoder, seed)),
             cache_dir,
             evaluate_in_loop=False,
             label=name,
+            score_config=scored,
         )
         results[name] = run_stage(
             train,

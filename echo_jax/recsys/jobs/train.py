@@ -230,10 +230,12 @@ def train_and_evaluate(
     evaluate_in_loop: bool = True,
     label: str = "recsys",
     eval_aigc_share: float | None = None,
+    score_config: ml_collections.ConfigDict | None = None,
 ) -> dict[str, float]:
     """One training run through the shared loop (resumed if `workdir` has checkpoints, returned
     at once if finished); returns the final evaluation (of dev histories swapped at
-    `eval_aigc_share` when given)."""
+    `eval_aigc_share` when given; on `score_config`'s data when given: the same model scoring
+    other item texts, as the mechanism job's cells do)."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
     task, evaluate = build_task(config, mesh, prepare(config, cache_dir, eval_aigc_share))
     if evaluate_in_loop:
@@ -248,6 +250,9 @@ def train_and_evaluate(
         config=config,
         label=label,
     )
+    if score_config is not None:
+        prep = prepare(score_config, cache_dir, eval_aigc_share)
+        _, evaluate = build_task(score_config, mesh, prep)
     return evaluate(state)
 
 
