@@ -131,7 +131,10 @@ _VALUE_RULES = (
     (("*lr", "weight_decay", "*kl_coef", "grad_clip", "*timeout_s", "click_eta"), ">= 0"),
     (("temperature",), "> 0"),
     (("top_p",), "in (0, 1]"),
-    (("*_ratio", "*_share", "*_prob", "dropout", "rewrite_strength"), "in [0, 1]"),
+    (
+        ("*_ratio", "*_share", "*_prob", "dropout", "rewrite_strength", "denoise", "praise"),
+        "in [0, 1]",
+    ),
 )
 _CHECKS = {
     _AT_LEAST_ONE: lambda v: isinstance(v, int) and v >= 1,

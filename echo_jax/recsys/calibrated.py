@@ -219,7 +219,7 @@ def draw_human_copy(rng: np.random.Generator, item: Item, noise: HumanNoise) -> 
             edits.append(("rare", (word, _RARE[word])))
     for _ in range(_geometric(rng, noise.offtopic_mean)):
         edits.append(("offtopic", _OFFTOPIC[rng.integers(len(_OFFTOPIC))]))
-    return HumanCopy(phrasing, tuple(rng.permutation(np.array(edits, dtype=object)).tolist()))
+    return HumanCopy(phrasing, tuple(edits[i] for i in rng.permutation(len(edits))))
 
 
 def _replace_word(text: str, old: str, new: str) -> str:
@@ -227,7 +227,6 @@ def _replace_word(text: str, old: str, new: str) -> str:
 
 
 def render(
-    item: Item,
     sentences: list[str],
     edits: list[tuple[str, object]],
     max_words: int = 0,
@@ -283,27 +282,40 @@ def _sentence(template: str, slots: dict[str, str]) -> str:
 def human_text(item: Item, copy: HumanCopy) -> str:
     facts = zip(item.facts, copy.phrasing)
     sents = [_sentence(_PHRASES[kind][0][p], slots) for (kind, slots), p in facts]
-    return render(item, sents, list(copy.edits))
+    return render(sents, list(copy.edits))
+
+
+def rewrite_plan(
+    item: Item, copy: HumanCopy, rewrite: Rewrite, seed: int, passes: int
+) -> tuple[list[tuple[str, object]], list[int | None], list[str]]:
+    """What `passes` rewrites keep and change: the surviving noise edits, the LLM template of each
+    content sentence (None: still the human phrasing) and the praise sentences added. Pass k draws
+    from its own stream, so pass 2 continues from pass 1: it removes each surviving edit with
+    probability d again, may rephrase more sentences and add praise, and undoes nothing."""
+    crc = zlib.crc32(repr(item).encode())
+    edits, praise = list(copy.edits), []
+    templates: list[int | None] = [None] * len(item.facts)  # LLM phrasing; None: the human's
+    for k in range(1, passes + 1):
+        rng = np.random.default_rng([seed + k, crc])
+        keep = rng.random(len(edits)) >= rewrite.denoise
+        shift = rng.random(len(edits)) < rewrite.vocab_shift
+        edits = [e for e, kept, v in zip(edits, keep, shift) if kept and not (e[0] == "rare" and v)]
+        if rng.random() < rewrite.praise:
+            praise.append(_PRAISE[rng.integers(len(_PRAISE))])
+        for i, (kind, _) in enumerate(item.facts):
+            if rng.random() < rewrite.rephrase:
+                templates[i] = int(rng.integers(len(_PHRASES[kind][1])))
+    return edits, templates, praise
 
 
 def rewrite_text(item: Item, copy: HumanCopy, rewrite: Rewrite, seed: int, passes: int) -> str:
-    """The LLM copy after `passes` rewrites (1: the AIGC copy, 2: the debiaser's re-rewrite);
-    each pass removes every surviving edit with probability d and may add praise."""
-    rng = np.random.default_rng([seed, zlib.crc32(repr(item).encode())])
-    edits, praise = list(copy.edits), []
-    for _ in range(passes):
-        keep = rng.random(len(edits)) >= rewrite.denoise
-        shift = rng.random(len(edits)) < rewrite.vocab_shift
-        edits = [e for e, k, v in zip(edits, keep, shift) if k and not (e[0] == "rare" and v)]
-        if rng.random() < rewrite.praise:
-            praise.append(_PRAISE[rng.integers(len(_PRAISE))])
+    """The LLM copy after `passes` rewrites (1: the AIGC copy, 2: the debiaser's re-rewrite)."""
+    edits, templates, praise = rewrite_plan(item, copy, rewrite, seed, passes)
     sents = [
-        _sentence(_PHRASES[kind][1][rng.integers(len(_PHRASES[kind][1]))], slots)
-        if rng.random() < rewrite.rephrase
-        else _sentence(_PHRASES[kind][0][p], slots)
-        for (kind, slots), p in zip(item.facts, copy.phrasing)
+        _sentence(_PHRASES[kind][0][p] if t is None else _PHRASES[kind][1][t], slots)
+        for (kind, slots), p, t in zip(item.facts, copy.phrasing, templates)
     ]
-    return render(item, sents[:1] + praise[:1] + sents[1:] + praise[1:], edits, rewrite.max_words)
+    return render(sents[:1] + praise[:1] + sents[1:] + praise[1:], edits, rewrite.max_words)
 
 
 def make_calibrated_catalogue(
@@ -337,6 +349,7 @@ def make_calibrated_catalogue(
         rng,
         item_topic,
         ids,
+        num_topics=num_topics,
         num_users=num_users,
         history_len=history_len,
         taste_concentration=taste_concentration,
@@ -350,7 +363,7 @@ def make_calibrated_catalogue(
             dict(hgc)
             if rewriter == "identity"
             else {
-                i: rewrite_text(item, c, rewrite, seed + passes, passes)
+                i: rewrite_text(item, c, rewrite, seed, passes)
                 for i, item, c in zip(ids, items, copies)
             }
         )

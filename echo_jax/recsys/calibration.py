@@ -118,11 +118,16 @@ def _targets() -> dict[str, tuple[str, np.ndarray, Callable[[dict, dict], float]
     return targets
 
 
-def fit(real: dict, num_items: int = 600, sweeps: int = 2) -> tuple[object, object, dict]:
-    """Coordinate search of every constant in `_targets`, `sweeps` times over; the length cap
-    is the real AIGC copies' 99th percentile."""
-    noise = calibrated.HumanNoise()
-    rewrite = calibrated.Rewrite(max_words=int(round(real["aigc/words_p99"])))
+def fit(
+    real: dict,
+    start: tuple[calibrated.HumanNoise, calibrated.Rewrite],
+    num_items: int = 600,
+    sweeps: int = 2,
+) -> tuple[calibrated.HumanNoise, calibrated.Rewrite]:
+    """Coordinate search of every constant in `_targets` from `start`, `sweeps` times over; the
+    length cap is the real AIGC copies' 99th percentile."""
+    noise, rewrite = start
+    rewrite = dataclasses.replace(rewrite, max_words=int(round(real["aigc/words_p99"])))
     for _ in range(sweeps):
         for name, (part, values, loss) in _targets().items():
             losses = []
@@ -138,7 +143,7 @@ def fit(real: dict, num_items: int = 600, sweeps: int = 2) -> tuple[object, obje
                 noise = dataclasses.replace(noise, **{name: best})
             else:
                 rewrite = dataclasses.replace(rewrite, **{name: best})
-    return noise, rewrite, text_stats(*synthetic_pairs(noise, rewrite, num_items, seed=1))
+    return noise, rewrite
 
 
 def closer_to_history(
@@ -170,11 +175,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/catalogue_calibration.json")
     parser.add_argument("--cache_dir", default="runs/item_cache")
     parser.add_argument("--items", type=int, default=600)
+    parser.add_argument(
+        "--check_only", action="store_true", help="measure the shipped constants, fit nothing"
+    )
     args = parser.parse_args(argv)
     from echo_jax.recsys.text_encoder import minilm_dir
 
     real = text_stats(*real_pairs())
-    noise, rewrite, synthetic = fit(real, args.items)
+    noise, rewrite = calibrated.HumanNoise(), calibrated.Rewrite()
     model_dir = str(minilm_dir(""))
     beauty = data.build_beauty637(sources=(data.HGC, data.MISTRAL))
     real_closer = closer_to_history(beauty, data.MISTRAL, model_dir, args.cache_dir)
@@ -185,21 +193,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         return closer_to_history(cat, SIM_LLM, model_dir, args.cache_dir)
 
-    # the one constant fitted through the encoder: how much of the content the LLM rephrases
-    rephrase_fit = {
-        f"{v:g}": synthetic_closer(dataclasses.replace(rewrite, rephrase=float(v)))
-        for v in np.round(np.arange(0.0, 1.001, 0.1), 1)
-    }
-    best = min(rephrase_fit, key=lambda v: abs(rephrase_fit[v] - real_closer))
-    rewrite = dataclasses.replace(rewrite, rephrase=float(best))
-    check = {"real_mistral": real_closer, "rephrase_fit": rephrase_fit}
+    check: dict = {"real_mistral": real_closer}
+    if not args.check_only:  # surface constants, then `rephrase` through the encoder, then the
+        noise, rewrite = fit(real, (noise, rewrite), args.items)  # surface again under it
+        check["rephrase_fit"] = {
+            f"{v:g}": synthetic_closer(dataclasses.replace(rewrite, rephrase=float(v)))
+            for v in np.round(np.arange(0.0, 1.001, 0.1), 1)
+        }
+        best = min(check["rephrase_fit"], key=lambda v: abs(check["rephrase_fit"][v] - real_closer))
+        rewrite = dataclasses.replace(rewrite, rephrase=float(best))
+        noise, rewrite = fit(real, (noise, rewrite), args.items, sweeps=1)
     for d in (0.0, rewrite.denoise, 1.0):
         check[f"synthetic_d{d:g}"] = synthetic_closer(dataclasses.replace(rewrite, denoise=d))
+    synthetic = text_stats(*synthetic_pairs(noise, rewrite, args.items, seed=1))  # out of sample
     result = {
-        "command": "python -m echo_jax.recsys.calibration",
+        "command": "python -m echo_jax.recsys.calibration"
+        + (" --check_only" if args.check_only else ""),
+        "constants": {
+            "HumanNoise": dataclasses.asdict(noise),
+            "Rewrite": dataclasses.asdict(rewrite),
+        },
         "real_beauty637_mistral": real,
-        "synthetic_fitted": synthetic,
-        "fitted": {"HumanNoise": dataclasses.asdict(noise), "Rewrite": dataclasses.asdict(rewrite)},
+        "synthetic_seed1": synthetic,
         "mean_tower_aigc_closer": check,
     }
     write_json(args.out, result)
@@ -207,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{'statistic':{width}}  real  synthetic")
     for k in real:
         print(f"{k:{width}}  {real[k]:.3f}  {synthetic[k]:.3f}")
-    print("fitted", result["fitted"])
+    print("constants", result["constants"])
     print("AIGC closer to the history mean (mean tower):", check)
 
 

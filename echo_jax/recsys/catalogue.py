@@ -267,6 +267,7 @@ def simulate_clicks(
     item_topic: np.ndarray,
     items: list[str],
     *,
+    num_topics: int,
     num_users: int,
     history_len: int,
     taste_concentration: float,
@@ -281,7 +282,7 @@ def simulate_clicks(
     clicks). Negatives are uniform over the items the user never clicked. ``train1``/``train2``
     split the train users in halves, for the feedback-loop iterations.
     """
-    num_items, num_topics = len(items), int(item_topic.max()) + 1
+    num_items = len(items)
     popularity = rng.lognormal(0.0, popularity_sigma, size=num_items)
     user_ids = [f"U{u:05d}" for u in range(num_users)]
     taste = rng.dirichlet(np.full(num_topics, taste_concentration), size=num_users)
@@ -332,6 +333,7 @@ def make_controlled_catalogue(
         rng,
         item_topic,
         items,
+        num_topics=num_topics,
         num_users=num_users,
         history_len=history_len,
         taste_concentration=taste_concentration,

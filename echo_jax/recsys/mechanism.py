@@ -27,6 +27,7 @@ CONTROLS = {
         "model.item_tower": "small",
         "model.item_projection": True,
         "model.dim": 64,
+        "model.max_text_len": 100,  # the study pooling's window, not the tower's default 32
         "train.num_steps": 150,
     },
 }

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from echo_jax.core.config import ConfigError
-from echo_jax.recsys import calibration
+from echo_jax.recsys import calibrated, calibration
 from echo_jax.recsys.calibrated import HumanNoise, Rewrite, make_calibrated_catalogue
 from echo_jax.recsys.catalogue import SIM_LLM, SIM_LLM_REWRITE
 from echo_jax.recsys.data import HGC
@@ -59,10 +59,25 @@ def test_praise_and_the_length_cap():
         assert len(capped.texts[SIM_LLM][item].split()) < 45
 
 
-def test_the_second_rewrite_differs_from_the_first():
+def test_the_second_rewrite_rewrites_the_first():
+    """The debiaser's re-rewrite continues from the AIGC copy: it keeps a subset of the first
+    pass's noise edits, keeps its LLM phrasing and praise, and changes most texts."""
+    rng = np.random.default_rng(0)
+    rewrite = Rewrite(denoise=0.5, praise=0.5)
+    removed_more = 0
+    for topic in ["skincare", "haircare", "bath"] * 20:
+        item = calibrated.make_item(rng, topic, NOISY)
+        copy = calibrated.draw_human_copy(rng, item, NOISY)
+        edits1, templates1, praise1 = calibrated.rewrite_plan(item, copy, rewrite, 5, passes=1)
+        edits2, templates2, praise2 = calibrated.rewrite_plan(item, copy, rewrite, 5, passes=2)
+        assert set(edits2) <= set(edits1) <= set(copy.edits)
+        assert all(t2 is not None for t1, t2 in zip(templates1, templates2) if t1 is not None)
+        assert praise2[: len(praise1)] == praise1
+        removed_more += len(edits2) < len(edits1)
+    assert removed_more > 30
     cat = _catalogue(denoise=0.5, praise=0.5)
-    differ = [cat.texts[SIM_LLM][i] != cat.texts[SIM_LLM_REWRITE][i] for i in cat.items]
-    assert np.mean(differ) > 0.5
+    first, second = cat.texts[SIM_LLM], cat.texts[SIM_LLM_REWRITE]
+    assert np.mean([first[i] != second[i] for i in cat.items]) > 0.5
 
 
 def test_the_identity_rewriter_copies_the_human_text():
@@ -92,6 +107,8 @@ def test_the_shipped_constants_reproduce_the_real_surface_statistics(tmp_path):
         pytest.skip(str(e))
     synthetic = calibration.text_stats(*calibration.synthetic_pairs(HumanNoise(), Rewrite(), 600))
     for kind in calibration.NOISE_KINDS:
-        assert synthetic[f"hgc/{kind}"] == pytest.approx(real[f"hgc/{kind}"], abs=0.05), kind
-        assert synthetic[f"aigc/{kind}"] == pytest.approx(real[f"aigc/{kind}"], abs=0.08), kind
+        # 600 items: a share's binomial sd is up to 0.02; sizes are kept by Mistral (0.078) and
+        # removed with the rest of the noise here (0.002)
+        assert synthetic[f"hgc/{kind}"] == pytest.approx(real[f"hgc/{kind}"], abs=0.06), kind
+        assert synthetic[f"aigc/{kind}"] == pytest.approx(real[f"aigc/{kind}"], abs=0.1), kind
     assert dataclasses.asdict(Rewrite())["max_words"] == round(real["aigc/words_p99"])

@@ -5,6 +5,7 @@ denoising d at 0 and 1 and the identity control, then the job's tables are check
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from echo_jax.core.config import ConfigError, load_config
@@ -15,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 # 0.599 [0.475, 0.724] at d = 1; SASRec (4 steps) 0.381 -> 0.462, higher in each seed (by 0.108,
 # 0.108, 0.025)
 MEAN_TOWER_GAIN = 0.2
+SASREC_GAIN = 0.03  # of the mean over seeds; one seed's gain can be small (0.025 in seed 2)
 
 
 def _config(*overrides):
@@ -53,9 +55,11 @@ def test_denoising_moves_the_preference_to_the_rewrite(measured):
     assert removed["mean"] > kept["mean"] + MEAN_TOWER_GAIN
     assert removed["lo"] > kept["hi"]  # the 95 % intervals do not overlap
     assert kept["hi"] < 0.5 < removed["mean"]  # the noise decides which copy wins
-    for encoder in ("mean", "sasrec"):  # paired by seed: the same catalogue and training seed
-        pairs = zip(_per_seed(workdir, "0_0", encoder), _per_seed(workdir, "1_0", encoder))
-        assert all(d1 > d0 for d0, d1 in pairs), encoder
+    # paired by seed (the same catalogue and training seed)
+    pairs = zip(_per_seed(workdir, "0_0", "mean"), _per_seed(workdir, "1_0", "mean"))
+    assert all(d1 > d0 + MEAN_TOWER_GAIN for d0, d1 in pairs)
+    gains = np.subtract(_per_seed(workdir, "1_0", "sasrec"), _per_seed(workdir, "0_0", "sasrec"))
+    assert gains.mean() > SASREC_GAIN, gains
 
 
 def test_cells_that_change_only_the_aigc_text_share_one_model(measured):

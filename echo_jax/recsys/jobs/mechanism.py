@@ -23,7 +23,10 @@ from echo_jax.core.config import ConfigError
 from echo_jax.core.files import write_json
 from echo_jax.core.stages import run_stage
 from echo_jax.recsys import mechanism
+from echo_jax.recsys.calibrated import REWRITERS
 from echo_jax.recsys.jobs.train import train_and_evaluate
+from echo_jax.recsys.model import USER_ENCODERS
+from echo_jax.recsys.text_encoder import minilm_dir
 
 GRID_MAY_CHANGE = (
     *workdir_lib.RESUME_MAY_CHANGE,
@@ -62,9 +65,19 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"mechanism.controls {sorted(unknown)} not in {list(mechanism.CONTROLS)}")
     if config.data.name != "controlled" or config.data.catalogue != "calibrated":
         raise ConfigError("the mechanism job needs data.name=controlled, data.catalogue=calibrated")
-    bad = [v for v in (*mech.denoise, *mech.praise) if not 0.0 <= v <= 1.0]
-    if bad:
-        raise ConfigError(f"mechanism.denoise and mechanism.praise must lie in [0, 1], got {bad}")
+    unknown = set(mech.encoders) - set(USER_ENCODERS)
+    if unknown:
+        raise ConfigError(f"mechanism.encoders {sorted(unknown)} not in {USER_ENCODERS}")
+    if config.data.rewriter not in REWRITERS:
+        raise ConfigError(f"data.rewriter {config.data.rewriter!r} not in {REWRITERS}")
+    minilm_dir(config.model.minilm_dir)  # one line naming the pip command when missing
+
+
+def _shares_models(config: ml_collections.ConfigDict) -> bool:
+    """Cells that change only the AIGC text can share a model when training never reads it:
+    human training histories, and frozen vectors (a trained tower's vocabulary spans both
+    copies)."""
+    return config.data.aigc_share == 0 and config.model.item_tower == "minilm"
 
 
 def run_mechanism(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -81,7 +94,9 @@ def run_mechanism(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for cell, overrides in mechanism.cells(mech).items()
         for enc in mech.encoders
     ]
-    shared_cells = {c: o for c, o in mechanism.cells(mech).items() if _text_only(o)}
+    shared_cells = {
+        c: o for c, o in mechanism.cells(mech).items() if _text_only(o) and _shares_models(config)
+    }
     model_cell = next(iter(shared_cells), None)  # trains the model the text-only cells share
     results = {}
     for index, (cell, overrides, encoder, seed) in enumerate(runs, start=1):
