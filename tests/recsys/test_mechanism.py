@@ -5,7 +5,6 @@ denoising d at 0 and 1 and the identity control, then the job's tables are check
 import json
 import pathlib
 
-import numpy as np
 import pytest
 
 from echo_jax.core.config import ConfigError, load_config
@@ -13,10 +12,10 @@ from echo_jax.recsys.jobs.mechanism import run_mechanism
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # measured (seeds 0-2): the parameter-free mean tower 0.229 [0.166, 0.292] at d = 0 against
-# 0.599 [0.475, 0.724] at d = 1; SASRec (4 steps) 0.381 -> 0.462, higher in each seed (by 0.108,
-# 0.108, 0.025)
+# 0.599 [0.475, 0.724] at d = 1, higher by 0.35-0.41 in each seed. SASRec is not asserted on:
+# here (4 steps) it moves 0.381 -> 0.462, but at the `mechanism` size (24 steps) the trained
+# encoders barely follow d (RESULTS.md), so a threshold would test under-training.
 MEAN_TOWER_GAIN = 0.2
-SASREC_GAIN = 0.03  # of the mean over seeds; one seed's gain can be small (0.025 in seed 2)
 
 
 def _config(*overrides):
@@ -58,8 +57,6 @@ def test_denoising_moves_the_preference_to_the_rewrite(measured):
     # paired by seed (the same catalogue and training seed)
     pairs = zip(_per_seed(workdir, "0_0", "mean"), _per_seed(workdir, "1_0", "mean"))
     assert all(d1 > d0 + MEAN_TOWER_GAIN for d0, d1 in pairs)
-    gains = np.subtract(_per_seed(workdir, "1_0", "sasrec"), _per_seed(workdir, "0_0", "sasrec"))
-    assert gains.mean() > SASREC_GAIN, gains
 
 
 def test_cells_that_change_only_the_aigc_text_share_one_model(measured):
