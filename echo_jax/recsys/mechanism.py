@@ -22,12 +22,13 @@ from echo_jax.core.plots import plt
 METRIC = "bias/llm_ratio_ties_half"
 CONTROLS = {
     "identity": {"data.rewriter": "identity"},
-    # echo_jax's controlled settings: a tower trained from scratch needs more than 3 epochs
+    # echo_jax's controlled settings: a tower trained from scratch needs more than 3 epochs; it
+    # reads the tower's default 32 words (the intro and the first content sentences, so less of
+    # the human noise than MiniLM's 100-token window)
     "scratch": {
         "model.item_tower": "small",
         "model.item_projection": True,
         "model.dim": 64,
-        "model.max_text_len": 100,  # the study pooling's window, not the tower's default 32
         "train.num_steps": 150,
     },
 }
