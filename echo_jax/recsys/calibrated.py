@@ -32,9 +32,11 @@ from echo_jax.recsys.catalogue import (
     SIM_LLM,
     SIM_LLM_REWRITE,
     TOPICS,
+    SyntheticCatalogue,
+    check_sizes,
     simulate_clicks,
 )
-from echo_jax.recsys.data import HGC, RecDataset
+from echo_jax.recsys.data import HGC
 
 REWRITERS = ("calibrated", "identity")
 
@@ -151,16 +153,11 @@ _PHRASES = {
 
 
 @dataclass(kw_only=True)
-class CalibratedCatalogue(RecDataset):
-    """A :class:`RecDataset` plus the latents that generated it."""
+class CalibratedCatalogue(SyntheticCatalogue):
+    """The calibrated catalogue and the rewrite that made its AIGC copies."""
 
-    topics: list[str]
-    item_topic: np.ndarray  # [num_items] topic index
-    user_ids: list[str]
-    user_taste: np.ndarray  # [num_users, num_topics], rows sum to 1
     rewrite: Rewrite
     rewriter: str
-    seed: int
 
 
 @dataclass(frozen=True)
@@ -333,10 +330,7 @@ def make_calibrated_catalogue(
 ) -> CalibratedCatalogue:
     """The calibrated catalogue in the Beauty-637 layout; the human text and the clicks depend
     on `seed` and `noise` only, so catalogues that differ in `rewrite` share them."""
-    if not 1 <= num_topics <= len(TOPICS):
-        raise ConfigError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
-    if history_len + 2 + num_negatives > num_items:
-        raise ConfigError("num_items too small for history_len + 2 clicks + negatives")
+    check_sizes(num_topics, num_items, history_len, num_negatives)
     if rewriter not in REWRITERS:
         raise ConfigError(f"data.rewriter {rewriter!r} not in {REWRITERS}")
     rng = np.random.default_rng([seed, 637])

@@ -202,15 +202,29 @@ def simulate_llm_rewrite(text: str, strength: float, seed: int) -> str:
 
 
 @dataclass(kw_only=True)
-class ControlledCatalogue(RecDataset):
-    """A :class:`RecDataset` plus the latents that generated it."""
+class SyntheticCatalogue(RecDataset):
+    """A :class:`RecDataset` plus the latents that generated it (both synthetic catalogues)."""
 
     topics: list[str]
     item_topic: np.ndarray  # [num_items] topic index
     user_ids: list[str]
     user_taste: np.ndarray  # [num_users, num_topics], rows sum to 1
-    rewrite_strength: float
     seed: int
+
+
+def check_sizes(num_topics: int, num_items: int, history_len: int, num_negatives: int) -> None:
+    """`ConfigError` for catalogue sizes no click simulation can fill."""
+    if not 1 <= num_topics <= len(TOPICS):
+        raise ConfigError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
+    if history_len + 2 + num_negatives > num_items:
+        raise ConfigError("num_items too small for history_len + 2 clicks + negatives")
+
+
+@dataclass(kw_only=True)
+class ControlledCatalogue(SyntheticCatalogue):
+    """The templated catalogue and the strength of its rule-based rewrite."""
+
+    rewrite_strength: float
 
     def rewrite(self, texts: dict[str, str], pass_index: int = 1) -> dict[str, str]:
         """One simulated rewriter pass (pass 1 made ``sim-llm``, pass 2 ``sim-llm-rewrite``)."""
@@ -320,10 +334,7 @@ def make_controlled_catalogue(
 ) -> ControlledCatalogue:
     """Templated synthetic catalogue in the Beauty-637 layout (splits train, train1, train2,
     dev; clicks from :func:`simulate_clicks`). Deterministic per ``seed``."""
-    if not 1 <= num_topics <= len(TOPICS):
-        raise ConfigError(f"num_topics must be in [1, {len(TOPICS)}], got {num_topics}")
-    if history_len + 2 + num_negatives > num_items:
-        raise ConfigError("num_items too small for history_len + 2 clicks + negatives")
+    check_sizes(num_topics, num_items, history_len, num_negatives)
     rng = np.random.default_rng(seed)
     topics = list(TOPICS)[:num_topics]
     items = [f"I{i:05d}" for i in range(num_items)]

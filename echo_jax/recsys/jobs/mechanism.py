@@ -21,9 +21,9 @@ import ml_collections
 from echo_jax.core import workdir as workdir_lib
 from echo_jax.core.config import ConfigError
 from echo_jax.core.files import write_json
-from echo_jax.core.stages import run_stage
 from echo_jax.recsys import mechanism
 from echo_jax.recsys.calibrated import REWRITERS
+from echo_jax.recsys.jobs.phases import run_sub_runs, start_sub_runs
 from echo_jax.recsys.jobs.train import train_and_evaluate
 from echo_jax.recsys.model import USER_ENCODERS
 from echo_jax.recsys.text_encoder import minilm_dir
@@ -82,45 +82,29 @@ def _shares_models(config: ml_collections.ConfigDict) -> bool:
 
 def run_mechanism(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
-    started = os.path.isdir(os.path.join(workdir, "runs"))
-    workdir_lib.record_run(
-        workdir, config, may_change=GRID_MAY_CHANGE, label="mechanism", started=started
-    )
-    cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
+    cache_dir = start_sub_runs(config, workdir, "mechanism", GRID_MAY_CHANGE)
     mech = config.mechanism
-    runs = [
-        (cell, overrides, enc, seed)
-        for seed in mech.seeds
-        for cell, overrides in mechanism.cells(mech).items()
-        for enc in mech.encoders
-    ]
-    shared_cells = {
-        c: o for c, o in mechanism.cells(mech).items() if _text_only(o) and _shares_models(config)
-    }
-    model_cell = next(iter(shared_cells), None)  # trains the model the text-only cells share
-    results = {}
-    for index, (cell, overrides, encoder, seed) in enumerate(runs, start=1):
-        name = mechanism.run_name(cell, encoder, seed)
-        sub_dir = os.path.join(workdir, "runs", name)
-        trained_at = model_cell if cell in shared_cells else cell
-        scored = None if trained_at == cell else sub_config(config, overrides, encoder, seed)
-        train = functools.partial(
-            train_and_evaluate,
-            sub_config(config, mechanism.cells(mech)[trained_at], encoder, seed),
-            os.path.join(workdir, "runs", mechanism.run_name(trained_at, encoder, seed)),
-            cache_dir,
-            evaluate_in_loop=False,
-            label=name,
-            score_config=scored,
-        )
-        results[name] = run_stage(
-            train,
-            label="mechanism",
-            index=index,
-            total=len(runs),
-            name=name,
-            result_file=os.path.join(sub_dir, "result.json"),
-        ).result
+    cells = mechanism.cells(mech)
+    shared = [c for c, o in cells.items() if _text_only(o) and _shares_models(config)]
+    trains = {}
+    for seed in mech.seeds:
+        for cell, overrides in cells.items():
+            for encoder in mech.encoders:
+                # the first shared cell trains the model the other text-only cells score with
+                trained_at = shared[0] if cell in shared else cell
+                name = mechanism.run_name(cell, encoder, seed)
+                trains[name] = functools.partial(
+                    train_and_evaluate,
+                    sub_config(config, cells[trained_at], encoder, seed),
+                    os.path.join(workdir, "runs", mechanism.run_name(trained_at, encoder, seed)),
+                    cache_dir,
+                    evaluate_in_loop=False,
+                    label=name,
+                    score_config=None
+                    if trained_at == cell
+                    else sub_config(config, overrides, encoder, seed),
+                )
+    results = run_sub_runs(workdir, "mechanism", trains)
     summary = mechanism.summarise(mech, results)
     write_json(os.path.join(workdir, "results.json"), summary)
     if jax.process_index() == 0:

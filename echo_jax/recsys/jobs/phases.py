@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -41,36 +42,47 @@ def sub_config(
     return sub
 
 
+def start_sub_runs(
+    config: ml_collections.ConfigDict, workdir: str, label: str, may_change: tuple[str, ...]
+) -> str:
+    """Records the run (refusing a changed resume) and returns its item-vector cache folder."""
+    started = os.path.isdir(os.path.join(workdir, "runs"))
+    workdir_lib.record_run(workdir, config, may_change=may_change, label=label, started=started)
+    return config.model.cache_dir or os.path.join(workdir, "item_cache")
+
+
+def run_sub_runs(workdir: str, label: str, trains: dict[str, Callable[[], dict]]) -> dict:
+    """Runs each named sub-run in order as a stage, or reads its `runs/<name>/result.json`
+    when it finished earlier; returns name -> result."""
+    return {
+        name: run_stage(
+            train,
+            label=label,
+            index=index,
+            total=len(trains),
+            name=name,
+            result_file=os.path.join(workdir, "runs", name, "result.json"),
+        ).result
+        for index, (name, train) in enumerate(trains.items(), start=1)
+    }
+
+
 def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or skips) every sub-run, then writes the tables and the phase-2 figure."""
-    started = os.path.isdir(os.path.join(workdir, "runs"))
-    workdir_lib.record_run(
-        workdir, config, may_change=GRID_MAY_CHANGE, label="phases", started=started
-    )
-    cache_dir = config.model.cache_dir or os.path.join(workdir, "item_cache")
-    runs = phases.plan(config.phases)
-    results = {}
-    for index, (encoder, rho, seed) in enumerate(runs, start=1):
-        name = phases.run_name(encoder, rho, seed)
-        sub_dir = os.path.join(workdir, "runs", name)
+    cache_dir = start_sub_runs(config, workdir, "phases", GRID_MAY_CHANGE)
+    trains = {}
+    for encoder, rho, seed in phases.plan(config.phases):
         trained_at = rho if config.phases.retrain else 0.0
-        train = functools.partial(
+        trains[phases.run_name(encoder, rho, seed)] = functools.partial(
             train_and_evaluate,
             sub_config(config, encoder, trained_at, seed),
             os.path.join(workdir, "runs", phases.run_name(encoder, trained_at, seed)),
             cache_dir,
             evaluate_in_loop=False,
-            label=name,
+            label=phases.run_name(encoder, rho, seed),
             eval_aigc_share=rho,
         )
-        results[name] = run_stage(
-            train,
-            label="phases",
-            index=index,
-            total=len(runs),
-            name=name,
-            result_file=os.path.join(sub_dir, "result.json"),
-        ).result
+    results = run_sub_runs(workdir, "phases", trains)
     summary = phases.summarise(config.phases, results)
     write_json(os.path.join(workdir, "results.json"), summary)
     if jax.process_index() == 0:
