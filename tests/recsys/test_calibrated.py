@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from echo_jax.core.config import ConfigError
+from echo_jax.core.config import ConfigError, MissingFileError
 from echo_jax.recsys import calibrated, calibration
 from echo_jax.recsys.calibrated import HumanNoise, Rewrite, make_calibrated_catalogue
 from echo_jax.recsys.catalogue import SIM_LLM, SIM_LLM_REWRITE
@@ -103,7 +103,7 @@ def test_the_shipped_constants_reproduce_the_real_surface_statistics(tmp_path):
     are in benchmarks/results/catalogue_calibration.json); needs the shared data."""
     try:
         real = calibration.text_stats(*calibration.real_pairs())
-    except Exception as e:  # noqa: BLE001 - no data folder
+    except MissingFileError as e:  # no shared data folder
         pytest.skip(str(e))
     synthetic = calibration.text_stats(*calibration.synthetic_pairs(HumanNoise(), Rewrite(), 600))
     for kind in calibration.NOISE_KINDS:
